@@ -1,0 +1,3 @@
+from monitor.main import main
+
+raise SystemExit(main())
