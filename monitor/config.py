@@ -1,0 +1,585 @@
+"""Configuration: upstream's `monitor.toml` and `.env`, checked once into frozen dataclasses.
+
+`load()` reads the two files and nothing else; it does not create directories or talk to
+libvirt or GitHub. Every key upstream accepts is accepted with upstream's name and meaning
+(durations as `timedelta`, memory sizes as bytes in real binary units), plus a few keys of our
+own. Each key has a small converter that raises `ValueError`; `load()` turns that into a
+`ConfigError` naming the file, the table and the key. Unknown keys are collected as warnings,
+never rejected, because production configs carry keys for features we may not have.
+
+Relative paths resolve against the config file's directory: upstream resolves them against
+its working directory, which its systemd unit sets to that directory.
+
+Imports only the standard library and `errors`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from monitor.errors import ConfigError
+
+# Example values from upstream's `.env.example`, refused so an unedited copy cannot go live.
+_PLACEHOLDER_TOKENS = {
+    "SERVO_CI_MONITOR_API_TOKEN": ("ChangeMe",),
+    "GITHUB_TOKEN": ("ChangeMe", "gho_" + "X" * 36),
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One `[profiles.<key>]` table: a kind of runner and how many of it to keep.
+
+    `requires_normal_memory` is in bytes. `base_image`, when set, is a prebuilt disk image
+    used as-is and never rebuilt. `config_dir` is `profiles_path / profile_name` (always set
+    by `load()`), holding the profile's `guest.xml` and boot script.
+    """
+
+    profile_name: str
+    github_runner_label: str
+    target_count: int
+    requires_1g_hugepages: int
+    requires_normal_memory: int
+    image_type: str = "Rust"
+    base_image: Path | None = None
+    config_dir: Path = Path(".")
+
+    @property
+    def guest_xml(self) -> Path:
+        """The libvirt domain XML that runner guests of this profile are made from."""
+        return self.config_dir / "guest.xml"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole configuration. Field names are upstream's key names; the defaults here are
+    the defaults for absent keys. Durations are `timedelta`, memory sizes bytes, paths
+    absolute (when made by `load()`). The two tokens are kept out of `repr()`."""
+
+    listen_on: tuple[str, ...] = ("127.0.0.1",)
+    external_base_url: str = "http://127.0.0.1:8000/"
+    github_api_scope: str
+    allowed_qualified_repo_prefix: str | None = None
+    github_api_suffix: str
+    monitor_poll_interval: timedelta = timedelta(seconds=5)
+    api_cache_timeout: timedelta = timedelta(seconds=30)
+    tokenless_select_artifact_max_age: timedelta = timedelta(seconds=300)
+    monitor_start_timeout: timedelta = timedelta(seconds=120)
+    monitor_reserve_timeout: timedelta = timedelta(seconds=60)
+    monitor_thread_send_timeout: timedelta = timedelta(seconds=10)
+    monitor_thread_recv_timeout: timedelta = timedelta(seconds=10)
+    destroy_all_non_busy_runners: bool = False
+    dont_register_runners: bool = False
+    dont_create_runners: bool = False
+    main_repo_path: Path | None = None
+    base_image_max_age: timedelta = timedelta(seconds=86400)
+    dont_update_cached_servo_repo: bool = False
+    libvirt_template_guest_prefix: str = "ci-template"
+    libvirt_rebuild_guest_prefix: str = "ci-rebuild"
+    libvirt_runner_guest_prefix: str = "ci-runner"
+    available_1g_hugepages: int
+    available_normal_memory: int
+    queue_member: bool = False
+    queue_servers: tuple[str, ...] | None = None
+    profiles: dict[str, Profile]
+    # Ours, not upstream's.
+    listen_port: int = 8000
+    github_api_url: str = "https://api.github.com"
+    libvirt_uri: str | None = None
+    libvirt_storage_pool: str = "default"
+    data_path: Path
+    profiles_path: Path
+    image_deps_dir: Path | None = None
+    api_token: str = field(repr=False)
+    github_token: str = field(repr=False)
+    path: Path = Path("monitor.toml")
+    warnings: tuple[str, ...] = ()
+
+
+# Converters: raw TOML value -> typed value, or ValueError with a message naming the problem.
+
+_Converter = Callable[[Any], Any]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SCOPE = re.compile(r"/repos/[^/\s]+/[^/\s]+|/orgs/[^/\s]+")
+_MEMORY = re.compile(r"([0-9]+) ?([BKMGTP])")
+_MEMORY_UNITS = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+_MAX_SECONDS = int(timedelta.max.total_seconds())
+
+
+def _count(value: Any) -> int:
+    # `type() is int` because a TOML bool is a Python int, and a float is never a count.
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _seconds(value: Any) -> timedelta:
+    if type(value) is not int or not 0 <= value <= _MAX_SECONDS:
+        raise ValueError(f"expected a non-negative integer number of seconds, got {value!r}")
+    return timedelta(seconds=value)
+
+
+def _port(value: Any) -> int:
+    if type(value) is not int or not 1 <= value <= 65535:
+        raise ValueError(f"expected a port number from 1 to 65535, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    if not _string(value):
+        raise ValueError("expected a non-empty string, got ''")
+    return value
+
+
+def _name(value: Any) -> str:
+    """A name that goes into libvirt guest names, runner names and file paths."""
+    if not _NAME.fullmatch(_string(value)):
+        raise ValueError(
+            f"expected a name of letters, digits, '-', '_' and '.' (not starting with"
+            f" '-', '_' or '.'), got {value!r}"
+        )
+    return value
+
+
+def _suffix(value: Any) -> str:
+    # Registrations are named `<guest>@<suffix>` and recognised by that ending.
+    if not _nonempty(value) or "@" in value or any(c.isspace() for c in value):
+        raise ValueError(f"expected a host name without '@' or spaces, got {value!r}")
+    return value
+
+
+def _scope(value: Any) -> str:
+    if not _SCOPE.fullmatch(_string(value)):
+        raise ValueError(f"expected '/repos/<owner>/<repo>' or '/orgs/<org>', got {value!r}")
+    return value
+
+
+def _memory(value: Any) -> int:
+    """A memory size (spec §1.5): digits, an optional space, one of B K M G T P. Real binary
+    units, where upstream read every suffix but B as KiB."""
+    match = _MEMORY.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(
+            f'expected a memory size like "16G" (a whole number, then one of'
+            f" B K M G T P), got {value!r}"
+        )
+    return int(match[1]) * _MEMORY_UNITS[match[2]]
+
+
+def _path(value: Any) -> Path:
+    return Path(_nonempty(value))
+
+
+def _http_url(value: Any) -> str:
+    try:
+        parts = urlsplit(_string(value))
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _base_url(value: Any) -> str:
+    # Upstream refuses to start too: "external_base_url setting must end with slash!".
+    if not _string(value).endswith("/"):
+        raise ValueError(f"must end with '/', got {value!r}")
+    return value
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty array of IP addresses, got {value!r}")
+    for item in value:
+        try:
+            ipaddress.ip_address(_string(item))
+        except ValueError:
+            raise ValueError(f"expected an IP address, got {item!r}") from None
+    return tuple(value)
+
+
+def _urls(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array of URLs, got {value!r}")
+    return tuple(_http_url(item) for item in value)
+
+
+def _image_type(value: Any) -> str:
+    if value != "Rust":
+        raise ValueError(f'expected "Rust" (the only image type), got {value!r}')
+    return value
+
+
+# Schemas: key -> (converter, required). An absent optional key takes the dataclass default
+# or, where noted, a value load() derives.
+_REQUIRED, _OPTIONAL = True, False
+
+_TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
+    "listen_on": (_addresses, _OPTIONAL),
+    "external_base_url": (_base_url, _OPTIONAL),  # derived from listen_port
+    "github_api_scope": (_scope, _REQUIRED),
+    "allowed_qualified_repo_prefix": (_string, _OPTIONAL),
+    "github_api_suffix": (_suffix, _REQUIRED),
+    "monitor_poll_interval": (_seconds, _OPTIONAL),
+    "api_cache_timeout": (_seconds, _OPTIONAL),
+    "tokenless_select_artifact_max_age": (_seconds, _OPTIONAL),
+    "monitor_start_timeout": (_seconds, _OPTIONAL),
+    "monitor_reserve_timeout": (_seconds, _OPTIONAL),
+    "monitor_thread_send_timeout": (_seconds, _OPTIONAL),
+    "monitor_thread_recv_timeout": (_seconds, _OPTIONAL),
+    "destroy_all_non_busy_runners": (_bool, _OPTIONAL),
+    "dont_register_runners": (_bool, _OPTIONAL),
+    "dont_create_runners": (_bool, _OPTIONAL),  # derived from destroy_all_non_busy_runners
+    "main_repo_path": (_path, _OPTIONAL),
+    "base_image_max_age": (_seconds, _OPTIONAL),
+    "dont_update_cached_servo_repo": (_bool, _OPTIONAL),
+    "libvirt_template_guest_prefix": (_name, _OPTIONAL),
+    "libvirt_rebuild_guest_prefix": (_name, _OPTIONAL),
+    "libvirt_runner_guest_prefix": (_name, _OPTIONAL),
+    "available_1g_hugepages": (_count, _REQUIRED),
+    "available_normal_memory": (_memory, _REQUIRED),
+    "queue_member": (_bool, _OPTIONAL),
+    "listen_port": (_port, _OPTIONAL),
+    "github_api_url": (_http_url, _OPTIONAL),
+    "libvirt_uri": (_nonempty, _OPTIONAL),  # derived from LIBVIRT_DEFAULT_URI
+    "libvirt_storage_pool": (_nonempty, _OPTIONAL),
+    "data_path": (_path, _OPTIONAL),  # derived from SERVO_CI_MONITOR_DATA_PATH
+    "profiles_path": (_path, _OPTIONAL),  # derived from LIB_MONITOR_DIR
+}
+# Tables read separately; listed so they are not reported as unknown keys.
+_TABLES = ("queue", "profiles")
+
+_QUEUE: dict[str, tuple[_Converter, bool]] = {
+    "servers": (_urls, _REQUIRED),
+}
+
+_PROFILE: dict[str, tuple[_Converter, bool]] = {
+    "profile_name": (_name, _REQUIRED),
+    "github_runner_label": (_nonempty, _REQUIRED),
+    "target_count": (_count, _REQUIRED),
+    "requires_1g_hugepages": (_count, _REQUIRED),
+    "requires_normal_memory": (_memory, _REQUIRED),
+    "image_type": (_image_type, _OPTIONAL),
+    "base_image": (_path, _OPTIONAL),
+}
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Config:
+    """Reads `path` (monitor.toml) and `.env`, and returns the checked `Config`.
+
+    Steps: read the TOML; read `.env` from the config's directory, else from `cwd`, with
+    `environ` (default `os.environ`) winning over it; convert every key, collecting unknown
+    keys as warnings; derive the defaults that depend on other keys or the environment; read
+    the two tokens. Raises `ConfigError` naming the file, table and key of the first problem.
+    """
+    environ = os.environ if environ is None else environ
+    path = (Path.cwd() if cwd is None else cwd) / path
+    config_dir = path.parent
+    raw = _read_toml(path)
+    env_file = _find_dotenv(config_dir, Path.cwd() if cwd is None else cwd)
+    env = {**environ, **(_read_dotenv(env_file, environ) if env_file else {})}
+
+    reader = _Reader(path)
+    values = reader.table(raw, _TOP_LEVEL, "", known=_TABLES)
+    queue = _subtable(path, raw, "queue", required=False)
+    if queue is not None:
+        values["queue_servers"] = reader.table(queue, _QUEUE, "[queue] ")["servers"]
+
+    values.setdefault("external_base_url", f"http://127.0.0.1:{values.get('listen_port', 8000)}/")
+    values.setdefault("dont_create_runners", values.get("destroy_all_non_busy_runners", False))
+    if "libvirt_uri" not in values and env.get("LIBVIRT_DEFAULT_URI"):
+        values["libvirt_uri"] = env["LIBVIRT_DEFAULT_URI"]
+    if "data_path" not in values:
+        values["data_path"] = Path(env.get("SERVO_CI_MONITOR_DATA_PATH") or "data")
+    if "profiles_path" not in values:
+        values["profiles_path"] = Path(env.get("LIB_MONITOR_DIR") or "..") / "profiles"
+    if env.get("IMAGE_DEPS_DIR"):
+        values["image_deps_dir"] = Path(env["IMAGE_DEPS_DIR"])
+    for key in ("main_repo_path", "data_path", "profiles_path", "image_deps_dir"):
+        if key in values:
+            # No normalisation: `..` must mean what the kernel says when symlinks are involved.
+            values[key] = config_dir / values[key]
+
+    profiles = _subtable(path, raw, "profiles", required=True) or {}
+    values["profiles"] = {
+        key: _profile(reader, path, key, table, config_dir, values["profiles_path"])
+        for key, table in profiles.items()
+    }
+
+    dotenv_hint = env_file or config_dir / ".env"
+    for name, attribute in (
+        ("SERVO_CI_MONITOR_API_TOKEN", "api_token"),
+        ("GITHUB_TOKEN", "github_token"),
+    ):
+        values[attribute] = _token(
+            name, env, "the environment" if name in environ else dotenv_hint, dotenv_hint
+        )
+
+    return Config(**values, path=path, warnings=tuple(reader.warnings))
+
+
+def summary(config: Config) -> str:
+    """A human-readable account of `config` for `monitor check-config`: one line per profile,
+    then the resource budget (static targets against what is available), then the
+    warnings. Never includes the tokens."""
+    lines = [
+        f"{config.path}: scope {config.github_api_scope}, runners registered as"
+        f" <name>@{config.github_api_suffix}, data in {config.data_path}",
+        f"{len(config.profiles)} profile(s), configured in {config.profiles_path}:",
+    ]
+    for profile in config.profiles.values():
+        image = f"base image {profile.base_image}" if profile.base_image else "image rebuilt"
+        lines.append(
+            f"  {profile.profile_name}: label {profile.github_runner_label}, target"
+            f" {profile.target_count}, per runner {profile.requires_1g_hugepages} 1G hugepages"
+            f" ({_human_size(profile.requires_1g_hugepages * 2**30)}) and"
+            f" {_human_size(profile.requires_normal_memory)} normal memory, {image}"
+        )
+    hugepages = sum(p.target_count * p.requires_1g_hugepages for p in config.profiles.values())
+    memory = sum(p.target_count * p.requires_normal_memory for p in config.profiles.values())
+    lines += [
+        "budget for the targets:",
+        f"  1G hugepages: {hugepages} of {config.available_1g_hugepages}"
+        f" ({_fits(hugepages, config.available_1g_hugepages)})",
+        f"  normal memory: {_human_size(memory)} of {_human_size(config.available_normal_memory)}"
+        f" ({_fits(memory, config.available_normal_memory)})",
+    ]
+    if config.destroy_all_non_busy_runners:
+        lines.append("destroy_all_non_busy_runners: every runner that is not busy is destroyed")
+    if config.dont_create_runners:
+        lines.append("dont_create_runners: no runners are created (every target is 0)")
+    if config.warnings:
+        lines.append(f"{len(config.warnings)} warning(s):")
+        lines += [f"  {warning}" for warning in config.warnings]
+    return "\n".join(lines)
+
+
+class _Reader:
+    """Converts tables against a schema, collecting warnings for unknown keys."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.warnings: list[str] = []
+
+    def table(
+        self,
+        raw: Mapping[str, Any],
+        schema: Mapping[str, tuple[_Converter, bool]],
+        where: str,
+        known: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """The converted values of the keys present in `raw`; `where` is "" for the top
+        level, else "[table] "."""
+        values = {}
+        for key, (convert, required) in schema.items():
+            if key in raw:
+                try:
+                    values[key] = convert(raw[key])
+                except ValueError as error:
+                    raise ConfigError(f"{self.path}: {where}{key}: {error}") from None
+            elif required:
+                raise ConfigError(f"{self.path}: {where}{key}: required key is missing")
+        for key in raw:
+            if key not in schema and key not in known:
+                self.warnings.append(f"{self.path}: unknown key {where}{key} (ignored)")
+        return values
+
+
+def _profile(
+    reader: _Reader,
+    path: Path,
+    key: str,
+    raw: Any,
+    config_dir: Path,
+    profiles_path: Path,
+) -> Profile:
+    table = f"[profiles.{_toml_key(key)}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {table}: expected a table, got {raw!r}")
+    values = reader.table(raw, _PROFILE, f"{table} ")
+    if values["profile_name"] != key:
+        # Upstream asserts this too; the name is used for guests, registrations and files.
+        raise ConfigError(
+            f"{path}: {table} profile_name: must equal the table key {key!r},"
+            f" got {values['profile_name']!r}"
+        )
+    if "base_image" in values:
+        values["base_image"] = config_dir / values["base_image"]
+    return Profile(**values, config_dir=profiles_path / key)
+
+
+def _subtable(
+    path: Path, raw: Mapping[str, Any], key: str, required: bool
+) -> dict[str, Any] | None:
+    if key not in raw:
+        if required:
+            raise ConfigError(f"{path}: [{key}]: required table is missing (it may be empty)")
+        return None
+    if not isinstance(raw[key], dict):
+        raise ConfigError(f"{path}: [{key}]: expected a table, got {raw[key]!r}")
+    return raw[key]
+
+
+def _toml_key(key: str) -> str:
+    """`key` as written in a TOML table header."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else '"' + key.replace('"', '\\"') + '"'
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # tomllib's message ends with "(at line L, column C)".
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+
+
+def _token(name: str, env: Mapping[str, str], source: object, dotenv_hint: Path) -> str:
+    """A required secret from the environment. Messages never contain its value."""
+    value = env.get(name)
+    if value is None:
+        raise ConfigError(f"{name} not defined (set it in the environment or in {dotenv_hint})")
+    if not value:
+        raise ConfigError(f"{name} is empty (set it in the environment or in {dotenv_hint})")
+    if value in _PLACEHOLDER_TOKENS[name]:
+        raise ConfigError(f"{name} must be changed: it still has the example value (in {source})")
+    return value
+
+
+# `.env`, parsed the way dotenvy (upstream's loader) does for the files people write.
+
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_ENV_REFERENCE = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
+_ENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def _find_dotenv(config_dir: Path, cwd: Path) -> Path | None:
+    for directory in (config_dir, cwd):
+        if (directory / ".env").is_file():
+            return directory / ".env"
+    return None
+
+
+def _read_dotenv(file: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables `file` defines. Syntax: `KEY=VALUE` lines, blank lines, `#` comments,
+    an optional `export `, values unquoted (a ` #` starts a comment), in 'single quotes'
+    (literal) or "double quotes" (backslash escapes). `$NAME` and `${NAME}` outside single
+    quotes expand from `environ`, else from earlier lines. As with dotenvy, which sets each
+    variable only if it is not set yet, the first definition of a name wins. Error messages
+    give the line and name, never the value."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{file}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not valid UTF-8") from None
+    values: dict[str, str] = {}
+
+    def lookup(name: str) -> str:
+        return environ.get(name, values.get(name, ""))
+
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line.removeprefix("export ").lstrip()
+        key, equals, rest = line.partition("=")
+        key = key.strip()
+        if not equals or not _ENV_KEY.fullmatch(key):
+            raise ConfigError(f"{file}: line {number}: expected KEY=VALUE")
+        try:
+            value = _dotenv_value(rest.strip(), lookup)
+        except ValueError as error:
+            raise ConfigError(f"{file}: line {number}: {key}: {error}") from None
+        values.setdefault(key, value)
+    return values
+
+
+def _dotenv_value(raw: str, lookup: Callable[[str], str]) -> str:
+    if raw.startswith("'"):
+        end = raw.find("'", 1)
+        if end < 0:
+            raise ValueError("unterminated single quote")
+        value, rest = raw[1:end], raw[end + 1 :]
+    else:
+        value, rest = _dotenv_scan(raw, lookup)
+    rest = rest.strip()
+    if rest and not rest.startswith("#"):
+        raise ValueError("unexpected text after the closing quote")
+    return value
+
+
+def _dotenv_scan(raw: str, lookup: Callable[[str], str]) -> tuple[str, str]:
+    """Reads an unquoted or double-quoted value; returns it and the text after it."""
+    quoted = raw.startswith('"')
+    out: list[str] = []
+    i = 1 if quoted else 0
+    while i < len(raw):
+        char = raw[i]
+        if quoted and char == '"':
+            return "".join(out), raw[i + 1 :]
+        if not quoted and char == "#" and (i == 0 or raw[i - 1].isspace()):
+            break
+        if char == "\\" and i + 1 < len(raw):
+            following = raw[i + 1]
+            out.append(_ENV_ESCAPES.get(following, following) if quoted else following)
+            i += 2
+            continue
+        reference = _ENV_REFERENCE.match(raw, i) if char == "$" else None
+        if reference:
+            out.append(lookup(reference[1] or reference[2]))
+            i = reference.end()
+            continue
+        out.append(char)
+        i += 1
+    if quoted:
+        raise ValueError("unterminated double quote")
+    return "".join(out).rstrip(), ""
+
+
+def _fits(needed: int, available: int) -> str:
+    return "fits" if needed <= available else "does NOT fit"
+
+
+def _human_size(size: int) -> str:
+    """Bytes in the largest binary unit that keeps at least 1, e.g. "16 GiB", "1.5 GiB"."""
+    for unit, name in (
+        (2**50, "PiB"),
+        (2**40, "TiB"),
+        (2**30, "GiB"),
+        (2**20, "MiB"),
+        (2**10, "KiB"),
+    ):
+        if size >= unit:
+            whole, remainder = divmod(size, unit)
+            return f"{whole} {name}" if not remainder else f"{size / unit:.1f} {name}"
+    return f"{size} B"

@@ -1,0 +1,508 @@
+"""The GitHub REST client: the only module that talks HTTP to GitHub.
+
+It owns the handful of self-hosted-runner and artifact endpoints the monitor uses (spec §9),
+turns their JSON into small frozen dataclasses, and turns every failure into `MonitorError`
+(`TransientError` for what is worth retrying: timeouts, 5xx, 429, rate-limit 403). It never
+retries by itself; the monitor loop tries again on a later tick. It imports only `errors`,
+`policy` (for `Registration`) and urllib3, and never logs or raises the token or a JIT config.
+
+The same client works against api.github.com and against `monitor.github_standin`; only the
+base URL differs.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import UTC
+from datetime import datetime
+from typing import Any
+from typing import Protocol
+from urllib.parse import urljoin
+from urllib.parse import urlsplit
+
+import urllib3
+
+from monitor import __version__
+from monitor.errors import MonitorError
+from monitor.errors import TransientError
+from monitor.policy import Registration
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2022-11-28"
+USER_AGENT = f"servo-ci-monitor/{__version__} (+https://github.com/servo/ci-runners)"
+PER_PAGE = 100
+# A runaway `Link: rel="next"` chain (or a loop) must not hang a worker thread.
+MAX_PAGES = 200
+MAX_REDIRECTS = 5
+# The args artifact is a few hundred bytes; refuse to buffer anything absurd.
+MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+_LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?([^",;]+)"?')
+_REPO_PART_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class JitConfig:
+    """A just-in-time runner registration; `encoded_jit_config` is a secret."""
+
+    registration: Registration
+    encoded_jit_config: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One workflow-run artifact, as listed by GitHub."""
+
+    id: int
+    name: str
+    created_at: datetime
+    archive_download_url: str
+    expired: bool
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The primary rate limit, from the `x-ratelimit-*` headers of the latest response."""
+
+    limit: int
+    remaining: int
+    used: int
+    reset_at: datetime
+    resource: str
+
+
+class GitHub(Protocol):
+    """The GitHub operations the monitor needs, at one scope (a repo or an org)."""
+
+    rate_limit: RateLimit | None
+
+    def list_runners(self) -> list[Registration]:
+        """Every self-hosted runner registered at the scope (all pages)."""
+        ...
+
+    def generate_jitconfig(
+        self,
+        name: str,
+        labels: Sequence[str],
+        *,
+        runner_group_id: int = 1,
+        work_folder: str = "_work",
+    ) -> JitConfig:
+        """Register a just-in-time runner named `name` and return its config."""
+        ...
+
+    def delete_runner(self, registration_id: int) -> bool:
+        """Remove a runner registration; False if it was already gone."""
+        ...
+
+    def add_labels(self, registration_id: int, labels: Sequence[str]) -> tuple[str, ...]:
+        """Append custom labels to a runner; returns the label names it now has."""
+        ...
+
+    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+        """Every artifact of workflow run `run_id` in `qualified_repo` (all pages)."""
+        ...
+
+    def download_artifact(self, url: str) -> bytes:
+        """The zip archive behind an artifact's `archive_download_url`."""
+        ...
+
+
+@dataclass
+class _CachedPage:
+    etag: str
+    body: Any
+    next_url: str | None
+
+
+class RestGitHub:
+    """`GitHub` over the REST API with urllib3 (one keep-alive pool, safe across threads).
+
+    `scope` is `/repos/<owner>/<repo>` or `/orgs/<org>`, as `github_api_scope` upstream.
+    """
+
+    def __init__(self, base_url: str, scope: str, token: str, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.scope = "/" + scope.strip("/")
+        self.timeout = timeout
+        self.rate_limit: RateLimit | None = None
+        self._token = token
+        origin = urlsplit(self.base_url)
+        self._origin = (origin.scheme, origin.netloc.lower())
+        self._http = urllib3.PoolManager(retries=False)
+        self._etag_lock = threading.Lock()
+        self._pages: dict[str, _CachedPage] = {}
+
+    def __repr__(self) -> str:
+        return f"RestGitHub({self.base_url!r}, {self.scope!r})"
+
+    # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#list-self-hosted-runners-for-a-repository
+    def list_runners(self) -> list[Registration]:
+        """Every self-hosted runner registered at the scope (all pages).
+
+        Pages are fetched with `If-None-Match`; a 304 reuses the cached page, and does not
+        count against the rate limit.
+        """
+        url: str | None = self._url(f"{self.scope}/actions/runners?per_page={PER_PAGE}")
+        seen: list[str] = []
+        runners: list[Registration] = []
+        while url is not None:
+            if url in seen or len(seen) >= MAX_PAGES:
+                raise MonitorError(f"GitHub GET {self.scope}/actions/runners: runaway pagination")
+            seen.append(url)
+            body, url = self._get_page_conditional(url)
+            runners.extend(_registration(item) for item in _items(body, "runners"))
+        with self._etag_lock:
+            # Forget pages that no longer exist (the pool shrank).
+            for stale in set(self._pages) - set(seen):
+                del self._pages[stale]
+        return runners
+
+    # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#create-configuration-for-a-just-in-time-runner-for-a-repository
+    def generate_jitconfig(
+        self,
+        name: str,
+        labels: Sequence[str],
+        *,
+        runner_group_id: int = 1,
+        work_folder: str = "_work",
+    ) -> JitConfig:
+        """Register a just-in-time runner named `name` and return its config."""
+        body = {
+            "name": name,
+            "runner_group_id": runner_group_id,
+            "labels": list(labels),
+            "work_folder": work_folder,
+        }
+        path = f"{self.scope}/actions/runners/generate-jitconfig"
+        response = self._request("POST", self._url(path), body=body)
+        data = self._json(response, "POST", path)
+        try:
+            return JitConfig(
+                registration=_registration(data["runner"]),
+                encoded_jit_config=str(data["encoded_jit_config"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise _malformed("POST", path) from e
+
+    # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#delete-a-self-hosted-runner-from-a-repository
+    def delete_runner(self, registration_id: int) -> bool:
+        """Remove a runner registration; False if it was already gone (404)."""
+        path = f"{self.scope}/actions/runners/{int(registration_id)}"
+        response = self._request("DELETE", self._url(path), ok=(204, 404))
+        return response.status == 204
+
+    # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#add-custom-labels-to-a-self-hosted-runner-for-a-repository
+    def add_labels(self, registration_id: int, labels: Sequence[str]) -> tuple[str, ...]:
+        """Append custom labels to a runner; returns the label names it now has."""
+        path = f"{self.scope}/actions/runners/{int(registration_id)}/labels"
+        response = self._request("POST", self._url(path), body={"labels": list(labels)})
+        data = self._json(response, "POST", path)
+        try:
+            return tuple(str(label["name"]) for label in data["labels"])
+        except (KeyError, TypeError) as e:
+            raise _malformed("POST", path) from e
+
+    # Reference: https://docs.github.com/en/rest/actions/artifacts#list-workflow-run-artifacts
+    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+        """Every artifact of workflow run `run_id` in `qualified_repo` (all pages).
+
+        Upstream reads only the first page; this follows `Link: rel="next"` to the end.
+        Both arguments come from untrusted callers, so they are validated before they
+        become part of a URL that carries our token.
+        """
+        owner, _, repo = qualified_repo.partition("/")
+        if not (_is_repo_part(owner) and _is_repo_part(repo)):
+            raise MonitorError(f"Invalid qualified_repo: {qualified_repo!r}")
+        if not run_id.isascii() or not run_id.isdigit():
+            raise MonitorError(f"Invalid run_id: {run_id!r}")
+        path = f"/repos/{owner}/{repo}/actions/runs/{run_id}/artifacts"
+        url: str | None = self._url(f"{path}?per_page={PER_PAGE}")
+        seen: list[str] = []
+        artifacts: list[Artifact] = []
+        while url is not None:
+            if url in seen or len(seen) >= MAX_PAGES:
+                raise MonitorError(f"GitHub GET {path}: runaway pagination")
+            seen.append(url)
+            response = self._request("GET", url)
+            body = self._json(response, "GET", path)
+            artifacts.extend(_artifact(item, path) for item in _items(body, "artifacts"))
+            url = _next_link(response, url)
+        return artifacts
+
+    # Reference: https://docs.github.com/en/rest/actions/artifacts#download-an-artifact
+    def download_artifact(self, url: str) -> bytes:
+        """The zip archive behind an artifact's `archive_download_url`.
+
+        GitHub answers 302 with a short-lived signed URL on another host; redirects are
+        followed here so that the token is only ever sent to the API host.
+        """
+        current = self._url(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._request(
+                "GET", current, ok=(200, *REDIRECT_STATUSES), preload_content=False
+            )
+            if response.status in REDIRECT_STATUSES:
+                location = response.headers.get("Location")
+                response.drain_conn()
+                if not location:
+                    path = urlsplit(current).path
+                    raise MonitorError(
+                        f"GitHub GET {path}: {response.status} without Location", status=502
+                    )
+                current = urljoin(current, location)
+                continue
+            return _read_limited(response, urlsplit(current).path)
+        raise MonitorError(f"GitHub GET {urlsplit(url).path}: too many redirects", status=502)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _url(self, path_or_url: str) -> str:
+        if path_or_url.startswith(("http://", "https://")):
+            return path_or_url
+        return self.base_url + "/" + path_or_url.lstrip("/")
+
+    def _headers(self, url: str, has_body: bool) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT}
+        parts = urlsplit(url)
+        # Only the API host gets our credentials; redirect targets (blob storage) and
+        # anything else never see the token.
+        if (parts.scheme, parts.netloc.lower()) == self._origin:
+            headers["Accept"] = "application/vnd.github+json"
+            headers["X-GitHub-Api-Version"] = API_VERSION
+            headers["Authorization"] = f"Bearer {self._token}"
+        if has_body:
+            headers["Content-Type"] = "application/json"
+        return headers
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Any = None,
+        ok: Sequence[int] = (200, 201),
+        extra_headers: dict[str, str] | None = None,
+        preload_content: bool = True,
+    ) -> urllib3.BaseHTTPResponse:
+        """Send one request; return the response if its status is in `ok`, else raise."""
+        path = urlsplit(url).path
+        headers = self._headers(url, body is not None)
+        if extra_headers:
+            headers.update(extra_headers)
+        encoded = None if body is None else json.dumps(body).encode()
+        started = time.monotonic()
+        try:
+            response = self._http.request(
+                method,
+                url,
+                body=encoded,
+                headers=headers,
+                timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
+                retries=False,
+                redirect=False,
+                preload_content=preload_content,
+            )
+        except urllib3.exceptions.HTTPError as e:
+            log.warning("GitHub %s %s failed: %s", method, path, type(e).__name__)
+            raise TransientError(
+                self._redact(f"GitHub {method} {path}: {type(e).__name__}: {e}")
+            ) from e
+        log.debug(
+            "GitHub %s %s -> %d (%.0f ms)",
+            method,
+            path,
+            response.status,
+            (time.monotonic() - started) * 1000,
+        )
+        self._note_rate_limit(response)
+        if response.status in ok:
+            return response
+        if not preload_content:
+            # Error bodies are small; cache it so `_message` can read `.data`.
+            response.read(cache_content=True)
+            response.release_conn()
+        raise self._error(method, path, response)
+
+    def _get_page_conditional(self, url: str) -> tuple[Any, str | None]:
+        path = urlsplit(url).path
+        with self._etag_lock:
+            cached = self._pages.get(url)
+        extra = {"If-None-Match": cached.etag} if cached else None
+        response = self._request("GET", url, ok=(200, 304), extra_headers=extra)
+        if response.status == 304:
+            if cached is None:
+                raise MonitorError(f"GitHub GET {path}: 304 without a cached page", status=502)
+            return cached.body, cached.next_url
+        body = self._json(response, "GET", path)
+        next_url = _next_link(response, url)
+        etag = response.headers.get("ETag")
+        with self._etag_lock:
+            if etag:
+                self._pages[url] = _CachedPage(etag, body, next_url)
+            else:
+                self._pages.pop(url, None)
+        return body, next_url
+
+    def _json(self, response: urllib3.BaseHTTPResponse, method: str, path: str) -> Any:
+        try:
+            return json.loads(response.data)
+        except ValueError as e:
+            raise _malformed(method, path) from e
+
+    def _note_rate_limit(self, response: urllib3.BaseHTTPResponse) -> None:
+        headers = response.headers
+        try:
+            limit = int(headers["x-ratelimit-limit"])
+            remaining = int(headers["x-ratelimit-remaining"])
+            reset = int(headers["x-ratelimit-reset"])
+        except (KeyError, ValueError):
+            return
+        try:
+            used = int(headers.get("x-ratelimit-used", limit - remaining))
+        except ValueError:
+            used = limit - remaining
+        self.rate_limit = RateLimit(
+            limit=limit,
+            remaining=remaining,
+            used=used,
+            reset_at=datetime.fromtimestamp(reset, UTC),
+            resource=headers.get("x-ratelimit-resource", "core"),
+        )
+
+    def _error(self, method: str, path: str, response: urllib3.BaseHTTPResponse) -> MonitorError:
+        """Map a failed response to the error the caller should see (see module docstring)."""
+        status = response.status
+        message = self._redact(f"GitHub {method} {path}: {status} {_message(response)}")
+        retry_after = _retry_after(response.headers.get("Retry-After"))
+        remaining = response.headers.get("x-ratelimit-remaining")
+        if status >= 500:
+            return TransientError(message, retry_after=retry_after)
+        # Primary and secondary rate limits answer 403 or 429; see
+        # https://docs.github.com/en/rest/using-the-rest-api/rate-limits-for-the-rest-api
+        if status == 429 or (status == 403 and (remaining == "0" or retry_after is not None)):
+            if retry_after is None and remaining == "0":
+                retry_after = self._seconds_until_reset(response)
+            if retry_after is None:
+                retry_after = 60.0
+            log.warning("GitHub rate limit: %s (retry after %.0f s)", message, retry_after)
+            return TransientError(message, retry_after=retry_after)
+        return MonitorError(message, status=502)
+
+    def _seconds_until_reset(self, response: urllib3.BaseHTTPResponse) -> float | None:
+        try:
+            reset = int(response.headers["x-ratelimit-reset"])
+        except (KeyError, ValueError):
+            return None
+        return max(0.0, reset - time.time())
+
+    def _redact(self, text: str) -> str:
+        # Belt and braces: a peer echoing our credentials must not get them logged.
+        if self._token and self._token in text:
+            text = text.replace(self._token, "[REDACTED]")
+        return text
+
+
+def _registration(data: Any) -> Registration:
+    try:
+        return Registration(
+            id=int(data["id"]),
+            name=str(data["name"]),
+            status=str(data["status"]),
+            busy=bool(data["busy"]),
+            labels=tuple(str(label["name"]) for label in data.get("labels") or ()),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise MonitorError("GitHub sent a malformed runner", status=502) from e
+
+
+def _artifact(data: Any, path: str) -> Artifact:
+    try:
+        created_at = datetime.fromisoformat(str(data["created_at"]))
+        if created_at.tzinfo is None:
+            created_at = created_at.replace(tzinfo=UTC)
+        return Artifact(
+            id=int(data["id"]),
+            name=str(data["name"]),
+            created_at=created_at.astimezone(UTC),
+            archive_download_url=str(data["archive_download_url"]),
+            expired=bool(data.get("expired", False)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise _malformed("GET", path) from e
+
+
+def _items(body: Any, key: str) -> list[Any]:
+    if not isinstance(body, dict) or not isinstance(body.get(key), list):
+        raise MonitorError(f"GitHub sent a page without {key!r}", status=502)
+    return body[key]
+
+
+def _malformed(method: str, path: str) -> MonitorError:
+    return MonitorError(f"GitHub {method} {path}: malformed response", status=502)
+
+
+def _is_repo_part(part: str) -> bool:
+    return bool(_REPO_PART_RE.match(part)) and part not in (".", "..")
+
+
+def _message(response: urllib3.BaseHTTPResponse) -> str:
+    """The `message` of a GitHub JSON error body, else the reason phrase."""
+    try:
+        data = json.loads(response.data)
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            return data["message"][:300]
+    except ValueError:
+        pass
+    return response.reason or ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _next_link(response: urllib3.BaseHTTPResponse, current: str) -> str | None:
+    """The `rel="next"` URL of a `Link` header, resolved against the current URL."""
+    header = response.headers.get("Link")
+    if not header:
+        return None
+    for target, rels in _LINK_RE.findall(header):
+        if "next" in rels.split():
+            return urljoin(current, target)
+    return None
+
+
+def _read_limited(response: urllib3.BaseHTTPResponse, path: str) -> bytes:
+    try:
+        data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except urllib3.exceptions.HTTPError as e:
+        response.close()
+        raise TransientError(f"GitHub GET {path}: {type(e).__name__}") from e
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        # Unread bytes remain: drop the connection rather than return it to the pool.
+        response.close()
+        raise MonitorError(f"GitHub GET {path}: artifact larger than {MAX_DOWNLOAD_BYTES} bytes")
+    response.release_conn()
+    return data

@@ -1,0 +1,592 @@
+"""The hypervisor adapter: runner guests on libvirt, and the only module that imports libvirt.
+
+`Hypervisor` names the operations the loop needs; `LibvirtHypervisor` implements them with
+libvirt-python. A runner guest is a domain cloned from its profile's complete domain XML (the
+upstream `guest.xml`) plus a qcow2 overlay volume, named `<guest>.qcow2`, in one storage pool,
+backed by the profile's base image. This replaces upstream's copy + `virt-clone` (spec §7.5)
+and `virsh destroy` + `undefine --storage` (§7.6). Every libvirt failure leaves this module as a
+`MonitorError` (status 503), or a `TransientError` when the connection itself was lost.
+
+Imports only `errors`, libvirt and Pillow; never the loop, models or web layers.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import logging
+import os
+import random
+import struct
+import threading
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from typing import Protocol
+
+import libvirt
+from PIL import Image
+from PIL import UnidentifiedImageError
+
+from monitor.errors import MonitorError
+from monitor.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+# The order upstream's domifaddr fallback uses is lease, arp, agent (§8.2); ARP is broken on
+# libvirt 9.0 with recent kernels ("wrong nlmsg len"), so it goes last here.
+ADDRESS_SOURCES = (
+    ("lease", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE),
+    ("agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
+    ("arp", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP),
+)
+
+# Errors that mean the connection to libvirtd is gone (measured on libvirt 9.0 after killing
+# libvirtd: "Cannot write data: Broken pipe" is SYSTEM_ERROR from RPC, the next call gives
+# "client socket is closed" from RPC). Other SYSTEM_ERRORs (e.g. a storage file) are not.
+_LOST_CODES = {libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
+_LOST_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A libvirt domain as the loop sees it."""
+
+    name: str
+    active: bool
+
+
+class Hypervisor(Protocol):
+    """The guest operations the monitor loop needs. Every method may raise `MonitorError`."""
+
+    def list_guests(self, prefix: str) -> list[Guest]:
+        """Return every guest (defined or running) whose name starts with `prefix`."""
+        ...
+
+    def create_guest(self, name: str, template_xml: str, base_image: Path) -> None:
+        """Define guest `name` from a profile's domain XML, with its own disk backed by
+        `base_image`. The guest is defined, not started."""
+        ...
+
+    def start_guest(self, name: str) -> None:
+        """Start a defined guest."""
+        ...
+
+    def destroy_guest(self, name: str) -> None:
+        """Stop and undefine guest `name` and delete its own disk. Idempotent: a guest or
+        disk that is already gone is fine. Never touches base images."""
+        ...
+
+    def screenshot_png(self, name: str) -> bytes:
+        """Return a PNG of the guest's screen. A guest that is not running is an error."""
+        ...
+
+    def ipv4_address(self, name: str) -> str | None:
+        """Return the guest's IPv4 address, or None while it has none."""
+        ...
+
+    def close(self) -> None:
+        """Release the hypervisor connection."""
+        ...
+
+
+def runner_domain_xml(
+    template_xml: str, name: str, disk_path: str, disk_format: str = "qcow2"
+) -> str:
+    """Return the domain XML for runner guest `name`, cloned from a profile's domain XML.
+
+    Like `virt-clone --preserve-data -f <disk>`: sets `<name>`, a fresh `<uuid>`, a fresh MAC on
+    every `<interface>`, and points the first `<disk device='disk'>` at `disk_path` (a file of
+    `disk_format`). Everything else, including other disks such as the cdrom, is left as it is.
+    Raises `MonitorError` if the template is not XML or has no disk.
+    """
+    try:
+        root = ET.fromstring(template_xml, parser=_comment_keeping_parser())
+        _keep_namespace_prefixes(template_xml)
+    except ET.ParseError as e:
+        raise MonitorError(f"guest template for {name} is not valid XML: {e}") from e
+    if root.tag != "domain":
+        raise MonitorError(f"guest template for {name} is not a <domain> (root is <{root.tag}>)")
+    devices = root.find("devices")
+    disk = None if devices is None else devices.find("disk[@device='disk']")
+    if devices is None or disk is None:
+        raise MonitorError(f"guest template for {name} has no <disk device='disk'>")
+
+    name_element = _child(root, "name", 0)
+    name_element.text = name
+    _child(root, "uuid", list(root).index(name_element) + 1).text = str(uuid.uuid4())
+
+    macs: set[str] = set()
+    for interface in devices.findall("interface"):
+        mac = _child(interface, "mac", 0)
+        mac.attrib.clear()
+        mac.set("address", _fresh_mac(macs))
+
+    disk.set("type", "file")
+    driver = disk.find("driver")
+    if driver is None:
+        driver = ET.Element("driver")
+        disk.insert(0, driver)
+    driver.set("type", disk_format)
+    source = ET.Element("source", {"file": disk_path})
+    old_source = disk.find("source")
+    if old_source is None:
+        disk.insert(list(disk).index(driver) + 1, source)
+    else:
+        source.tail = old_source.tail
+        disk[list(disk).index(old_source)] = source
+    # A <backingStore> describes the template's old source; libvirt honours it on input.
+    for stale in disk.findall("backingStore"):
+        disk.remove(stale)
+
+    # A template NVRAM file is shared; undefine(NVRAM) would delete it. Give the runner its
+    # own copy, as virt-clone does: libvirt names one and copies `template` on first start.
+    nvram = root.find("os/nvram")
+    nvram_path = "" if nvram is None else (nvram.text or "").strip()
+    if nvram is not None and nvram_path:
+        nvram.set("template", nvram.get("template") or nvram_path)
+        nvram.text = None
+
+    return ET.tostring(root, encoding="unicode")
+
+
+def pick_ipv4(addresses: dict[str, Any], subnet: ipaddress.IPv4Network | None = None) -> str | None:
+    """Return the first usable IPv4 address in a `virDomainInterfaceAddresses` result.
+
+    `addresses` maps interface name to `{'addrs': [{'addr', 'prefix', 'type'}], 'hwaddr'}`
+    (type 0 is IPv4). Loopback, link-local and unspecified addresses are skipped, and so are
+    addresses outside `subnet` when it is given.
+    """
+    for interface in addresses.values():
+        for entry in (interface or {}).get("addrs") or []:
+            if entry.get("type") != libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                continue
+            try:
+                address = ipaddress.IPv4Address(entry.get("addr"))
+            except ValueError:
+                continue
+            if address.is_loopback or address.is_link_local or address.is_unspecified:
+                continue
+            if subnet is not None and address not in subnet:
+                continue
+            return str(address)
+    return None
+
+
+class LibvirtHypervisor:
+    """`Hypervisor` on a libvirt connection, opened lazily and re-opened after it is lost.
+
+    `uri` None means libvirt's default URI. Runner disks are volumes in `storage_pool`.
+    Thread-safe: the connection is shared by all threads (libvirt connections are), and only
+    opening or dropping it is serialised.
+    """
+
+    def __init__(self, uri: str | None, storage_pool: str = "default") -> None:
+        self.uri = uri
+        self.storage_pool = storage_pool
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+        # libvirt prints every error to stderr unless a handler is registered.
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+    def list_guests(self, prefix: str) -> list[Guest]:
+        """Return every guest (defined or running) whose name starts with `prefix`."""
+        conn = self._connection()
+        with self._errors(conn, "list guests"):
+            domains = conn.listAllDomains(0)
+        guests = []
+        for dom in domains:
+            try:
+                with self._errors(conn, "list guests"):
+                    name = dom.name()
+                    if name.startswith(prefix):
+                        guests.append(Guest(name, bool(dom.isActive())))
+            except MonitorError as e:
+                if not _is_no_domain(e.__cause__):
+                    raise
+                # Undefined by another thread between the listing and isActive().
+        return sorted(guests, key=lambda g: g.name)
+
+    def create_guest(self, name: str, template_xml: str, base_image: Path) -> None:
+        """Define guest `name` with an overlay volume `<name>.qcow2` on `base_image`.
+
+        Steps:
+        1. refuse if a domain of that name exists (its disk must not be touched);
+        2. find the base image's format and virtual size (its pool volume, else its header);
+        3. delete a left-over volume `<name>.qcow2`, then create the overlay volume;
+        4. define the domain from `runner_domain_xml`, deleting the volume if that fails.
+        The guest is not started.
+        """
+        if not name or "/" in name:
+            raise MonitorError(f"invalid guest name {name!r}")
+        conn = self._connection()
+        if self._lookup(conn, name) is not None:
+            raise MonitorError(f"cannot create guest {name}: it already exists", status=409)
+        pool = self._pool(conn)
+        base = os.path.abspath(base_image)
+        base_format, capacity = self._base_image_info(conn, base)
+        volume_xml = _overlay_volume_xml(f"{name}.qcow2", capacity, base, base_format)
+
+        volume = self._create_volume(conn, pool, name, volume_xml)
+        try:
+            with self._errors(conn, f"define guest {name}"):
+                domain_xml = runner_domain_xml(template_xml, name, volume.path())
+                conn.defineXML(domain_xml)
+        except BaseException:
+            self._delete_volume(conn, volume, name)
+            raise
+        log.info("defined guest %s on %s (%s)", name, base, base_format)
+
+    def start_guest(self, name: str) -> None:
+        """Start a defined guest."""
+        conn = self._connection()
+        dom = self._domain(conn, name)
+        with self._errors(conn, f"start guest {name}"):
+            dom.create()
+
+    def destroy_guest(self, name: str) -> None:
+        """Stop and undefine guest `name`, then delete its volume `<name>.qcow2`.
+
+        Idempotent: a missing domain, a stopped one, or a missing volume is fine. Only the
+        runner's own volume is deleted; base images are shared and never touched.
+        """
+        conn = self._connection()
+        dom = self._lookup(conn, name)
+        if dom is not None:
+            self._stop_and_undefine(conn, dom, name)
+        pool = self._pool(conn)
+        try:
+            with self._errors(conn, f"look up the volume of guest {name}"):
+                volume = pool.storageVolLookupByName(f"{name}.qcow2")
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                raise
+            return
+        self._delete_volume(conn, volume, name)
+
+    def screenshot_png(self, name: str) -> bytes:
+        """Return a PNG of the guest's screen, converting whatever format libvirt produced.
+
+        A guest that is not running is a `MonitorError` with status 409 (libvirt's test driver
+        would return a picture anyway).
+        """
+        conn = self._connection()
+        dom = self._domain(conn, name)
+        with self._errors(conn, f"take a screenshot of guest {name}"):
+            if not dom.isActive():
+                raise MonitorError(f"cannot take a screenshot of guest {name}: not running", 409)
+            stream = conn.newStream(0)
+            chunks: list[bytes] = []
+            try:
+                mime = dom.screenshot(stream, 0, 0)
+                stream.recvAll(_collect, chunks)
+                stream.finish()
+            except BaseException:
+                _abort_quietly(stream)
+                raise
+        try:
+            return to_png(b"".join(chunks))
+        except MonitorError as e:
+            raise MonitorError(f"screenshot of guest {name} ({mime}): {e}", 503) from e
+
+    def ipv4_address(self, name: str) -> str | None:
+        """Return the guest's first usable IPv4 address from its DHCP lease, guest agent or
+        ARP entry (in that order), or None. A source that fails is skipped."""
+        conn = self._connection()
+        dom = self._domain(conn, name)
+        for source_name, source in ADDRESS_SOURCES:
+            try:
+                with self._errors(conn, f"get the {source_name} addresses of guest {name}"):
+                    addresses = dom.interfaceAddresses(source, 0)
+            except TransientError:
+                raise
+            except MonitorError as e:
+                log.debug("%s", e)
+                continue
+            address = pick_ipv4(addresses or {})
+            if address is not None:
+                return address
+        return None
+
+    def close(self) -> None:
+        """Close the connection; the next call opens a new one."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except libvirt.libvirtError as e:
+                log.debug("closing libvirt connection: %s", e)
+
+    # -- connection and error handling ----------------------------------------------------
+
+    def _connection(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is None:
+                try:
+                    self._conn = libvirt.open(self.uri)
+                except libvirt.libvirtError as e:
+                    raise TransientError(
+                        f"cannot connect to libvirt at {self.uri or 'the default URI'}: {e}"
+                    ) from e
+                log.info("connected to libvirt at %s", self._conn.getURI())
+            return self._conn
+
+    def _drop(self, conn: libvirt.virConnect) -> None:
+        """Forget a lost connection, unless another thread already replaced it."""
+        with self._lock:
+            if self._conn is not conn:
+                return
+            self._conn = None
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass  # It is gone already.
+
+    @contextmanager
+    def _errors(self, conn: libvirt.virConnect, action: str) -> Iterator[None]:
+        """Turn a libvirtError into a MonitorError about `action` (TransientError and a
+        reconnect on the next call when the connection is lost)."""
+        try:
+            yield
+        except libvirt.libvirtError as e:
+            if _is_lost(conn, e):
+                self._drop(conn)
+                raise TransientError(f"libvirt connection lost: cannot {action}: {e}") from e
+            raise MonitorError(f"libvirt: cannot {action}: {e}", status=503) from e
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _lookup(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+        try:
+            with self._errors(conn, f"look up guest {name}"):
+                return conn.lookupByName(name)
+        except MonitorError as e:
+            if _is_no_domain(e.__cause__):
+                return None
+            raise
+
+    def _domain(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+        dom = self._lookup(conn, name)
+        if dom is None:
+            raise MonitorError(f"guest {name} does not exist", status=404)
+        return dom
+
+    def _pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
+        try:
+            with self._errors(conn, f"look up storage pool {self.storage_pool}"):
+                pool = conn.storagePoolLookupByName(self.storage_pool)
+                active = pool.isActive()
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                raise
+            raise MonitorError(
+                f"libvirt storage pool {self.storage_pool!r} does not exist; create it or set "
+                "the libvirt_storage_pool config key to an existing pool",
+                status=503,
+            ) from e
+        if not active:
+            raise MonitorError(f"libvirt storage pool {self.storage_pool!r} is not active", 503)
+        return pool
+
+    def _base_image_info(self, conn: libvirt.virConnect, base: str) -> tuple[str, int]:
+        """Return (format, virtual size) of the base image: from its volume if some pool has
+        it, else from the file (qcow2 header, or raw with the file's size)."""
+        try:
+            with self._errors(conn, f"look up base image {base}"):
+                volume = conn.storageVolLookupByPath(base)
+                fmt = ET.fromstring(volume.XMLDesc(0)).find("target/format")
+                capacity = volume.info()[1]
+            if fmt is not None and fmt.get("type"):
+                return fmt.get("type", "raw"), capacity
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                raise
+        return sniff_image(Path(base))
+
+    def _create_volume(
+        self,
+        conn: libvirt.virConnect,
+        pool: libvirt.virStoragePool,
+        name: str,
+        volume_xml: str,
+    ) -> libvirt.virStorageVol:
+        volume_name = f"{name}.qcow2"
+        for attempt in range(2):
+            try:
+                with self._errors(conn, f"look up the volume of guest {name}"):
+                    old = pool.storageVolLookupByName(volume_name)
+                log.warning("deleting left-over volume %s", volume_name)
+                self._delete_volume(conn, old, name)
+            except MonitorError as e:
+                if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                    raise
+            try:
+                with self._errors(conn, f"create the volume of guest {name}"):
+                    return pool.createXML(volume_xml, 0)
+            except MonitorError as e:
+                # A file the pool does not know yet ("volume target path ... already
+                # exists"): refresh the pool so the next round finds and deletes it.
+                if attempt or not _has_code(e.__cause__, libvirt.VIR_ERR_OPERATION_INVALID):
+                    raise
+                with self._errors(conn, f"refresh storage pool {self.storage_pool}"):
+                    pool.refresh(0)
+        raise AssertionError("unreachable")
+
+    def _delete_volume(
+        self, conn: libvirt.virConnect, volume: libvirt.virStorageVol, name: str
+    ) -> None:
+        try:
+            with self._errors(conn, f"delete the volume of guest {name}"):
+                volume.delete(0)
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                raise
+
+    def _stop_and_undefine(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, name: str
+    ) -> None:
+        gone_or_stopped = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
+        try:
+            with self._errors(conn, f"stop guest {name}"):
+                if dom.isActive():
+                    dom.destroy()
+        except MonitorError as e:
+            if not _has_code(e.__cause__, *gone_or_stopped):
+                raise
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        )
+        for with_flags in (True, False):
+            try:
+                with self._errors(conn, f"undefine guest {name}"):
+                    if with_flags:
+                        dom.undefineFlags(flags)
+                    else:
+                        dom.undefine()
+                log.info("destroyed guest %s", name)
+                return
+            except TransientError:
+                raise
+            except MonitorError as e:
+                if _is_no_domain(e.__cause__):
+                    return
+                if not with_flags:
+                    raise
+                # Drivers without NVRAM or snapshot support reject the flags.
+                log.debug("%s; retrying without flags", e)
+
+
+def sniff_image(path: Path) -> tuple[str, int]:
+    """Return (format, virtual size) of a disk image file: qcow2 (size from its header) or
+    raw (the file's size)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(32)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise MonitorError(f"cannot read base image {path}: {e.strerror or e}") from e
+    if header[:4] == QCOW2_MAGIC and len(header) == 32:
+        # qcow2 header: magic, version, backing file offset/size, cluster bits, then size.
+        return "qcow2", struct.unpack(">Q", header[24:32])[0]
+    return "raw", size
+
+
+def to_png(image_data: bytes) -> bytes:
+    """Return `image_data` (any format Pillow reads: QEMU gives PNG or PPM) as PNG bytes."""
+    try:
+        with Image.open(io.BytesIO(image_data)) as image:
+            if image.format == "PNG":
+                return image_data
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise MonitorError(f"unreadable image ({len(image_data)} bytes): {e}", 503) from e
+
+
+def _overlay_volume_xml(name: str, capacity: int, backing: str, backing_format: str) -> str:
+    volume = ET.Element("volume")
+    ET.SubElement(volume, "name").text = name
+    ET.SubElement(volume, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(volume, "target")
+    ET.SubElement(target, "format", type="qcow2")
+    # Without it libvirt 9.0 writes the old qcow2 v2 format (compat 0.10).
+    ET.SubElement(target, "compat").text = "1.1"
+    backing_store = ET.SubElement(volume, "backingStore")
+    ET.SubElement(backing_store, "path").text = backing
+    ET.SubElement(backing_store, "format", type=backing_format)
+    return ET.tostring(volume, encoding="unicode")
+
+
+def _comment_keeping_parser() -> ET.XMLParser:
+    return ET.XMLParser(target=ET.TreeBuilder(insert_comments=True))
+
+
+def _keep_namespace_prefixes(document: str) -> None:
+    # ElementTree writes foreign namespaces (e.g. libosinfo metadata) as ns0, ns1... unless
+    # their prefixes are registered. The registry is process-wide; re-registering is harmless.
+    for _event, (prefix, uri) in ET.iterparse(io.StringIO(document), events=("start-ns",)):
+        if prefix:
+            try:
+                ET.register_namespace(prefix, uri)
+            except ValueError:
+                pass  # A reserved ns<N> prefix: ElementTree picks its own.
+
+
+def _child(parent: ET.Element, tag: str, index: int) -> ET.Element:
+    """Return `parent`'s first `tag` child, inserting an empty one at `index` if missing."""
+    child = parent.find(tag)
+    if child is None:
+        child = ET.Element(tag)
+        parent.insert(index, child)
+    return child
+
+
+def _fresh_mac(taken: set[str]) -> str:
+    while True:
+        mac = "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+        if mac not in taken:
+            taken.add(mac)
+            return mac
+
+
+def _has_code(error: BaseException | None, *codes: int) -> bool:
+    return isinstance(error, libvirt.libvirtError) and error.get_error_code() in codes
+
+
+def _is_no_domain(error: BaseException | None) -> bool:
+    return _has_code(error, libvirt.VIR_ERR_NO_DOMAIN)
+
+
+def _is_lost(conn: libvirt.virConnect, error: libvirt.libvirtError) -> bool:
+    if error.get_error_code() in _LOST_CODES or error.get_error_domain() in _LOST_DOMAINS:
+        return True
+    try:
+        return not conn.isAlive()
+    except libvirt.libvirtError:
+        return True
+
+
+def _abort_quietly(stream: libvirt.virStream) -> None:
+    try:
+        stream.abort()
+    except libvirt.libvirtError:
+        pass
+
+
+def _collect(_stream: libvirt.virStream, data: bytes, chunks: list[bytes]) -> int:
+    chunks.append(data)
+    return 0
+
+
+def _ignore_libvirt_error(_ctx: object, _error: object) -> None:
+    pass

@@ -1,0 +1,227 @@
+"""Command line and composition root: the only module that builds the real clients.
+
+    monitor run [--config PATH]           run the daemon (default ./monitor.toml)
+    monitor check-config [--config PATH]  validate, print profiles and budgets; exit 0 or 2
+    monitor demo [--port N]               libvirt's test driver + the GitHub stand-in
+
+Nothing else reads the process environment: it is handed to `config.load` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monitor import __version__
+from monitor import config as config_module
+from monitor import models
+from monitor import policy
+from monitor.errors import ConfigError
+from monitor.errors import MonitorError
+
+log = logging.getLogger("monitor")
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+EXIT_CONFIG = 2
+
+
+def setup_logging(level: str | None = None) -> None:
+    level = (level or os.environ.get("MONITOR_LOG_LEVEL") or "INFO").upper()
+    # journald adds timestamps itself; a terminal wants them.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if "JOURNAL_STREAM" not in os.environ:
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    # Waitress logs every queue build-up at WARNING; APScheduler logs every job run at INFO.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="monitor",
+        description="Keeps pools of ephemeral GitHub Actions runner VMs on libvirt.",
+    )
+    parser.add_argument("--version", action="version", version=f"monitor {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the monitor daemon")
+    run.add_argument("--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s")
+
+    check = commands.add_parser("check-config", help="validate a config and print what it means")
+    check.add_argument("--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s")
+
+    demo = commands.add_parser(
+        "demo", help="run against libvirt's test driver and a built-in GitHub stand-in"
+    )
+    demo.add_argument("--port", type=int, default=8000, help="dashboard port (default 8000)")
+    demo.add_argument("--host", default="127.0.0.1", help="dashboard address (default 127.0.0.1)")
+    demo.add_argument("--data-dir", type=Path, help="keep demo state here (default: a temp dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    setup_logging()
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "run":
+        try:
+            config = load_config(args.config)
+        except ConfigError as error:
+            print(f"monitor: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        return run(config)
+    if args.command == "demo":
+        return demo(args.host, args.port, args.data_dir)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_CONFIG
+
+
+def load_config(path: Path, environ: dict[str, str] | None = None) -> Any:
+    """Load and validate a config, static resource checks included (exit 2 material)."""
+    config = config_module.load(path, environ=environ)
+    try:
+        policy.validate_static(config.profiles, config)
+    except MonitorError as error:
+        raise ConfigError(f"{path}: [profiles] {error}") from error
+    return config
+
+
+def check_config(path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        print(f"monitor: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(config_module.summary(config))
+    return 0
+
+
+def run(
+    config: Any,
+    *,
+    github: Any = None,
+    hypervisor: Any = None,
+    on_ready: Callable[[Any], None] | None = None,
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    import waitress
+
+    from monitor.github import RestGitHub
+    from monitor.hypervisor import LibvirtHypervisor
+    from monitor.loop import Monitor
+    from monitor.scheduler import make_scheduler
+    from monitor.web import make_app
+
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    models.open_store(config.data_path)
+    if github is None:
+        github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
+    if hypervisor is None:
+        hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
+    monitor = Monitor(config, github, hypervisor)
+    listen = " ".join(_listen_address(host, config.listen_port) for host in config.listen_on)
+    try:
+        server = waitress.create_server(
+            make_app(config, monitor), listen=listen, threads=8, ident="monitor"
+        )
+    except OSError as error:
+        log.critical("cannot listen on %s: %s", listen, error)
+        models.close_store()
+        return 1
+    scheduler = make_scheduler(monitor)
+    monitor.start()
+    scheduler.start()
+    log.info("monitor %s listening on %s", __version__, listen)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    if on_ready is not None:
+        on_ready(server)
+    try:
+        server.run()  # returns on SystemExit/KeyboardInterrupt after closing its sockets
+    finally:
+        log.info("stopping scheduler and monitor thread")
+        scheduler.shutdown(wait=False)
+        monitor.stop()
+        closer = getattr(hypervisor, "close", None)
+        if closer is not None:
+            closer()
+        models.close_store()
+        log.info("stopped")
+    return 0
+
+
+def _listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def demo(host: str, port: int, data_dir: Path | None) -> int:
+    """The embedded demo: libvirt's test driver, the GitHub stand-in playing the runner agent
+    and a trickle of workflow jobs, and a shipped two-profile config."""
+    from monitor.github_standin import GitHubStandIn
+
+    temporary = data_dir is None
+    root = Path(tempfile.mkdtemp(prefix="monitor-demo-")) if data_dir is None else data_dir
+    root.mkdir(parents=True, exist_ok=True)
+    github_token = secrets.token_hex(16)
+    standin = GitHubStandIn(token=github_token)
+    standin.agent_online_after = 3.0
+    github_url = standin.start()
+    standin.start_job_simulation(every=6.0, duration=15.0)
+    try:
+        config_path = write_demo_config(root, github_url, host, port)
+        environ = {
+            "SERVO_CI_MONITOR_API_TOKEN": secrets.token_hex(16),
+            "GITHUB_TOKEN": github_token,
+        }
+        config = load_config(config_path, environ=environ)
+        log.info("demo: GitHub stand-in at %s, state in %s", github_url, root)
+        log.info("demo: dashboard on http://%s:%d/", host, port)
+        return run(config)
+    finally:
+        standin.stop()
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def write_demo_config(root: Path, github_url: str, host: str, port: int) -> Path:
+    """Copy the shipped demo profiles and config into `root`, filled in for this run."""
+    profiles = root / "profiles"
+    if profiles.exists():
+        shutil.rmtree(profiles)
+    shutil.copytree(DEMO_DIR / "profiles", profiles)
+    base_image = root / "demo-base.img"
+    if not base_image.exists():
+        with open(base_image, "wb") as image:
+            image.truncate(64 * 1024 * 1024)  # sparse; the test driver never reads it
+    template = (DEMO_DIR / "monitor.toml").read_text()
+    text = (
+        template.replace("@GITHUB_API_URL@", github_url)
+        .replace("@HOST@", host)
+        .replace("@PORT@", str(port))
+    )
+    path = root / "monitor.toml"
+    path.write_text(text)
+    return path

@@ -1,0 +1,305 @@
+"""The store: Peewee models on one SQLite file (WAL) under `data_path`.
+
+What survives a restart lives here: every runner the monitor created or adopted (with its
+JIT config, which is a secret and never leaves this module except to the guest that owns
+it), the runner id counter (ids are never reused), the policy override, and an event log of
+what the monitor did and why. Imports no other project module but `errors` and `policy`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import UTC
+from datetime import datetime
+from pathlib import Path
+
+from peewee import BooleanField
+from peewee import CharField
+from peewee import DoubleField
+from peewee import IntegerField
+from peewee import Model
+from peewee import SqliteDatabase
+from peewee import TextField
+
+from monitor.errors import MonitorError
+from monitor.policy import Override
+from monitor.policy import RunnerRecord
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_FILENAME = "monitor.sqlite3"
+# Keep the event log bounded: a busy host writes a few events a minute.
+MAX_EVENTS = 20_000
+
+db = SqliteDatabase(None)
+
+
+class TimestampField(DoubleField):
+    """A tz-aware UTC datetime stored as float seconds since the epoch (sortable, exact)."""
+
+    def db_value(self, value: datetime | None) -> float | None:
+        return None if value is None else value.timestamp()
+
+    def python_value(self, value: float | None) -> datetime | None:
+        return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+
+
+class Setting(BaseModel):
+    """Small named values: schema version, last runner id, the override (JSON)."""
+
+    key = CharField(primary_key=True)
+    value = TextField()
+
+
+class Runner(BaseModel):
+    """A runner the monitor created or adopted. `destroyed_at` is set once neither its guest
+    nor its registration exists any more; the row is kept as history."""
+
+    id = IntegerField(primary_key=True)
+    profile = CharField()
+    guest_name = CharField()
+    registration_id = IntegerField(null=True)
+    # The encoded JIT config: a credential for one runner. Never logged, never in a response
+    # other than the guest's own /github-jitconfig.
+    jit_config = TextField(null=True)
+    created_at = TimestampField()
+    registered_at = TimestampField(null=True)
+    started_at = TimestampField(null=True)
+    destroyed_at = TimestampField(null=True, index=True)
+    adopted = BooleanField(default=False)
+
+    def __repr__(self) -> str:  # keep the secret out of debug output
+        return f"<Runner {self.id} {self.guest_name}>"
+
+
+class Event(BaseModel):
+    """One thing the monitor did or saw, and why."""
+
+    at = TimestampField(index=True)
+    kind = CharField()
+    message = TextField()
+    runner_id = IntegerField(null=True, index=True)
+    profile = CharField(null=True)
+
+
+MODELS = (Setting, Runner, Event)
+
+
+def open_store(data_path: Path) -> Path:
+    """Open (creating and migrating as needed) the store under `data_path`; returns the file."""
+    data_path.mkdir(parents=True, exist_ok=True)
+    path = data_path / DB_FILENAME
+    if not db.is_closed():
+        db.close()
+    db.init(
+        str(path),
+        pragmas={"journal_mode": "wal", "synchronous": "normal", "foreign_keys": 1},
+        timeout=10,
+        check_same_thread=False,
+    )
+    db.connect(reuse_if_open=True)
+    migrate()
+    _import_upstream_runner_id(data_path)
+    return path
+
+
+def close_store() -> None:
+    if not db.is_closed():
+        db.close()
+
+
+def schema_version() -> int:
+    if not db.table_exists("setting"):
+        return 0
+    row = Setting.get_or_none(Setting.key == "schema_version")
+    return int(row.value) if row else 0
+
+
+def migrate() -> None:
+    """Bring the schema up to SCHEMA_VERSION, one numbered step at a time."""
+    current = schema_version()
+    if current > SCHEMA_VERSION:
+        raise MonitorError(
+            f"{db.database}: schema version {current} is newer than this monitor "
+            f"understands ({SCHEMA_VERSION}); upgrade the monitor"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        with db.atomic():
+            _MIGRATIONS[version]()
+            _set("schema_version", str(version))
+        log.info("store migrated to schema version %d", version)
+
+
+def _migration_1() -> None:
+    db.create_tables(MODELS)
+
+
+_MIGRATIONS = {1: _migration_1}
+
+
+def _get(key: str) -> str | None:
+    row = Setting.get_or_none(Setting.key == key)
+    return row.value if row else None
+
+
+def _set(key: str, value: str | None) -> None:
+    if value is None:
+        Setting.delete().where(Setting.key == key).execute()
+    else:
+        Setting.insert(key=key, value=value).on_conflict_replace().execute()
+
+
+# Runner ids ---------------------------------------------------------------------------------
+
+
+def last_runner_id() -> int | None:
+    value = _get("last_runner_id")
+    return None if value is None else int(value)
+
+
+def allocate_runner_id() -> int:
+    """The next runner id: 0 on an empty store (as upstream), else last + 1. Never reused."""
+    with db.atomic("IMMEDIATE"):
+        last = last_runner_id()
+        next_id = 0 if last is None else last + 1
+        _set("last_runner_id", str(next_id))
+    return next_id
+
+
+def ensure_runner_id_above(runner_id: int) -> None:
+    """Make sure later allocations come after `runner_id` (after adopting or importing)."""
+    with db.atomic("IMMEDIATE"):
+        last = last_runner_id()
+        if last is None or last < runner_id:
+            _set("last_runner_id", str(runner_id))
+
+
+def _import_upstream_runner_id(data_path: Path) -> None:
+    """Continue upstream's numbering when its `data/last-runner-id` is found."""
+    path = data_path / "last-runner-id"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        log.warning("cannot read %s: %s", path, error)
+        return
+    try:
+        upstream_last = int(text)
+    except ValueError:
+        log.warning("ignoring %s: not an integer", path)
+        return
+    before = last_runner_id()
+    ensure_runner_id_above(upstream_last)
+    if before is None or before < upstream_last:
+        record_event("import", f"continuing upstream runner ids after {upstream_last} ({path})")
+
+
+# Runners ------------------------------------------------------------------------------------
+
+
+def create_runner(
+    runner_id: int, profile: str, guest_name: str, created_at: datetime, adopted: bool = False
+) -> Runner:
+    return Runner.create(
+        id=runner_id,
+        profile=profile,
+        guest_name=guest_name,
+        created_at=created_at,
+        adopted=adopted,
+    )
+
+
+def get_runner(runner_id: int) -> Runner | None:
+    return Runner.get_or_none(Runner.id == runner_id)
+
+
+def live_runners() -> list[Runner]:
+    return list(Runner.select().where(Runner.destroyed_at.is_null()).order_by(Runner.id))
+
+
+def live_records() -> dict[int, RunnerRecord]:
+    return {
+        row.id: RunnerRecord(profile=row.profile, created_at=row.created_at)
+        for row in live_runners()
+    }
+
+
+def record_registration(runner_id: int, registration_id: int, jit_config: str, at: datetime) -> None:
+    Runner.update(registration_id=registration_id, jit_config=jit_config, registered_at=at).where(
+        Runner.id == runner_id
+    ).execute()
+
+
+def record_started(runner_id: int, at: datetime) -> None:
+    Runner.update(started_at=at).where(Runner.id == runner_id).execute()
+
+
+def mark_destroyed(runner_ids: Iterable[int], at: datetime) -> None:
+    ids = list(runner_ids)
+    if ids:
+        Runner.update(destroyed_at=at).where(Runner.id.in_(ids)).execute()
+
+
+def revive_runner(runner_id: int) -> None:
+    Runner.update(destroyed_at=None).where(Runner.id == runner_id).execute()
+
+
+# Override -----------------------------------------------------------------------------------
+
+
+def load_override() -> Override | None:
+    value = _get("override")
+    if value is None:
+        return None
+    try:
+        return Override.from_json(json.loads(value))
+    except (ValueError, KeyError, TypeError) as error:
+        log.error("ignoring unreadable stored override: %s", error)
+        return None
+
+
+def save_override(override: Override | None) -> None:
+    _set("override", None if override is None else json.dumps(override.to_json(), sort_keys=True))
+
+
+# Events -------------------------------------------------------------------------------------
+
+
+def record_event(
+    kind: str,
+    message: str,
+    *,
+    runner_id: int | None = None,
+    profile: str | None = None,
+    at: datetime | None = None,
+) -> None:
+    """Append to the event log (and trim it). Never raises: the log must not break the loop."""
+    try:
+        Event.create(
+            at=at or datetime.now(UTC),
+            kind=kind,
+            message=message,
+            runner_id=runner_id,
+            profile=profile,
+        )
+        if Event.select().count() > MAX_EVENTS + 1000:
+            cutoff = Event.select(Event.id).order_by(Event.id.desc()).offset(MAX_EVENTS).limit(1)
+            Event.delete().where(Event.id <= cutoff).execute()
+    except Exception:  # noqa: BLE001 - logging the failure is all we can do
+        log.exception("could not record event %s: %s", kind, message)
+
+
+def recent_events(limit: int = 50, runner_id: int | None = None) -> list[Event]:
+    query = Event.select().order_by(Event.id.desc()).limit(limit)
+    if runner_id is not None:
+        query = query.where(Event.runner_id == runner_id)
+    return list(query)

@@ -1,0 +1,40 @@
+"""APScheduler wiring only: periodic jobs that refresh what can be refreshed without racing
+the monitor thread, and a periodic reconcile that is just a request on its queue."""
+
+from __future__ import annotations
+
+import logging
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from monitor.loop import Monitor
+
+log = logging.getLogger(__name__)
+
+# How often the registrations job wakes to see whether the cache is due (the cache decides,
+# honouring api_cache_timeout, forced expiries and back-off).
+REGISTRATIONS_CHECK_SECONDS = 1.0
+
+
+def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
+    """A scheduler with the monitor's periodic jobs added (not started)."""
+    scheduler = BackgroundScheduler(
+        executors={"default": ThreadPoolExecutor(max_workers=2)},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
+        timezone="UTC",
+    )
+    scheduler.add_job(
+        monitor.refresh_registrations,
+        "interval",
+        seconds=REGISTRATIONS_CHECK_SECONDS,
+        id="refresh-registrations",
+        next_run_time=monitor.clock(),
+    )
+    scheduler.add_job(
+        monitor.request_reconcile,
+        "interval",
+        seconds=monitor.config.monitor_poll_interval.total_seconds(),
+        id="reconcile",
+    )
+    return scheduler

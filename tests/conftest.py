@@ -1,0 +1,108 @@
+"""Shared fixtures: a real config file written per test, a real SQLite store per test."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from monitor import config as config_module
+from monitor import models
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+TEST_GUEST_XML = """\
+<domain type='test'>
+  <name>{profile}.init</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/dev/null'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='network'><source network='default'/><model type='virtio'/></interface>
+    <graphics type='vnc' autoport='yes'/>
+  </devices>
+</domain>
+"""
+
+
+def write_config(
+    root: Path,
+    *,
+    github_api_url: str = "http://127.0.0.1:9/",
+    targets: dict[str, int] | None = None,
+    extra: str = "",
+    guest_xml: str = TEST_GUEST_XML,
+    libvirt_uri: str = "test:///default",
+    storage_pool: str = "default-pool",
+) -> Path:
+    """A monitor.toml (+ .env, profiles, base image) for profiles linux and windows."""
+    targets = {"linux": 2, "windows": 1} if targets is None else targets
+    root.mkdir(parents=True, exist_ok=True)
+    base = root / "base.img"
+    if not base.exists():
+        with open(base, "wb") as image:
+            image.truncate(16 * 1024 * 1024)
+    profiles = []
+    for name, target in targets.items():
+        directory = root / "profiles" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "guest.xml").write_text(guest_xml.format(profile=name))
+        profiles.append(
+            textwrap.dedent(
+                f"""
+                [profiles.{name}]
+                profile_name = "{name}"
+                github_runner_label = "self-hosted-image:{name}"
+                target_count = {target}
+                requires_1g_hugepages = 0
+                requires_normal_memory = "1G"
+                base_image = "base.img"
+                """
+            )
+        )
+    text = textwrap.dedent(
+        f"""
+        listen_on = ["127.0.0.1"]
+        external_base_url = "http://127.0.0.1:8000/"
+        github_api_url = "{github_api_url}"
+        github_api_scope = "/repos/test/servo"
+        github_api_suffix = "host"
+        allowed_qualified_repo_prefix = "test/"
+        libvirt_uri = "{libvirt_uri}"
+        libvirt_storage_pool = "{storage_pool}"
+        data_path = "data"
+        profiles_path = "profiles"
+        monitor_poll_interval = 5
+        api_cache_timeout = 30
+        monitor_start_timeout = 120
+        monitor_reserve_timeout = 60
+        available_1g_hugepages = 0
+        available_normal_memory = "16G"
+        """
+    )
+    path = root / "monitor.toml"
+    path.write_text(text + extra + "".join(profiles))
+    (root / ".env").write_text("SERVO_CI_MONITOR_API_TOKEN=test-api-token\nGITHUB_TOKEN=test-gh-token\n")
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def make(**kwargs):
+        path = write_config(tmp_path, **kwargs)
+        return config_module.load(path, environ={})
+
+    return make
+
+
+@pytest.fixture
+def store(tmp_path):
+    models.open_store(tmp_path / "data")
+    yield models
+    models.close_store()

@@ -1,0 +1,115 @@
+"""Hand-written fakes for unit tests of the loop: stateful, they record calls and can be armed
+to fail. Integration tests use the real stand-in and libvirt's test driver instead."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+
+from monitor.errors import MonitorError
+from monitor.errors import TransientError
+from monitor.policy import Registration
+
+
+@dataclass(frozen=True)
+class FakeJit:
+    registration: Registration
+    encoded_jit_config: str = field(repr=False)
+
+
+class Armable:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, list[Exception]] = {}
+        self.calls: list[tuple[str, object]] = []
+
+    def fail_next(self, method: str, error: Exception, times: int = 1) -> None:
+        with self._lock:
+            self._failures.setdefault(method, []).extend([error] * times)
+
+    def _call(self, method: str, arg: object = None) -> None:
+        with self._lock:
+            self.calls.append((method, arg))
+            pending = self._failures.get(method)
+            if pending:
+                raise pending.pop(0)
+
+
+class FakeGitHub(Armable):
+    def __init__(self) -> None:
+        super().__init__()
+        self.runners: dict[int, Registration] = {}
+        self._ids = itertools.count(1000)
+
+    def list_runners(self) -> list[Registration]:
+        self._call("list_runners")
+        with self._lock:
+            return list(self.runners.values())
+
+    def generate_jitconfig(self, name, labels, *, runner_group_id=1, work_folder="_work"):
+        self._call("generate_jitconfig", name)
+        with self._lock:
+            if any(r.name == name for r in self.runners.values()):
+                raise MonitorError(f"GitHub: runner {name} already exists", status=502)
+            registration = Registration(next(self._ids), name, "offline", False, tuple(labels))
+            self.runners[registration.id] = registration
+        return FakeJit(registration, f"jit-secret-{registration.id}")
+
+    def delete_runner(self, registration_id: int) -> bool:
+        self._call("delete_runner", registration_id)
+        with self._lock:
+            return self.runners.pop(registration_id, None) is not None
+
+    def set(self, registration_id: int, **changes) -> None:
+        from dataclasses import replace
+
+        with self._lock:
+            self.runners[registration_id] = replace(self.runners[registration_id], **changes)
+
+    def by_name(self, name: str) -> Registration:
+        return next(r for r in self.runners.values() if r.name == name)
+
+
+@dataclass
+class FakeGuest:
+    name: str
+    active: bool
+
+
+class FakeHypervisor(Armable):
+    def __init__(self) -> None:
+        super().__init__()
+        self.guests: dict[str, FakeGuest] = {}
+        self.destroyed: list[str] = []
+
+    def list_guests(self, prefix: str) -> list[FakeGuest]:
+        self._call("list_guests", prefix)
+        with self._lock:
+            return [g for g in self.guests.values() if g.name.startswith(prefix)]
+
+    def create_guest(self, name: str, template_xml: str, base_image: Path) -> None:
+        self._call("create_guest", name)
+        with self._lock:
+            if name in self.guests:
+                raise MonitorError(f"domain {name} already exists", status=503)
+            self.guests[name] = FakeGuest(name, False)
+
+    def start_guest(self, name: str) -> None:
+        self._call("start_guest", name)
+        with self._lock:
+            self.guests[name].active = True
+
+    def destroy_guest(self, name: str) -> None:
+        self._call("destroy_guest", name)
+        with self._lock:
+            self.guests.pop(name, None)
+            self.destroyed.append(name)
+
+    def close(self) -> None:
+        pass
+
+
+TRANSIENT = TransientError("GitHub is having a moment", retry_after=None)

@@ -1,0 +1,338 @@
+"""The monitor loop with hand-written fakes and a real SQLite store.
+
+The test thread plays the monitor thread: it calls `tick(now)` and then runs what the
+workers post back (`settle`), so every step is deterministic.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+
+import pytest
+
+from monitor import loop
+from monitor import models
+from monitor.errors import MonitorError
+from monitor.errors import TransientError
+from monitor.policy import Registration
+from monitor.policy import Status
+from tests.fakes import FakeGitHub
+from tests.fakes import FakeGuest
+from tests.fakes import FakeHypervisor
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def settle(monitor: loop.Monitor, timeout: float = 10.0) -> None:
+    """Run worker outcomes on this thread until nothing is in flight."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            item = monitor._requests.get(timeout=0.02)
+        except queue.Empty:
+            if not monitor.in_flight:
+                return
+            assert time.monotonic() < deadline, f"still in flight: {monitor.in_flight}"
+            continue
+        if item is loop._RECONCILE:
+            monitor._reconcile_queued.clear()  # the tests tick explicitly
+            continue
+        monitor._handle(item)
+
+
+@pytest.fixture
+def env(make_config, store):
+    config = make_config()
+    github = FakeGitHub()
+    hypervisor = FakeHypervisor()
+    clock = Clock()
+    monitor = loop.Monitor(config, github, hypervisor, clock=clock)
+    yield config, github, hypervisor, clock, monitor
+    monitor._workers.shutdown(wait=True)
+
+
+def step(monitor: loop.Monitor, clock: Clock):
+    """One scheduler refresh plus one reconcile, then let the workers finish."""
+    monitor.refresh_registrations(force=True)
+    observation = monitor.tick(clock())
+    settle(monitor)
+    return observation
+
+
+def statuses(observation) -> dict[str, str]:
+    return {f"ci-runner-{r.profile}.{r.id}": r.status.value for r in observation.runners}
+
+
+def test_waits_for_first_registration_fetch(env):
+    _, github, hypervisor, clock, monitor = env
+    assert monitor.tick(clock()) is None
+    assert ("create_guest", "ci-runner-linux.0") not in hypervisor.calls
+
+
+def test_creates_runners_to_target_with_upstream_names(env):
+    config, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    assert sorted(hypervisor.guests) == [
+        "ci-runner-linux.0",
+        "ci-runner-linux.1",
+        "ci-runner-windows.2",
+    ]
+    assert all(g.active for g in hypervisor.guests.values())
+    names = sorted(r.name for r in github.runners.values())
+    assert names == [
+        "ci-runner-linux.0@host",
+        "ci-runner-linux.1@host",
+        "ci-runner-windows.2@host",
+    ]
+    windows = github.by_name("ci-runner-windows.2@host")
+    assert windows.labels == ("self-hosted", "X64", "self-hosted-image:windows")
+    row = models.get_runner(2)
+    assert row.registration_id == windows.id
+    assert row.jit_config == f"jit-secret-{windows.id}"
+    assert "jit-secret" not in repr(row)
+
+    # Next pass: all three are StartedOrCrashed and healthy, so nothing more is created.
+    observation = step(monitor, clock)
+    assert set(statuses(observation).values()) == {"StartedOrCrashed"}
+    assert observation.changes.is_empty()
+    assert len(hypervisor.guests) == 3
+
+
+def test_online_runners_become_idle(env):
+    _, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    for registration in list(github.runners.values()):
+        github.set(registration.id, status="online")
+    observation = step(monitor, clock)
+    assert set(statuses(observation).values()) == {"Idle"}
+    assert observation.counts["linux"].idle == 2
+    assert observation.counts["windows"].idle == 1
+
+
+def test_finished_job_gets_guest_destroyed_and_replaced_with_new_id(env):
+    _, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    finished = github.by_name("ci-runner-linux.0@host")
+    github.delete_runner(finished.id)  # the ephemeral runner deregistered after its job
+    observation = step(monitor, clock)
+    assert statuses(observation)["ci-runner-linux.0"] == "DoneOrUnregistered"
+    assert "ci-runner-linux.0" in hypervisor.destroyed
+    assert "ci-runner-linux.0" not in hypervisor.guests
+    step(monitor, clock)
+    assert "ci-runner-linux.3" in hypervisor.guests
+    assert models.get_runner(0).destroyed_at is not None
+
+
+def test_guest_destroyed_behind_our_back_gets_unregistered(env):
+    _, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    del hypervisor.guests["ci-runner-windows.2"]
+    observation = step(monitor, clock)
+    assert statuses(observation)["ci-runner-windows.2"] == "Invalid"
+    assert not any(r.name == "ci-runner-windows.2@host" for r in github.runners.values())
+    step(monitor, clock)
+    assert "ci-runner-windows.3" in hypervisor.guests
+
+
+def test_runner_stuck_offline_past_start_timeout_is_replaced(env):
+    config, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    github.set(github.by_name("ci-runner-linux.1@host").id, status="online")
+    github.set(github.by_name("ci-runner-windows.2@host").id, status="online")
+    clock.advance(config.monitor_start_timeout.total_seconds() + 1)
+    step(monitor, clock)
+    assert hypervisor.destroyed == ["ci-runner-linux.0"]
+    step(monitor, clock)
+    assert sorted(hypervisor.guests) == [
+        "ci-runner-linux.1",
+        "ci-runner-linux.3",
+        "ci-runner-windows.2",
+    ]
+
+
+def test_github_list_failure_backs_off_and_recovers(env):
+    _, github, hypervisor, clock, monitor = env
+    github.fail_next("list_runners", TransientError("rate limited", status=429, retry_after=30))
+    assert monitor.refresh_registrations() is False
+    assert "rate limited" in monitor.github_error
+    # Backing off: the cache is not due again until Retry-After has passed.
+    clock.advance(10)
+    assert monitor.refresh_registrations() is False
+    assert [c for c in github.calls if c[0] == "list_runners"] == [("list_runners", None)]
+    clock.advance(25)
+    assert monitor.refresh_registrations() is True
+    assert monitor.github_error is None
+    kinds = [e.kind for e in models.recent_events()]
+    assert "github-error" in kinds and "github-ok" in kinds
+
+
+def test_libvirt_list_failure_skips_the_pass(env):
+    _, github, hypervisor, clock, monitor = env
+    monitor.refresh_registrations(force=True)
+    hypervisor.fail_next("list_guests", MonitorError("libvirt: connection reset", status=503))
+    assert monitor.tick(clock()) is None
+    assert "connection reset" in monitor.observation.error
+    assert not any(c[0] == "create_guest" for c in hypervisor.calls)
+    step(monitor, clock)
+    assert len(hypervisor.guests) == 3
+
+
+def test_failed_create_leaks_no_registration_and_is_retried(env):
+    _, github, hypervisor, clock, monitor = env
+    hypervisor.fail_next("create_guest", MonitorError("no space left", status=503))
+    step(monitor, clock)
+    assert len(hypervisor.guests) == 2
+    assert len(github.runners) == 2  # the failed runner's registration was deleted again
+    failed = [e for e in models.recent_events() if e.kind == "create-failed"]
+    assert len(failed) == 1 and "no space left" in failed[0].message
+    step(monitor, clock)
+    assert len(hypervisor.guests) == 3
+    assert len(github.runners) == 3
+
+
+def test_failed_registration_creates_no_guest(env):
+    _, github, hypervisor, clock, monitor = env
+    github.fail_next("generate_jitconfig", TransientError("GitHub 502"), times=3)
+    step(monitor, clock)
+    assert hypervisor.guests == {}
+    step(monitor, clock)
+    assert len(hypervisor.guests) == 3
+    # ids of the failed attempts are not reused
+    assert sorted(hypervisor.guests) == [
+        "ci-runner-linux.3",
+        "ci-runner-linux.4",
+        "ci-runner-windows.5",
+    ]
+
+
+def test_failed_unregister_is_retried_next_pass(env):
+    _, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    del hypervisor.guests["ci-runner-linux.1"]
+    github.fail_next("delete_runner", TransientError("GitHub 500"))
+    step(monitor, clock)
+    assert any(r.name == "ci-runner-linux.1@host" for r in github.runners.values())
+    step(monitor, clock)
+    assert not any(r.name == "ci-runner-linux.1@host" for r in github.runners.values())
+
+
+def test_adopts_existing_runners_and_continues_ids(env):
+    _, github, hypervisor, clock, monitor = env
+    hypervisor.guests["ci-runner-linux.41"] = FakeGuest("ci-runner-linux.41", True)
+    github.runners[7] = Registration(7, "ci-runner-linux.41@host", "online", False, ())
+    observation = step(monitor, clock)
+    assert statuses(observation) == {"ci-runner-linux.41": "Idle"}
+    assert models.get_runner(41).adopted
+    assert sorted(hypervisor.guests) == [
+        "ci-runner-linux.41",
+        "ci-runner-linux.42",
+        "ci-runner-windows.43",
+    ]
+
+
+def test_unknown_profiles_and_foreign_names_are_left_alone(env):
+    _, github, hypervisor, clock, monitor = env
+    hypervisor.guests["ci-runner-macos.5"] = FakeGuest("ci-runner-macos.5", True)
+    hypervisor.guests["ci-runner-linux"] = FakeGuest("ci-runner-linux", True)
+    hypervisor.guests["someone-else"] = FakeGuest("someone-else", True)
+    github.runners[9] = Registration(9, "ci-runner-macos.6@host", "online", False, ())
+    github.runners[10] = Registration(10, "ci-runner-linux.8@elsewhere", "online", False, ())
+    step(monitor, clock)
+    step(monitor, clock)
+    assert {"ci-runner-macos.5", "ci-runner-linux", "someone-else"} <= set(hypervisor.guests)
+    assert {9, 10} <= set(github.runners)
+    assert hypervisor.destroyed == []
+    ignored = monitor.observation.ignored
+    assert any("ci-runner-macos.5" in item for item in ignored)
+    assert any("ci-runner-macos.6@host" in item for item in ignored)
+    assert models.get_runner(5) is None
+
+
+def test_destroy_all_non_busy_runners(make_config, store):
+    config = make_config(extra="destroy_all_non_busy_runners = true\n")
+    github, hypervisor, clock = FakeGitHub(), FakeHypervisor(), Clock()
+    for runner_id, busy in ((1, True), (2, False)):
+        name = f"ci-runner-linux.{runner_id}"
+        hypervisor.guests[name] = FakeGuest(name, True)
+        github.runners[runner_id] = Registration(runner_id, name + "@host", "online", busy, ())
+    monitor = loop.Monitor(config, github, hypervisor, clock=clock)
+    step(monitor, clock)
+    assert sorted(hypervisor.guests) == ["ci-runner-linux.1"]
+    step(monitor, clock)
+    assert sorted(hypervisor.guests) == ["ci-runner-linux.1"]  # dont_create_runners implied
+
+
+def test_dont_register_runners(make_config, store):
+    config = make_config(extra="dont_register_runners = true\n")
+    github, hypervisor, clock = FakeGitHub(), FakeHypervisor(), Clock()
+    monitor = loop.Monitor(config, github, hypervisor, clock=clock)
+    step(monitor, clock)
+    observation = step(monitor, clock)
+    assert len(hypervisor.guests) == 3
+    assert github.runners == {}
+    assert set(statuses(observation).values()) == {Status.DONE_OR_UNREGISTERED.value}
+    assert hypervisor.destroyed == []
+
+
+def test_override_is_persisted_across_monitors(env, make_config):
+    config, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    override = monitor.set_override({"linux": 3})
+    assert override.profile_override_counts == {"linux": 3}
+    again = loop.Monitor(config, FakeGitHub(), FakeHypervisor(), clock=clock)
+    assert again.override == override
+    assert again.clear_override() == override
+    assert loop.Monitor(config, FakeGitHub(), FakeHypervisor(), clock=clock).override is None
+
+
+def test_late_reply_is_dropped_without_crashing(env):
+    _, github, hypervisor, clock, monitor = env
+    calls = []
+    with pytest.raises(MonitorError) as raised:
+        monitor.call(lambda: calls.append(1), timeout=0.05)
+    assert raised.value.status == 503
+    monitor._handle(monitor._requests.get_nowait())  # the thread gets to it after all
+    assert calls == []  # abandoned: not run, and nothing raised
+
+
+def test_monitor_thread_answers_calls_and_survives_errors(env):
+    _, github, hypervisor, clock, monitor = env
+    monitor.start()
+    try:
+        assert monitor.call(lambda: 42, timeout=5) == 42
+        with pytest.raises(ZeroDivisionError):
+            monitor.call(lambda: 1 / 0, timeout=5)
+        monitor._post(lambda: 1 / 0)  # an unexpected error in the thread is logged only
+        assert monitor.call(lambda: "alive", timeout=5) == "alive"
+    finally:
+        monitor.stop()
+
+
+def test_upstream_last_runner_id_is_continued(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "last-runner-id").write_text("1233")
+    models.open_store(data)
+    try:
+        assert models.allocate_runner_id() == 1234
+        assert models.allocate_runner_id() == 1235
+    finally:
+        models.close_store()
+    models.open_store(data)  # reopening does not go back to upstream's number
+    try:
+        assert models.allocate_runner_id() == 1236
+    finally:
+        models.close_store()

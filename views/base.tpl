@@ -1,0 +1,15 @@
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}}</title>
+<link rel="stylesheet" href="/static/style.css">
+% if defined('refresh') and refresh:
+<meta http-equiv="refresh" content="{{refresh}}">
+% end
+</head>
+<body>
+{{!base}}
+</body>
+</html>
