@@ -580,18 +580,17 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
 
     destroy = [r.id for r in invalid if not r.in_flight]
     proposed = dict.fromkeys(inp.profiles, 0)
-    # Upstream panics on a runner of an unconfigured profile here; we destroy it and keep its
-    # count apart so it cannot affect any configured profile.
-    unconfigured: dict[str, int] = {}
     for runner in [*done, *started_too_old, *reserved_too_long]:
         if not runner.in_flight:
             destroy.append(runner.id)
-        tally = proposed if runner.profile in proposed else unconfigured
-        tally[runner.profile] = tally.get(runner.profile, 0) + 1
+        # Upstream panics on a runner of an unconfigured profile here; we destroy it and leave
+        # it out of the tally, which only offsets excess Idle runners of configured profiles.
+        if runner.profile in proposed:
+            proposed[runner.profile] += 1
 
     for key in sorted(inp.profiles):
-        # IDLE -> DESTROY: beyond the target, counting destroys already proposed. Saturating,
-        # so proposed destroys beyond the excess never destroy fewer than zero (S15-S18).
+        # IDLE -> DESTROY: beyond the target, net of destroys already proposed. Saturating:
+        # more proposed destroys than excess must not turn negative (S15-S18).
         excess = max(0, counts[key].excess_healthy - proposed[key])
         idle = [r for r in runners if r.profile == key and r.status == Status.IDLE][:excess]
         destroy.extend(r.id for r in idle if not r.in_flight)
