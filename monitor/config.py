@@ -296,11 +296,12 @@ def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None 
     the two tokens. Raises `ConfigError` naming the file, table and key of the first problem.
     """
     environ = os.environ if environ is None else environ
-    path = (Path.cwd() if cwd is None else cwd) / path
+    cwd = Path.cwd() if cwd is None else cwd
+    path = cwd / path
     config_dir = path.parent
     raw = _read_toml(path)
-    env_file = _find_dotenv(config_dir, Path.cwd() if cwd is None else cwd)
-    env = {**environ, **(_read_dotenv(env_file, environ) if env_file else {})}
+    env_file = _find_dotenv(config_dir, cwd)
+    env = {**(_read_dotenv(env_file, environ) if env_file else {}), **environ}
 
     reader = _Reader(path)
     values = reader.table(raw, _TOP_LEVEL, "", known=_TABLES)
