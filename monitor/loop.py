@@ -346,7 +346,12 @@ class Monitor:
         guest_names = [guest.name for guest in guests]
 
         self._adopt(registrations, guest_names, now)
-        records = models.live_records()
+        # Runners of a profile no longer configured are reported, never touched.
+        records = {
+            runner_id: record
+            for runner_id, record in models.live_records().items()
+            if record.profile in self.config.profiles
+        }
         runners, ignored = policy.build_runners(
             registrations,
             guest_names,
