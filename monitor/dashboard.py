@@ -35,7 +35,10 @@ def _duration_json(value: timedelta | None) -> dict[str, int] | None:
 
 def _time_json(value: datetime) -> dict[str, int]:
     micros = int(value.timestamp() * 1_000_000)
-    return {"nanos_since_epoch": (micros % 1_000_000) * 1000, "secs_since_epoch": micros // 1_000_000}
+    return {
+        "nanos_since_epoch": (micros % 1_000_000) * 1000,
+        "secs_since_epoch": micros // 1_000_000,
+    }
 
 
 def registration_json(registration: Registration | None) -> dict[str, Any] | None:
@@ -122,7 +125,9 @@ class ProfileView:
     runners: list[RunnerRow]
 
 
-def overview(observation: Observation | None, profile_keys: list[str], now: datetime) -> list[ProfileView]:
+def overview(
+    observation: Observation | None, profile_keys: list[str], now: datetime
+) -> list[ProfileView]:
     """Profiles in config order with their runners (ascending id), ages pre-formatted."""
     views = []
     for key in profile_keys:

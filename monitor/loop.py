@@ -426,7 +426,11 @@ class Monitor:
                 models.ensure_runner_id_above(runner_id)
                 log.info("adopted runner %d (%s) found in our namespace", runner_id, name)
                 models.record_event(
-                    "adopt", f"adopted existing {name}", runner_id=runner_id, profile=profile, at=now
+                    "adopt",
+                    f"adopted existing {name}",
+                    runner_id=runner_id,
+                    profile=profile,
+                    at=now,
                 )
             elif row.destroyed_at is not None and row.profile == profile:
                 models.revive_runner(runner_id)
@@ -474,7 +478,9 @@ class Monitor:
         runner_id = models.allocate_runner_id()
         name = policy.guest_name(self.runner_prefix, profile_key, runner_id)
         models.create_runner(runner_id, profile_key, name, now)
-        models.record_event("create", f"creating {name}", runner_id=runner_id, profile=profile_key, at=now)
+        models.record_event(
+            "create", f"creating {name}", runner_id=runner_id, profile=profile_key, at=now
+        )
         log.info("creating runner %d (%s)", runner_id, name)
         self._in_flight[runner_id] = "create"
         self._workers.submit(self._create_worker, runner_id, profile, name)

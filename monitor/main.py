@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the monitor daemon")
-    run.add_argument("--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s")
+    run.add_argument(
+        "--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s"
+    )
 
     check = commands.add_parser("check-config", help="validate a config and print what it means")
-    check.add_argument("--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s")
+    check.add_argument(
+        "--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s"
+    )
 
     demo = commands.add_parser(
         "demo", help="run against libvirt's test driver and a built-in GitHub stand-in"

@@ -233,7 +233,9 @@ def live_records() -> dict[int, RunnerRecord]:
     }
 
 
-def record_registration(runner_id: int, registration_id: int, jit_config: str, at: datetime) -> None:
+def record_registration(
+    runner_id: int, registration_id: int, jit_config: str, at: datetime
+) -> None:
     Runner.update(registration_id=registration_id, jit_config=jit_config, registered_at=at).where(
         Runner.id == runner_id
     ).execute()

@@ -88,7 +88,9 @@ def write_config(
     )
     path = root / "monitor.toml"
     path.write_text(text + extra + "".join(profiles))
-    (root / ".env").write_text("SERVO_CI_MONITOR_API_TOKEN=test-api-token\nGITHUB_TOKEN=test-gh-token\n")
+    (root / ".env").write_text(
+        "SERVO_CI_MONITOR_API_TOKEN=test-api-token\nGITHUB_TOKEN=test-gh-token\n"
+    )
     return path
 
 

@@ -1,0 +1,206 @@
+"""The command line, run as a real process: help, check-config, run + SIGTERM, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from monitor.github_standin import GitHubStandIn
+from tests.conftest import FIXTURES
+from tests.conftest import write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_FILE = "SERVO_CI_MONITOR_API_TOKEN=changed\nGITHUB_TOKEN=ghp_test\n"
+
+
+def monitor(
+    *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_clean_env(),
+    )
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVO_CI_", "LIBVIRT_"))}
+    env.pop("GITHUB_TOKEN", None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def wait_for(url: str, deadline: float) -> dict:
+    while True:
+        try:
+            return get_json(url)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_bare_monitor_prints_help():
+    result = monitor()
+    assert result.returncode == 0
+    for command in ("run", "check-config", "demo"):
+        assert command in result.stdout
+
+
+def test_launcher_script_works_the_same():
+    result = subprocess.run(
+        [sys.executable, "monitor.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert "check-config" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "config", ["monitor.toml.example", "server-ci0/monitor.toml"], ids=["example", "ci0"]
+)
+def test_check_config_accepts_upstream_configs(tmp_path, config):
+    shutil.copy(FIXTURES / "upstream" / config, tmp_path / "monitor.toml")
+    (tmp_path / ".env").write_text(ENV_FILE)
+    result = monitor("check-config", "--config", str(tmp_path / "monitor.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "servo-ubuntu2204" in result.stdout
+    assert "changed" not in result.stdout + result.stderr  # the API token is never printed
+
+
+def test_check_config_uses_working_directory_by_default(tmp_path):
+    shutil.copy(FIXTURES / "upstream" / "monitor.toml.example", tmp_path / "monitor.toml")
+    (tmp_path / ".env").write_text(ENV_FILE)
+    assert monitor("check-config", cwd=tmp_path).returncode == 0
+
+
+def test_check_config_rejects_bad_config_with_exit_2(tmp_path):
+    text = (FIXTURES / "upstream" / "monitor.toml.example").read_text()
+    (tmp_path / "monitor.toml").write_text(text.replace("target_count = 1", 'target_count = "one"'))
+    (tmp_path / ".env").write_text(ENV_FILE)
+    result = monitor("check-config", "--config", str(tmp_path / "monitor.toml"))
+    assert result.returncode == 2
+    assert "monitor.toml" in result.stderr
+    assert "[profiles.base-ubuntu2204]" in result.stderr
+    assert "target_count" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_rejects_over_budget_profiles(tmp_path):
+    text = (FIXTURES / "upstream" / "monitor.toml.example").read_text()
+    text = text.replace("available_1g_hugepages = 96", "available_1g_hugepages = 6")
+    (tmp_path / "monitor.toml").write_text(text)
+    (tmp_path / ".env").write_text(ENV_FILE)
+    result = monitor("check-config", "--config", str(tmp_path / "monitor.toml"))
+    assert result.returncode == 2
+    assert "hugepages" in result.stderr
+
+
+def test_run_with_bad_config_exits_2_before_starting(tmp_path):
+    (tmp_path / "monitor.toml").write_text("listen_on = [")
+    (tmp_path / ".env").write_text(ENV_FILE)
+    result = monitor("run", "--config", str(tmp_path / "monitor.toml"))
+    assert result.returncode == 2
+    assert "monitor.toml" in result.stderr
+
+
+def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path):
+    standin = GitHubStandIn(token="test-gh-token")
+    standin.start()
+    port = free_port()
+    try:
+        path = write_config(
+            tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "run", "--config", str(path)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_clean_env(),
+        )
+        try:
+            deadline = time.monotonic() + 30
+            base = f"http://127.0.0.1:{port}"
+            wait_for(f"{base}/healthz", deadline)
+            while time.monotonic() < deadline:
+                if len(standin.jit_names) == 3:
+                    break
+                time.sleep(0.1)
+            assert sorted(standin.jit_names) == [
+                "ci-runner-linux.0@host",
+                "ci-runner-linux.1@host",
+                "ci-runner-windows.2@host",
+            ]
+            dashboard = wait_for(f"{base}/dashboard.json", deadline)
+            assert set(dashboard["profile_runner_counts"]) == {"linux", "windows"}
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0, output
+        assert "Traceback" not in output
+        assert "stopped" in output
+    finally:
+        standin.stop()
+
+
+def test_demo_shows_the_pool_cycling(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "demo", "--port", str(port), "--data-dir", str(tmp_path)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        base = f"http://127.0.0.1:{port}"
+        idle = 0
+        while time.monotonic() < deadline:
+            try:
+                dashboard = get_json(f"{base}/dashboard.json")
+            except OSError:
+                time.sleep(0.3)
+                continue
+            idle = sum(c["idle"] for c in dashboard["profile_runner_counts"].values())
+            if idle >= 1:
+                break
+            time.sleep(0.3)
+        assert idle >= 1
+        with urllib.request.urlopen(f"{base}/", timeout=5) as response:
+            page = response.read().decode()
+        assert "runners for linux" in page and "runners for windows" in page
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+    finally:
+        if process.poll() is None:
+            process.kill()

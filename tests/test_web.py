@@ -1,0 +1,110 @@
+"""The web edge through WebTest: status page, upstream's /dashboard.json shape, errors."""
+
+from __future__ import annotations
+
+import pytest
+import webtest
+
+from monitor import loop
+from monitor import web
+from tests.fakes import FakeGitHub
+from tests.fakes import FakeHypervisor
+from tests.test_loop import Clock
+from tests.test_loop import settle
+
+
+@pytest.fixture
+def app(make_config, store):
+    config = make_config()
+    github, hypervisor, clock = FakeGitHub(), FakeHypervisor(), Clock()
+    monitor = loop.Monitor(config, github, hypervisor, clock=clock)
+    client = webtest.TestApp(web.make_app(config, monitor))
+    yield client, monitor, github, clock
+    monitor._workers.shutdown(wait=True)
+
+
+def observe(monitor, clock, passes: int = 2) -> None:
+    for _ in range(passes):
+        monitor.refresh_registrations(force=True)
+        monitor.tick(clock())
+        settle(monitor)
+
+
+def test_dashboard_json_is_503_until_first_observation(app):
+    client, monitor, github, clock = app
+    response = client.get("/dashboard.json", status=503)
+    assert response.json == {"error": web.NOT_READY}
+
+
+def test_dashboard_json_has_upstream_shape(app):
+    client, monitor, github, clock = app
+    observe(monitor, clock)
+    github.set(github.by_name("ci-runner-linux.0@host").id, status="online")
+    observe(monitor, clock, passes=1)
+    data = client.get("/dashboard.json").json
+    assert list(data) == ["profile_runner_counts", "runners"]
+    linux = data["profile_runner_counts"]["linux"]
+    assert linux == {
+        "busy": 0,
+        "excess_healthy": 0,
+        "healthy": 2,
+        "idle": 1,
+        "image_age": None,
+        "reserved": 0,
+        "started_or_crashed": 1,
+        "target": 2,
+        "wanted": 0,
+    }
+    assert [r["id"] for r in data["runners"]] == [0, 1, 2]
+    first = data["runners"][0]
+    assert first["screenshot_url"] == "http://127.0.0.1:8000/runner/0/screenshot.png"
+    runner = first["runner"]
+    assert sorted(runner) == [
+        "created_time",
+        "details",
+        "guest_name",
+        "id",
+        "ipv4_address",
+        "registration",
+    ]
+    assert runner["guest_name"] == "ci-runner-linux.0"
+    assert runner["registration"]["name"] == "ci-runner-linux.0@host"
+    assert runner["registration"]["status"] == "online"
+    assert {"name": "X64"} in runner["registration"]["labels"]
+    assert set(runner["created_time"]) == {"secs_since_epoch", "nanos_since_epoch"}
+    assert "jit" not in client.get("/dashboard.json").text  # the JIT config never leaves
+
+
+def test_status_page_lists_profiles_runners_and_events(app):
+    client, monitor, github, clock = app
+    page = client.get("/")
+    assert "Waiting for the first look" in page.text
+    observe(monitor, clock)
+    page = client.get("/")
+    assert "2/2 runners for linux" in page.text
+    assert "1/1 runners for windows" in page.text
+    assert page.text.count('data-runner-id="') == 3
+    assert "created and started ci-runner-linux.0" in page.text
+
+
+def test_errors_are_json_for_api_and_html_for_pages(app):
+    client, monitor, github, clock = app
+    missing = client.get("/no/such/page", status=404)
+    assert missing.content_type == "text/html"
+    assert "404" in missing.text
+    api = client.get("/profile/linux/nothing", status=404)
+    assert api.json["error"]
+
+
+def test_unexpected_error_is_500_without_traceback(app, monkeypatch):
+    client, monitor, github, clock = app
+    observe(monitor, clock)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(web.dashboard, "dashboard_json", explode)
+    response = client.get("/dashboard.json", status=500)
+    assert response.json == {"error": "internal error; see the monitor's log"}
+    assert "secret internals" not in response.text
+    assert "Traceback" not in response.text
