@@ -195,6 +195,14 @@ class LibvirtHypervisor:
         # libvirt prints every error to stderr unless a handler is registered.
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
+    def volume_names(self) -> list[str]:
+        """Names of the volumes in the runner storage pool, sorted (for leak checks)."""
+        conn = self._connection()
+        pool = self._pool(conn)
+        with self._errors(conn, f"list volumes of {self.storage_pool}"):
+            pool.refresh(0)
+            return sorted(pool.listVolumes())
+
     def list_guests(self, prefix: str) -> list[Guest]:
         """Return every guest (defined or running) whose name starts with `prefix`."""
         conn = self._connection()
@@ -239,7 +247,10 @@ class LibvirtHypervisor:
                 domain_xml = runner_domain_xml(template_xml, name, volume.path())
                 conn.defineXML(domain_xml)
         except BaseException:
-            self._delete_volume(conn, volume, name)
+            try:
+                self._delete_volume(conn, volume, name)
+            except MonitorError as cleanup:
+                log.warning("guest %s: cannot delete its new volume: %s", name, cleanup)
             raise
         log.info("defined guest %s on %s (%s)", name, base, base_format)
 
@@ -335,7 +346,7 @@ class LibvirtHypervisor:
                     raise TransientError(
                         f"cannot connect to libvirt at {self.uri or 'the default URI'}: {e}"
                     ) from e
-                log.info("connected to libvirt at %s", self._conn.getURI())
+                log.info("connected to libvirt at %s", self.uri or "the default URI")
             return self._conn
 
     def _drop(self, conn: libvirt.virConnect) -> None:

@@ -1,0 +1,566 @@
+"""LibvirtHypervisor against the real libvirt-python binding and libvirt's test driver.
+
+Each test opens its own `test:///<tmp>/node.xml`: every open of a custom node file gets a
+private copy of its state, so tests are isolated and need no daemon. Because the state is
+private to one connection, assertions about it go through the hypervisor's own connection.
+
+What the test driver (libvirt 9.0) does with storage, as measured here: a `dir` pool declared in
+the node file works without touching the disk; `createXML` of a volume with a `<backingStore>`
+is accepted and echoed back in the volume XML, but no file is written and the backing path is
+not checked; `storageVolLookupByPath` finds the node file's volumes; `delete` forgets the
+volume. `undefineFlags` rejects VIR_DOMAIN_UNDEFINE_NVRAM ("unsupported flags (0x4)"), which
+exercises the plain-undefine fallback. The screenshot is a fixed PNG, returned even for
+inactive domains, and `interfaceAddresses` returns the same made-up lease for every source.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import re
+import struct
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from PIL import Image  # noqa: E402
+
+from monitor.errors import MonitorError  # noqa: E402
+from monitor.errors import TransientError  # noqa: E402
+from monitor.hypervisor import Guest  # noqa: E402
+from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.hypervisor import pick_ipv4  # noqa: E402
+from monitor.hypervisor import runner_domain_xml  # noqa: E402
+from monitor.hypervisor import sniff_image  # noqa: E402
+from monitor.hypervisor import to_png  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+UPSTREAM_GUEST_XML = FIXTURES / "upstream/profiles/servo-ubuntu2204/guest.xml"
+MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}$")
+SUBNET = ipaddress.IPv4Network("192.168.151.0/24")
+POOL = "runners"
+
+NODE_XML = """\
+<node xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
+  <cpu><mhz>2000</mhz><nodes>1</nodes><sockets>1</sockets><cores>2</cores>
+    <threads>1</threads></cpu>
+  <memory>8388608</memory>
+  <network>
+    <name>monitor-test</name>
+    <bridge name='virbr151'/>
+    <ip address='192.168.151.1' netmask='255.255.255.0'>
+      <dhcp><range start='192.168.151.100' end='192.168.151.200'/></dhcp>
+    </ip>
+  </network>
+  <pool type='dir'>
+    <name>{pool}</name>
+    <target><path>{pool_dir}</path></target>
+    <volume type='file'>
+      <name>base.qcow2</name>
+      <capacity unit='MiB'>64</capacity>
+      <target><format type='qcow2'/></target>
+    </volume>
+  </pool>
+</node>
+"""
+
+TEMPLATE_XML = """\
+<domain type='test'>
+  <name>linux.template</name>
+  <uuid>8f2c1f3e-6f53-4d3c-9d5e-2f4b3c9a7e10</uuid>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source dev='/dev/null'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='network'>
+      <mac address='52:54:00:b8:b3:dd'/>
+      <source network='monitor-test'/>
+    </interface>
+  </devices>
+</domain>
+"""
+
+
+@pytest.fixture
+def pool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "pool"
+
+
+@pytest.fixture
+def uri(tmp_path: Path, pool_dir: Path) -> str:
+    node = tmp_path / "node.xml"
+    node.write_text(NODE_XML.format(pool=POOL, pool_dir=pool_dir))
+    return f"test://{node}"
+
+
+@pytest.fixture
+def hv(uri: str):
+    hypervisor = LibvirtHypervisor(uri, POOL)
+    yield hypervisor
+    hypervisor.close()
+
+
+@pytest.fixture
+def base(pool_dir: Path) -> Path:
+    """The base image declared in the node file (the test driver writes no files)."""
+    return pool_dir / "base.qcow2"
+
+
+def _conn(hv: LibvirtHypervisor):
+    return hv._connection()
+
+
+def _volumes(hv: LibvirtHypervisor) -> list[str]:
+    return sorted(v.name() for v in _conn(hv).storagePoolLookupByName(POOL).listAllVolumes())
+
+
+def _domain_xml(hv: LibvirtHypervisor, name: str) -> ET.Element:
+    return ET.fromstring(_conn(hv).lookupByName(name).XMLDesc(0))
+
+
+def _canonical(element: ET.Element) -> str:
+    return ET.canonicalize(ET.tostring(element, encoding="unicode"), strip_text=True)
+
+
+# -- runner_domain_xml -------------------------------------------------------------------
+
+
+def test_runner_domain_xml_clones_upstream_guest():
+    template = UPSTREAM_GUEST_XML.read_text()
+
+    result = runner_domain_xml(template, "servo-ubuntu2204.7", "/pool/servo-ubuntu2204.7.qcow2")
+
+    old, new = ET.fromstring(template), ET.fromstring(result)
+    assert new.findtext("name") == "servo-ubuntu2204.7"
+    new_uuid = new.findtext("uuid")
+    assert uuid.UUID(new_uuid).version == 4
+    assert new_uuid != old.findtext("uuid")
+    new_mac = new.find("devices/interface/mac").get("address")
+    assert MAC_RE.match(new_mac)
+    assert new_mac != old.find("devices/interface/mac").get("address")
+
+    disk = new.find("devices/disk[@device='disk']")
+    assert disk.get("type") == "file"
+    assert disk.find("source").attrib == {"file": "/pool/servo-ubuntu2204.7.qcow2"}
+    assert disk.find("driver").attrib == {
+        "name": "qemu",
+        "type": "qcow2",
+        "cache": "none",
+        "io": "native",
+        "discard": "unmap",
+    }
+    assert "virt-clone(1) will replace this" in result  # comments survive
+    assert "libosinfo:os" in result  # and so do namespace prefixes
+
+    # Everything else is identical: apply the expected edits to the template and compare.
+    old.find("name").text = "servo-ubuntu2204.7"
+    old.find("uuid").text = new_uuid
+    old.find("devices/interface/mac").set("address", new_mac)
+    old_disk = old.find("devices/disk[@device='disk']")
+    old_disk.set("type", "file")
+    old_disk.find("driver").set("type", "qcow2")
+    old_disk.find("source").attrib = {"file": "/pool/servo-ubuntu2204.7.qcow2"}
+    assert _canonical(new) == _canonical(old)
+    cdrom = "devices/disk[@device='cdrom']"
+    assert _canonical(new.find(cdrom)) == _canonical(ET.fromstring(template).find(cdrom))
+
+
+def test_runner_domain_xml_fills_in_missing_elements():
+    template = """<domain type='kvm'>
+      <os><type>hvm</type><nvram>/var/lib/libvirt/qemu/nvram/template_VARS.fd</nvram></os>
+      <devices>
+        <disk type='file' device='cdrom'><source file='/iso/config.iso'/></disk>
+        <disk type='file' device='disk'>
+          <target dev='vda'/>
+          <backingStore type='file'><source file='/old/base.img'/></backingStore>
+        </disk>
+        <interface type='network'><source network='a'/></interface>
+        <interface type='network'><source network='b'/></interface>
+      </devices>
+    </domain>"""
+
+    new = ET.fromstring(runner_domain_xml(template, "r.1", "/pool/r.1.img", disk_format="raw"))
+
+    assert new.findtext("name") == "r.1"
+    uuid.UUID(new.findtext("uuid"))
+    macs = [i.find("mac").get("address") for i in new.findall("devices/interface")]
+    assert len(macs) == 2 and len(set(macs)) == 2 and all(MAC_RE.match(m) for m in macs)
+    disk = new.find("devices/disk[@device='disk']")
+    assert disk.find("driver").attrib == {"type": "raw"}
+    assert disk.find("source").attrib == {"file": "/pool/r.1.img"}
+    assert disk.find("backingStore") is None
+    assert disk.find("target").get("dev") == "vda"
+    cdrom = new.find("devices/disk[@device='cdrom']")
+    assert cdrom.find("source").get("file") == "/iso/config.iso"
+    # The shared NVRAM file becomes the template of the runner's own copy.
+    nvram = new.find("os/nvram")
+    assert nvram.get("template") == "/var/lib/libvirt/qemu/nvram/template_VARS.fd"
+    assert not (nvram.text or "").strip()
+
+
+def test_runner_domain_xml_gives_fresh_identity_each_time():
+    first = ET.fromstring(runner_domain_xml(TEMPLATE_XML, "r.1", "/p/r.1.qcow2"))
+    second = ET.fromstring(runner_domain_xml(TEMPLATE_XML, "r.1", "/p/r.1.qcow2"))
+
+    assert first.findtext("uuid") != second.findtext("uuid")
+    assert first.find("devices/interface/mac").get("address") != second.find(
+        "devices/interface/mac"
+    ).get("address")
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("<domain><name>x</name", "not valid XML"),
+        ("", "not valid XML"),
+        ("<network><name>x</name></network>", "not a <domain>"),
+        ("<domain><name>x</name></domain>", "no <disk device='disk'>"),
+        ("<domain><devices><disk device='cdrom'/></devices></domain>", "no <disk device='disk'>"),
+    ],
+)
+def test_runner_domain_xml_rejects_unusable_template(template, message):
+    with pytest.raises(MonitorError) as info:
+        runner_domain_xml(template, "r.1", "/p/r.1.qcow2")
+
+    assert message in str(info.value)
+    assert "r.1" in str(info.value)
+
+
+# -- lifecycle on the test driver ---------------------------------------------------------
+
+
+def test_guest_lifecycle(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    assert hv.list_guests("linux.") == [Guest("linux.1", active=False)]
+    assert _volumes(hv) == ["base.qcow2", "linux.1.qcow2"]
+    volume = ET.fromstring(
+        _conn(hv).storagePoolLookupByName(POOL).storageVolLookupByName("linux.1.qcow2").XMLDesc()
+    )
+    assert volume.find("backingStore/path").text == str(base)
+    assert volume.find("backingStore/format").get("type") == "qcow2"
+    assert volume.find("target/format").get("type") == "qcow2"
+    assert volume.findtext("capacity") == str(64 * 1024 * 1024)
+    disk = _domain_xml(hv, "linux.1").find("devices/disk[@device='disk']")
+    assert disk.find("source").get("file") == volume.findtext("target/path")
+    assert disk.find("driver").get("type") == "qcow2"
+
+    hv.start_guest("linux.1")
+    assert hv.list_guests("linux.") == [Guest("linux.1", active=True)]
+
+    png = hv.screenshot_png("linux.1")
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 0
+
+    address = hv.ipv4_address("linux.1")
+    assert address is not None
+    assert ipaddress.IPv4Address(address) in SUBNET
+
+    hv.destroy_guest("linux.1")
+    assert hv.list_guests("") == []
+    assert _volumes(hv) == ["base.qcow2"]
+
+    hv.destroy_guest("linux.1")  # again: nothing left, still fine
+    assert _volumes(hv) == ["base.qcow2"]
+
+
+def test_destroy_deletes_volume_of_already_undefined_guest(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+    _conn(hv).lookupByName("linux.1").undefine()
+
+    hv.destroy_guest("linux.1")
+
+    assert _volumes(hv) == ["base.qcow2"]
+
+
+def test_destroy_of_defined_but_stopped_guest(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    hv.destroy_guest("linux.1")
+
+    assert hv.list_guests("") == []
+    assert _volumes(hv) == ["base.qcow2"]
+
+
+def test_list_guests_filters_by_prefix(hv, base):
+    for name in ("linux.2", "mac.1", "linux.1"):
+        hv.create_guest(name, TEMPLATE_XML, base)
+    hv.start_guest("linux.2")
+
+    assert hv.list_guests("linux.") == [Guest("linux.1", False), Guest("linux.2", True)]
+    assert [g.name for g in hv.list_guests("")] == ["linux.1", "linux.2", "mac.1"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param("<domain><name>x</name", id="not-xml"),
+        pytest.param("<domain type='test'><name>x</name></domain>", id="no-disk"),
+        # libvirt 9.0 rejects the upstream profile (watchdog model 'itco'): defineXML fails.
+        pytest.param(UPSTREAM_GUEST_XML.read_text(), id="define-fails"),
+    ],
+)
+def test_failed_create_leaks_no_volume(hv, base, template):
+    with pytest.raises(MonitorError) as info:
+        hv.create_guest("linux.1", template, base)
+
+    assert "linux.1" in str(info.value)
+    assert _volumes(hv) == ["base.qcow2"]
+    assert hv.list_guests("") == []
+
+
+def test_guests_get_distinct_uuids_and_macs(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+    hv.create_guest("linux.2", TEMPLATE_XML, base)
+
+    one, two = _domain_xml(hv, "linux.1"), _domain_xml(hv, "linux.2")
+    template = ET.fromstring(TEMPLATE_XML)
+    uuids = {one.findtext("uuid"), two.findtext("uuid"), template.findtext("uuid")}
+    macs = {x.find("devices/interface/mac").get("address") for x in (one, two, template)}
+    assert len(uuids) == 3
+    assert len(macs) == 3
+
+
+def test_create_replaces_left_over_volume(hv, base):
+    leftover = (
+        "<volume><name>linux.1.qcow2</name><capacity>1024</capacity>"
+        "<target><format type='raw'/></target></volume>"
+    )
+    _conn(hv).storagePoolLookupByName(POOL).createXML(leftover, 0)
+
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    volume = _conn(hv).storagePoolLookupByName(POOL).storageVolLookupByName("linux.1.qcow2")
+    assert ET.fromstring(volume.XMLDesc()).find("backingStore/path").text == str(base)
+
+
+def test_create_refuses_existing_guest_and_keeps_its_volume(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    with pytest.raises(MonitorError) as info:
+        hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    assert info.value.status == 409
+    assert "linux.1" in str(info.value)
+    assert _volumes(hv) == ["base.qcow2", "linux.1.qcow2"]
+
+
+def _qcow2_header(virtual_size: int) -> bytes:
+    # magic, version 3, no backing file, cluster_bits 16, size
+    return b"QFI\xfb" + struct.pack(">IQIIQ", 3, 0, 0, 16, virtual_size) + bytes(72)
+
+
+@pytest.mark.parametrize(
+    ("content", "fmt", "capacity"),
+    [
+        (_qcow2_header(10 * 1024**3), "qcow2", 10 * 1024**3),
+        (bytes(3 * 1024 * 1024), "raw", 3 * 1024 * 1024),
+    ],
+)
+def test_create_sniffs_base_image_outside_pools(hv, tmp_path, content, fmt, capacity):
+    base = tmp_path / "images" / "base.img@2024-01-01T00:00:00Z"
+    base.parent.mkdir()
+    base.write_bytes(content)
+
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    volume = _conn(hv).storagePoolLookupByName(POOL).storageVolLookupByName("linux.1.qcow2")
+    xml = ET.fromstring(volume.XMLDesc())
+    assert xml.find("backingStore/format").get("type") == fmt
+    assert xml.findtext("backingStore/path") == str(base)
+    assert xml.findtext("capacity") == str(capacity)
+    assert base.read_bytes() == content
+
+
+def test_sniff_image_of_missing_file(tmp_path):
+    with pytest.raises(MonitorError) as info:
+        sniff_image(tmp_path / "nope.img")
+
+    assert "nope.img" in str(info.value)
+
+
+def test_create_with_missing_base_image_leaks_nothing(hv, tmp_path):
+    with pytest.raises(MonitorError):
+        hv.create_guest("linux.1", TEMPLATE_XML, tmp_path / "missing.img")
+
+    assert _volumes(hv) == ["base.qcow2"]
+    assert hv.list_guests("") == []
+
+
+def test_screenshot_of_stopped_guest_is_an_error(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    with pytest.raises(MonitorError) as info:
+        hv.screenshot_png("linux.1")
+
+    assert info.value.status == 409
+    assert "linux.1" in str(info.value) and "not running" in str(info.value)
+
+
+def test_ipv4_of_stopped_guest_is_none(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+
+    assert hv.ipv4_address("linux.1") is None
+
+
+def test_to_png_converts_ppm():
+    ppm = io.BytesIO()
+    Image.new("RGB", (4, 3), (200, 10, 10)).save(ppm, format="PPM")
+
+    png = to_png(ppm.getvalue())
+
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG"
+        assert image.size == (4, 3)
+        assert image.getpixel((0, 0)) == (200, 10, 10)
+
+
+def test_to_png_rejects_garbage():
+    with pytest.raises(MonitorError):
+        to_png(b"not an image")
+
+
+# -- pick_ipv4 (spec §6 T7) -----------------------------------------------------------------
+
+
+def _ipv4(addr: str, prefix: int = 24) -> dict:
+    return {"addr": addr, "prefix": prefix, "type": libvirt.VIR_IP_ADDR_TYPE_IPV4}
+
+
+def _ipv6(addr: str, prefix: int = 64) -> dict:
+    return {"addr": addr, "prefix": prefix, "type": libvirt.VIR_IP_ADDR_TYPE_IPV6}
+
+
+S60_LEASE = {"vnet6130": {"addrs": [_ipv4("192.168.100.195", 24)], "hwaddr": "52:54:00:1c:1f:5e"}}
+S61_ARP = {"vnet91": {"addrs": [_ipv4("192.168.100.189", 0)], "hwaddr": "52:54:00:95:5e:68"}}
+S62_AGENT = {
+    "lo0": {
+        "addrs": [_ipv4("127.0.0.1", 8), _ipv6("::1", 128), _ipv6("fe80::1", 64)],
+        "hwaddr": None,
+    },
+    "en0": {
+        "addrs": [_ipv6("fe80::1c8d:4e2a:9f3b:12aa", 64), _ipv4("192.168.100.133", 24)],
+        "hwaddr": "52:54:0:9b:ba:6e",
+    },
+    "utun0": {"addrs": [_ipv6("fe80::ce81:b1c:bd2c:69e", 64)], "hwaddr": None},
+    "utun1": {"addrs": [_ipv6("fe80::a4b1:2d55:6c0e:1d3f", 64)], "hwaddr": None},
+}
+CINET = ipaddress.IPv4Network("192.168.100.0/24")
+
+
+@pytest.mark.parametrize(
+    ("addresses", "expected"),
+    [
+        pytest.param(S60_LEASE, "192.168.100.195", id="S60-lease"),
+        pytest.param(S61_ARP, "192.168.100.189", id="S61-arp"),
+        pytest.param(S62_AGENT, "192.168.100.133", id="S62-agent-macos"),
+    ],
+)
+@pytest.mark.parametrize("subnet", [None, CINET], ids=["any-subnet", "cinet"])
+def test_pick_ipv4_upstream_scenarios(addresses, expected, subnet):
+    assert pick_ipv4(addresses, subnet) == expected
+
+
+@pytest.mark.parametrize(
+    ("addresses", "subnet", "expected"),
+    [
+        ({}, None, None),
+        ({"lo": {"addrs": [_ipv4("127.0.0.1", 8)], "hwaddr": "00:00:00:00:00:00"}}, None, None),
+        ({"eth0": {"addrs": [_ipv4("169.254.3.4", 16)], "hwaddr": "x"}}, None, None),
+        ({"eth0": {"addrs": [_ipv6("2001:db8::1")], "hwaddr": "x"}}, None, None),
+        ({"eth0": {"addrs": None, "hwaddr": "x"}}, None, None),
+        ({"eth0": {"addrs": [_ipv4("not-an-ip")], "hwaddr": "x"}}, None, None),
+        (
+            {"a": {"addrs": [_ipv4("10.0.0.5")]}, "b": {"addrs": [_ipv4("192.168.100.7")]}},
+            None,
+            "10.0.0.5",
+        ),
+        (
+            {"a": {"addrs": [_ipv4("10.0.0.5")]}, "b": {"addrs": [_ipv4("192.168.100.7")]}},
+            CINET,
+            "192.168.100.7",
+        ),
+        ({"a": {"addrs": [_ipv4("10.0.0.5")]}}, CINET, None),
+    ],
+)
+def test_pick_ipv4_edge_cases(addresses, subnet, expected):
+    assert pick_ipv4(addresses, subnet) == expected
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_unknown_guest_is_a_monitor_error(hv):
+    for call in (hv.start_guest, hv.screenshot_png, hv.ipv4_address):
+        with pytest.raises(MonitorError) as info:
+            call("linux.404")
+        assert info.value.status == 404
+        assert "linux.404" in str(info.value)
+
+
+def test_libvirt_error_becomes_monitor_error_503(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+    hv.start_guest("linux.1")
+
+    with pytest.raises(MonitorError) as info:
+        hv.start_guest("linux.1")  # already running
+
+    assert not isinstance(info.value, TransientError)
+    assert info.value.status == 503
+    assert "linux.1" in str(info.value)
+    assert isinstance(info.value.__cause__, libvirt.libvirtError)
+
+
+def test_missing_storage_pool_names_the_config_key(uri, base):
+    hv = LibvirtHypervisor(uri, "no-such-pool")
+
+    for call in (
+        lambda: hv.create_guest("linux.1", TEMPLATE_XML, base),
+        lambda: hv.destroy_guest("linux.1"),
+    ):
+        with pytest.raises(MonitorError) as info:
+            call()
+        assert "no-such-pool" in str(info.value)
+        assert "libvirt_storage_pool" in str(info.value)
+    assert hv.list_guests("") == []
+    hv.close()
+
+
+def test_lost_connection_is_transient_and_reconnects(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+    lost = _conn(hv)
+    lost.close()  # the binding now answers "invalid connection pointer"
+
+    with pytest.raises(TransientError) as info:
+        hv.list_guests("")
+    assert info.value.status == 503
+
+    # The next call opens a new connection (a fresh private test-driver state).
+    assert hv.list_guests("") == []
+    assert _conn(hv) is not lost
+
+
+def test_unreachable_libvirt_is_transient(tmp_path):
+    hv = LibvirtHypervisor(f"test://{tmp_path}/missing-node.xml")
+
+    with pytest.raises(TransientError) as info:
+        hv.list_guests("")
+
+    assert "missing-node.xml" in str(info.value)
+
+
+def test_libvirt_does_not_print_errors(hv, capfd):
+    with pytest.raises(MonitorError):
+        hv.start_guest("linux.404")
+
+    assert capfd.readouterr().err == ""

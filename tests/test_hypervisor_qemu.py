@@ -1,0 +1,185 @@
+"""LibvirtHypervisor end to end on a real libvirtd + QEMU (TCG), as set up by tests/libvirtd.sh.
+
+Needs root, `bash tests/libvirtd.sh` (pool and network `monitor-test`) and qemu-img. Skipped
+when libvirtd is not reachable, unless MONITOR_REQUIRE_LIBVIRTD=1 makes that a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+libvirt = pytest.importorskip("libvirt")
+
+from PIL import Image  # noqa: E402
+
+from monitor.hypervisor import Guest  # noqa: E402
+from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+
+pytestmark = pytest.mark.libvirtd
+
+URI = "qemu:///system"
+POOL = "monitor-test"
+NETWORK = "monitor-test"
+SUBNET = ipaddress.IPv4Network("192.168.151.0/24")
+log = logging.getLogger(__name__)
+
+# TCG ('qemu'): KVM exists on these machines but guests hang in early boot. The disk source
+# is a placeholder that runner_domain_xml replaces with the runner's overlay volume. Booting
+# from the network makes iPXE ask dnsmasq for a lease (~6 s under TCG), which gives
+# ipv4_address a real DHCP lease to find; there is no OS, the screen shows SeaBIOS and iPXE.
+TEMPLATE_XML = f"""\
+<domain type='qemu'>
+  <name>monitor-test.template</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='network'/></os>
+  <features><acpi/><apic/></features>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source dev='/dev/null'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='network'>
+      <mac address='52:54:00:00:00:01'/>
+      <source network='{NETWORK}'/>
+      <model type='virtio'/>
+    </interface>
+    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
+    <video><model type='vga'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def _require_libvirtd(reason: str) -> None:
+    message = f"{reason}; run `bash tests/libvirtd.sh` as root"
+    if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def conn():
+    """A separate connection to inspect libvirtd's state from outside the hypervisor."""
+    try:
+        connection = libvirt.open(URI)
+    except libvirt.libvirtError as e:
+        _require_libvirtd(f"cannot connect to {URI}: {e}")
+    try:
+        pool = connection.storagePoolLookupByName(POOL)
+        if not pool.isActive():
+            _require_libvirtd(f"storage pool {POOL} is not active")
+    except libvirt.libvirtError as e:
+        _require_libvirtd(f"no storage pool {POOL}: {e}")
+    if shutil.which("qemu-img") is None:
+        _require_libvirtd("qemu-img is missing")
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def base_image(conn):
+    """A tiny qcow2 base image in the pool directory, not known to the pool as a volume."""
+    pool_dir = ET.fromstring(conn.storagePoolLookupByName(POOL).XMLDesc()).findtext("target/path")
+    path = Path(pool_dir) / f"pytest-base-{uuid.uuid4().hex[:8]}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "32M"], check=True)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def hv():
+    hypervisor = LibvirtHypervisor(URI, POOL)
+    yield hypervisor
+    hypervisor.close()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _timed(timings: dict[str, float], step: str, call, *args):
+    start = time.monotonic()
+    result = call(*args)
+    timings[step] = time.monotonic() - start
+    return result
+
+
+def _wait_for_ipv4(hv: LibvirtHypervisor, name: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while (address := hv.ipv4_address(name)) is None:
+        assert time.monotonic() < deadline, f"no IPv4 address for {name} after {timeout} s"
+        time.sleep(0.5)
+    return address
+
+
+def test_runner_guest_on_real_qemu(conn, hv, base_image):
+    name = f"monitor-pytest-{uuid.uuid4().hex[:8]}.1"
+    base_digest = _sha256(base_image)
+    timings: dict[str, float] = {}
+    # A left-over file the pool does not know: create must refresh the pool and replace it.
+    (base_image.parent / f"{name}.qcow2").write_bytes(b"left over")
+    try:
+        _timed(timings, "create", hv.create_guest, name, TEMPLATE_XML, base_image)
+
+        assert hv.list_guests("monitor-pytest-") == [Guest(name, active=False)]
+        volume = conn.storagePoolLookupByName(POOL).storageVolLookupByName(f"{name}.qcow2")
+        overlay = Path(volume.path())
+        assert overlay.exists()
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(overlay)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        assert info["format"] == "qcow2"
+        assert info["backing-filename"] == str(base_image)
+        assert info["backing-filename-format"] == "qcow2"
+        assert info["virtual-size"] == 32 * 1024 * 1024
+
+        _timed(timings, "start", hv.start_guest, name)
+        assert hv.list_guests("monitor-pytest-") == [Guest(name, active=True)]
+
+        png = _timed(timings, "screenshot", hv.screenshot_png, name)
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.format == "PNG"
+            assert image.size[0] >= 320 and image.size[1] >= 200
+
+        # iPXE's lease. The agent and ARP sources fail here; that must not escape.
+        address = _timed(timings, "ipv4 (until iPXE's lease)", _wait_for_ipv4, hv, name)
+        assert ipaddress.IPv4Address(address) in SUBNET
+        mac = ET.fromstring(conn.lookupByName(name).XMLDesc()).find("devices/interface/mac")
+        leases = conn.networkLookupByName(NETWORK).DHCPLeases(mac.get("address"))
+        assert address in [lease["ipaddr"] for lease in leases]
+
+        _timed(timings, "destroy", hv.destroy_guest, name)
+        assert hv.list_guests("monitor-pytest-") == []
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(name)
+        assert f"{name}.qcow2" not in conn.storagePoolLookupByName(POOL).listVolumes()
+        assert not overlay.exists()
+        assert base_image.exists() and _sha256(base_image) == base_digest
+
+        _timed(timings, "destroy again", hv.destroy_guest, name)
+    finally:
+        log.warning("qemu timings: %s", {k: round(v, 3) for k, v in timings.items()})
+        hv.destroy_guest(name)
+        (base_image.parent / f"{name}.qcow2").unlink(missing_ok=True)  # if create failed
