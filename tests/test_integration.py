@@ -1,0 +1,184 @@
+"""The monitor over real HTTP against the GitHub stand-in, and libvirt's test driver through
+the real binding. Each test gets a private test-driver node (a custom node file)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from monitor import config as config_module
+from monitor import loop
+from monitor import models
+from monitor.github import RestGitHub
+from monitor.github_standin import GitHubStandIn
+from monitor.hypervisor import LibvirtHypervisor
+from monitor.scheduler import make_scheduler
+from tests.conftest import write_config
+from tests.test_loop import Clock
+from tests.test_loop import settle
+
+NODE_XML = """\
+<node>
+  <network>
+    <name>default</name>
+    <bridge name='virbr0'/>
+    <forward/>
+    <ip address='192.168.122.1' netmask='255.255.255.0'>
+      <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>
+    </ip>
+  </network>
+  <pool type='dir'>
+    <name>default-pool</name>
+    <target><path>/default-pool</path></target>
+  </pool>
+</node>
+"""
+
+GITHUB_TOKEN = "test-gh-token"
+
+
+@pytest.fixture
+def standin():
+    server = GitHubStandIn(token=GITHUB_TOKEN)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, standin: GitHubStandIn):
+    node = tmp_path / "node.xml"
+    node.write_text(NODE_XML)
+    path = write_config(tmp_path, github_api_url=standin.base_url, libvirt_uri=f"test://{node}")
+    config = config_module.load(path, environ={})
+    models.open_store(config.data_path)
+    github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
+    hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
+    clock = Clock()
+    monitor = loop.Monitor(config, github, hypervisor, clock=clock)
+    yield config, standin, hypervisor, clock, monitor
+    monitor._workers.shutdown(wait=True)
+    hypervisor.close()
+    models.close_store()
+
+
+def step(monitor: loop.Monitor, clock: Clock) -> loop.Observation:
+    monitor.refresh_registrations(force=True)
+    observation = monitor.tick(clock())
+    settle(monitor)
+    return observation
+
+
+def guests(hypervisor: LibvirtHypervisor) -> list[str]:
+    return sorted(g.name for g in hypervisor.list_guests("ci-runner-"))
+
+
+def registrations(standin: GitHubStandIn) -> dict[str, dict]:
+    return {r["name"]: r for r in standin.runners()}
+
+
+def test_pool_reaches_target_and_cycles(rig):
+    config, standin, hypervisor, clock, monitor = rig
+
+    # Within a few passes: exactly 3 guests and 3 JIT registrations, named as upstream does.
+    for _ in range(3):
+        step(monitor, clock)
+    assert guests(hypervisor) == ["ci-runner-linux.0", "ci-runner-linux.1", "ci-runner-windows.2"]
+    assert sorted(registrations(standin)) == [
+        "ci-runner-linux.0@host",
+        "ci-runner-linux.1@host",
+        "ci-runner-windows.2@host",
+    ]
+    windows = registrations(standin)["ci-runner-windows.2@host"]
+    assert {label["name"] for label in windows["labels"]} >= {
+        "self-hosted",
+        "X64",
+        "self-hosted-image:windows",
+    }
+    assert all(g.active for g in hypervisor.list_guests("ci-runner-"))
+
+    # The stand-in marks them online: they become Idle.
+    for registration in standin.runners():
+        standin.set_status(registration["id"], "online")
+    observation = step(monitor, clock)
+    assert {r.status.value for r in observation.runners} == {"Idle"}
+    assert observation.changes.is_empty()
+
+    # A job finishes (the ephemeral runner deregisters): its guest goes, a new id replaces it.
+    standin.finish_job(registrations(standin)["ci-runner-linux.0@host"]["id"])
+    step(monitor, clock)
+    assert "ci-runner-linux.0" not in guests(hypervisor)
+    step(monitor, clock)
+    assert guests(hypervisor) == ["ci-runner-linux.1", "ci-runner-linux.3", "ci-runner-windows.2"]
+    assert "ci-runner-linux.3@host" in registrations(standin)
+
+    # A guest destroyed behind the monitor's back: its registration is deleted, then replaced.
+    hypervisor.destroy_guest("ci-runner-windows.2")
+    step(monitor, clock)
+    assert "ci-runner-windows.2@host" not in registrations(standin)
+    step(monitor, clock)
+    assert guests(hypervisor) == ["ci-runner-linux.1", "ci-runner-linux.3", "ci-runner-windows.4"]
+
+    # A runner stuck offline past monitor_start_timeout is replaced.
+    for name in ("ci-runner-linux.1@host", "ci-runner-windows.4@host"):
+        standin.set_status(registrations(standin)[name]["id"], "online")
+    clock.advance(config.monitor_start_timeout.total_seconds() + 1)
+    step(monitor, clock)
+    step(monitor, clock)
+    assert guests(hypervisor) == ["ci-runner-linux.1", "ci-runner-linux.5", "ci-runner-windows.4"]
+    assert sorted(registrations(standin)) == [
+        "ci-runner-linux.1@host",
+        "ci-runner-linux.5@host",
+        "ci-runner-windows.4@host",
+    ]
+    # Nothing leaked: every overlay volume belongs to a live guest.
+    assert hypervisor.volume_names() == sorted(f"{g}.qcow2" for g in guests(hypervisor))
+
+
+def test_github_faults_do_not_stop_the_monitor(rig):
+    config, standin, hypervisor, clock, monitor = rig
+    standin.inject_fault(500, count=3, path_contains="/actions/runners")
+    for _ in range(3):
+        step(monitor, clock)
+        clock.advance(15)  # past the back-off
+    assert monitor.github_error is None or "500" in monitor.github_error
+    standin.inject_fault(429, count=2, retry_after=1, path_contains="/actions/runners")
+    for _ in range(4):
+        step(monitor, clock)
+        clock.advance(15)
+    for _ in range(3):
+        step(monitor, clock)
+    assert monitor.github_error is None
+    assert guests(hypervisor) == ["ci-runner-linux.0", "ci-runner-linux.1", "ci-runner-windows.2"]
+    assert len(registrations(standin)) == 3
+    # Registrations that failed half-way were cleaned up: nothing leaked on either side.
+    assert hypervisor.volume_names() == sorted(f"{g}.qcow2" for g in guests(hypervisor))
+    kinds = {e.kind for e in models.recent_events(200)}
+    assert "github-error" in kinds
+
+
+def test_threads_and_scheduler_bring_the_pool_online(rig):
+    config, standin, hypervisor, clock, monitor = rig
+    monitor.clock = loop.utcnow  # real time for the real threads
+    standin.agent_online_after = 0.2
+    scheduler = make_scheduler(monitor)
+    monitor.start()
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 30
+        idle = 0
+        while time.monotonic() < deadline:
+            monitor.registrations.invalidate()  # don't wait api_cache_timeout (30 s) here
+            observation = monitor.observation
+            if observation is not None:
+                idle = sum(r.status.value == "Idle" for r in observation.runners)
+                if idle == 3:
+                    break
+            time.sleep(0.2)
+        assert idle == 3, monitor.observation
+        assert len(guests(hypervisor)) == 3
+    finally:
+        scheduler.shutdown(wait=False)
+        monitor.stop()

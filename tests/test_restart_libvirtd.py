@@ -1,0 +1,149 @@
+"""Restart on the same data directory against a REAL libvirtd (qemu:///system, TCG guests):
+the test driver forgets its guests with the process, a real daemon does not.
+
+Needs `bash tests/libvirtd.sh` (CI runs it). Guests need not boot for this.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from monitor import config as config_module
+from monitor import loop
+from monitor import models
+from monitor.github import RestGitHub
+from monitor.github_standin import GitHubStandIn
+from tests.conftest import write_config
+from tests.test_loop import Clock
+from tests.test_loop import settle
+
+libvirt = pytest.importorskip("libvirt")
+from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+
+pytestmark = pytest.mark.libvirtd
+
+URI = "qemu:///system"
+POOL = "monitor-test"
+NETWORK = "monitor-test"
+
+QEMU_GUEST_XML = """\
+<domain type='qemu'>
+  <name>{profile}.init</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <features><acpi/><apic/></features>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/dev/null'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='network'><source network='monitor-test'/><model type='virtio'/></interface>
+    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
+    <video><model type='vga'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def require_libvirtd() -> None:
+    try:
+        conn = libvirt.open(URI)
+        conn.storagePoolLookupByName(POOL)
+        conn.networkLookupByName(NETWORK)
+        conn.close()
+    except libvirt.libvirtError as error:
+        message = f"no usable libvirtd at {URI} ({error}); run: bash tests/libvirtd.sh"
+        if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def real(tmp_path: Path):
+    require_libvirtd()
+    prefix = f"ci-test{secrets.token_hex(3)}"
+    standin = GitHubStandIn(token="test-gh-token")
+    standin.start()
+    path = write_config(
+        tmp_path,
+        github_api_url=standin.base_url,
+        libvirt_uri=URI,
+        storage_pool=POOL,
+        guest_xml=QEMU_GUEST_XML,
+        extra=f'libvirt_runner_guest_prefix = "{prefix}"\n',
+    )
+    config = config_module.load(path, environ={})
+    yield config, standin, prefix
+    standin.stop()
+    cleanup = LibvirtHypervisor(URI, POOL)
+    for guest in cleanup.list_guests(prefix + "-"):
+        cleanup.destroy_guest(guest.name)
+    cleanup.close()
+
+
+def start_monitor(config, clock):
+    models.open_store(config.data_path)
+    github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
+    hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
+    return loop.Monitor(config, github, hypervisor, clock=clock), hypervisor
+
+
+def stop_monitor(monitor, hypervisor):
+    monitor.stop()
+    hypervisor.close()
+    models.close_store()
+
+
+def step(monitor, clock):
+    monitor.refresh_registrations(force=True)
+    observation = monitor.tick(clock())
+    settle(monitor, timeout=60)
+    return observation
+
+
+def test_restart_keeps_runners_ids_and_override(real):
+    config, standin, prefix = real
+    clock = Clock()
+    monitor, hypervisor = start_monitor(config, clock)
+    try:
+        for _ in range(2):
+            step(monitor, clock)
+        first = sorted(g.name for g in hypervisor.list_guests(prefix + "-"))
+        assert first == [f"{prefix}-linux.0", f"{prefix}-linux.1", f"{prefix}-windows.2"]
+        assert all(g.active for g in hypervisor.list_guests(prefix + "-"))
+        override = monitor.set_override({"linux": 3})
+        step(monitor, clock)
+        assert len(hypervisor.list_guests(prefix + "-")) == 4
+    finally:
+        stop_monitor(monitor, hypervisor)
+
+    # A new process's worth of monitor on the same data dir and the same libvirtd.
+    monitor, hypervisor = start_monitor(config, clock)
+    try:
+        # The override survived (its bookkeeping may have added entries since it was set).
+        assert monitor.override is not None
+        assert monitor.override.profile_override_counts == override.profile_override_counts
+        assert monitor.override.profile_target_counts == override.profile_target_counts
+        for _ in range(2):
+            step(monitor, clock)
+        after = sorted(g.name for g in hypervisor.list_guests(prefix + "-"))
+        assert after == sorted(first + [f"{prefix}-linux.3"])  # nothing new, nothing lost
+        assert len(standin.runners()) == 4  # no duplicate registrations
+        # Ids continue after the restart: a finished job is replaced by id 4.
+        finished = next(r for r in standin.runners() if r["name"].startswith(f"{prefix}-linux.0@"))
+        standin.finish_job(finished["id"])
+        step(monitor, clock)
+        step(monitor, clock)
+        names = sorted(g.name for g in hypervisor.list_guests(prefix + "-"))
+        assert f"{prefix}-linux.0" not in names
+        assert f"{prefix}-linux.4" in names
+        assert len(names) == 4
+    finally:
+        stop_monitor(monitor, hypervisor)
