@@ -280,7 +280,8 @@ class RestGitHub:
         if (parts.scheme, parts.netloc.lower()) == self._origin:
             headers["Accept"] = "application/vnd.github+json"
             headers["X-GitHub-Api-Version"] = API_VERSION
-            headers["Authorization"] = f"Bearer {self._token}"
+            if self._token:
+                headers["Authorization"] = f"Bearer {self._token}"
         if has_body:
             headers["Content-Type"] = "application/json"
         return headers
@@ -314,10 +315,10 @@ class RestGitHub:
                 preload_content=preload_content,
             )
         except urllib3.exceptions.HTTPError as e:
-            log.warning("GitHub %s %s failed: %s", method, path, type(e).__name__)
-            raise TransientError(
-                self._redact(f"GitHub {method} {path}: {type(e).__name__}: {e}")
-            ) from e
+            # Only the exception's class: its text can hold the full URL, and a redirect
+            # target's query string is a signature.
+            log.debug("GitHub %s %s failed: %s", method, path, type(e).__name__)
+            raise TransientError(self._redact(f"GitHub {method} {path}: {type(e).__name__}")) from e
         log.debug(
             "GitHub %s %s -> %d (%.0f ms)",
             method,

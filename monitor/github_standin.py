@@ -217,7 +217,7 @@ class GitHubStandIn:
             raise ValueError(f"listen on one address (an IP, not {host!r})")
         self._server = server
         self._server_thread = threading.Thread(
-            target=server.run, name="github-standin-http", daemon=True
+            target=server.run, name=f"github-standin-http:{server.effective_port}", daemon=True
         )
         self._server_thread.start()
         shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "") else host
@@ -239,9 +239,7 @@ class GitHubStandIn:
         self._server = self._server_thread = None
         # Close every socket (listener, keep-alive channels, trigger) from inside the
         # server's own loop, which then has nothing left to poll and returns.
-        server.trigger.pull_trigger(
-            lambda: wasyncore.close_all(self._socket_map, ignore_all=True)
-        )
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(self._socket_map, ignore_all=True))
         thread.join(timeout=5)
         if thread.is_alive():  # pragma: no cover - only if the loop is wedged
             server.close()
@@ -413,7 +411,7 @@ class GitHubStandIn:
         self._sim_thread = threading.Thread(
             target=self._simulate_jobs,
             args=(every, duration, self._sim_stop),
-            name="github-standin-jobs",
+            name=f"github-standin-jobs:{id(self):x}",
             daemon=True,
         )
         self._sim_thread.start()
@@ -690,7 +688,7 @@ class GitHubStandIn:
     def _delete_runner(self, scope: str, runner_id: int) -> _Reply:
         runner = self._scoped_runner(scope, runner_id)
         if runner.busy:
-            raise _ApiError(422, f'Bad request - Runner "{runner.name}" is still running a job"')
+            raise _ApiError(422, f'Bad request - Runner "{runner.name}" is still running a job')
         del self._runners[runner.id]
         return _Reply(204)
 

@@ -1,0 +1,618 @@
+"""The GitHub stand-in, over raw HTTP, checked against GitHub's OpenAPI description."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+from urllib.parse import quote
+from urllib.parse import urlsplit
+
+import pytest
+import urllib3
+from openapi_schema_validator import OAS30Validator
+
+from monitor.github_standin import GitHubStandIn
+
+TOKEN = "standin-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+REPO = "/repos/servo/servo"
+ORG = "/orgs/servo"
+SPEC = json.loads((Path(__file__).parent / "fixtures" / "github-openapi-subset.json").read_text())
+PATHS = SPEC["paths"]
+LINK_RE = re.compile(r'<(?P<url>[^>]+)>; rel="(?P<rel>[a-z]+)"')
+
+
+def response_schema(path: str, method: str, status: str = "200") -> dict[str, Any]:
+    return PATHS[path][method]["responses"][status]["content"]["application/json"]["schema"]
+
+
+def validate(body: Any, path: str, method: str, status: str = "200") -> None:
+    OAS30Validator(response_schema(path, method, status)).validate(body)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Poll until `predicate()`; returns the seconds it took."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def server():
+    standin = GitHubStandIn(token=TOKEN)
+    standin.start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def standin(server: GitHubStandIn):
+    server.reset()
+    server.agent_online_after = None
+    yield server
+    server.stop_job_simulation()
+    server.clear_faults()
+
+
+class Client:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.http = urllib3.PoolManager(retries=False, timeout=5.0)
+
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        auth: bool = True,
+    ) -> urllib3.BaseHTTPResponse:
+        url = path if path.startswith("http") else self.base_url + path
+        sent = {**(AUTH if auth else {}), **(headers or {})}
+        return self.http.request(
+            method, url, json=body, headers=sent, redirect=False, retries=False
+        )
+
+    def json(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
+        response = self(method, path, body)
+        assert response.status == status, response.data
+        return response.json()
+
+
+@pytest.fixture
+def api(standin: GitHubStandIn) -> Client:
+    return Client(standin.base_url)
+
+
+def jit(api: Client, scope: str = REPO, name: str = "ci-runner-a.1@ci0", **extra: Any) -> Any:
+    body = {"name": name, "runner_group_id": 1, "labels": ["self-hosted", "X64", "a"], **extra}
+    return api.json("POST", f"{scope}/actions/runners/generate-jitconfig", body, status=201)
+
+
+# -- runners ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scope", "spec_prefix"), [(REPO, "/repos/{owner}/{repo}"), (ORG, "/orgs/{org}")]
+)
+def test_runner_endpoints_match_schema(api: Client, scope: str, spec_prefix: str):
+    created = jit(api, scope)
+    validate(created, spec_prefix + "/actions/runners/generate-jitconfig", "post", "201")
+    runner_id = created["runner"]["id"]
+
+    listing = api.json("GET", f"{scope}/actions/runners")
+    one = api.json("GET", f"{scope}/actions/runners/{runner_id}")
+
+    validate(listing, spec_prefix + "/actions/runners", "get")
+    validate(one, spec_prefix + "/actions/runners/{runner_id}", "get")
+    assert listing["total_count"] == 1 and listing["runners"] == [one]
+    assert one == created["runner"]
+
+
+def test_jit_runner_shape(api: Client):
+    runner = jit(api)["runner"]
+
+    assert isinstance(runner["id"], int) and runner["id"] > 1000
+    assert (runner["os"], runner["status"], runner["busy"]) == ("linux", "offline", False)
+    assert (runner["ephemeral"], runner["runner_group_id"]) == (True, 1)
+    assert [(label["name"], label["type"]) for label in runner["labels"]] == [
+        ("self-hosted", "read-only"),
+        ("X64", "read-only"),
+        ("a", "custom"),
+    ]
+
+
+def test_scopes_are_separate(standin: GitHubStandIn, api: Client):
+    runner_id = jit(api, REPO)["runner"]["id"]
+    jit(api, ORG)  # the same name is fine in another scope
+
+    assert api.json("GET", f"{ORG}/actions/runners")["total_count"] == 1
+    assert api("GET", f"{ORG}/actions/runners/{runner_id}").status == 404
+    assert api("DELETE", f"/repos/servo/other/actions/runners/{runner_id}").status == 404
+    assert {r["scope"] for r in standin.runners()} == {REPO, ORG}
+
+
+def test_jitconfig_duplicate_name_conflicts(standin: GitHubStandIn, api: Client):
+    jit(api)
+    response = api("POST", f"{REPO}/actions/runners/generate-jitconfig", jit_body())
+
+    assert response.status == 409
+    assert "already exists" in response.json()["message"]
+    assert standin.jit_names == ["ci-runner-a.1@ci0"]
+
+
+def jit_body(**changes: Any) -> dict[str, Any]:
+    body = {"name": "ci-runner-a.1@ci0", "runner_group_id": 1, "labels": ["self-hosted"]}
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        jit_body(name=None),
+        jit_body(runner_group_id=None),
+        jit_body(labels=None),
+        jit_body(labels=[]),
+        jit_body(labels="self-hosted"),
+        jit_body(runner_group_id="1"),
+    ],
+)
+def test_jitconfig_invalid_body_is_422(standin: GitHubStandIn, api: Client, body: dict):
+    response = api("POST", f"{REPO}/actions/runners/generate-jitconfig", body)
+
+    assert response.status == 422
+    validate(
+        response.json(), "/repos/{owner}/{repo}/actions/runners/generate-jitconfig", "post", "422"
+    )
+    assert standin.runners() == []
+
+
+def test_delete_runner(standin: GitHubStandIn, api: Client):
+    runner_id = jit(api)["runner"]["id"]
+
+    first = api("DELETE", f"{REPO}/actions/runners/{runner_id}")
+    second = api("DELETE", f"{REPO}/actions/runners/{runner_id}")
+
+    assert (first.status, first.data) == (204, b"")
+    assert second.status == 404
+    assert second.json()["message"] == "Not Found" and "documentation_url" in second.json()
+    assert standin.runners() == []
+
+
+def test_delete_busy_runner_is_422(standin: GitHubStandIn, api: Client):
+    runner_id = jit(api)["runner"]["id"]
+    standin.set_busy(runner_id, True)
+
+    response = api("DELETE", f"{REPO}/actions/runners/{runner_id}")
+
+    assert response.status == 422
+    validate(response.json(), "/repos/{owner}/{repo}/actions/runners/{runner_id}", "delete", "422")
+
+
+# -- labels ----------------------------------------------------------------------------------
+
+
+def test_label_endpoints(api: Client):
+    runner_id = jit(api)["runner"]["id"]
+    path = f"{REPO}/actions/runners/{runner_id}/labels"
+    spec = "/repos/{owner}/{repo}/actions/runners/{runner_id}/labels"
+
+    def names(body: Any) -> list[str]:
+        assert body["total_count"] == len(body["labels"])
+        return [label["name"] for label in body["labels"]]
+
+    listed = api.json("GET", path)
+    validate(listed, spec, "get")
+    assert names(listed) == ["self-hosted", "X64", "a"]
+
+    added = api.json("POST", path, {"labels": ["reserved-for:u", "a", "reserved-by:o/r/x/1"]})
+    validate(added, spec, "post")
+    assert names(added) == ["self-hosted", "X64", "a", "reserved-for:u", "reserved-by:o/r/x/1"]
+
+    # Label names may hold slashes; they travel percent-encoded.
+    removed = api.json("DELETE", f"{path}/{quote('reserved-by:o/r/x/1', safe='')}")
+    validate(removed, spec + "/{name}", "delete")
+    assert names(removed) == ["self-hosted", "X64", "a", "reserved-for:u"]
+    assert api("DELETE", f"{path}/nope").status == 404
+    assert api("DELETE", f"{path}/self-hosted").status == 422
+
+    replaced = api.json("PUT", path, {"labels": ["b", "c"]})
+    validate(replaced, spec, "put")
+    assert names(replaced) == ["self-hosted", "X64", "b", "c"]
+
+    cleared = api.json("DELETE", path)
+    validate(cleared, spec, "delete")
+    assert names(cleared) == ["self-hosted", "X64"]
+    assert all(label["type"] == "read-only" for label in cleared["labels"])
+
+    assert api("POST", path, {"labels": []}).status == 422
+    assert api("POST", path, {"nope": 1}).status == 422
+    assert api("GET", f"{REPO}/actions/runners/1/labels").status == 404
+
+
+# -- pagination and conditional requests -----------------------------------------------------
+
+
+def test_runner_pagination_and_link_header(standin: GitHubStandIn, api: Client):
+    ids = [standin.add_runner(REPO, f"ci-runner-x.{n}@ci0") for n in range(250)]
+
+    default = api("GET", f"{REPO}/actions/runners")
+    first = api("GET", f"{REPO}/actions/runners?per_page=100")
+    middle = api("GET", f"{REPO}/actions/runners?per_page=100&page=2")
+    last = api("GET", f"{REPO}/actions/runners?per_page=100&page=3")
+    capped = api("GET", f"{REPO}/actions/runners?per_page=1000")
+
+    assert len(default.json()["runners"]) == 30
+    assert len(capped.json()["runners"]) == 100
+    pages = [first.json(), middle.json(), last.json()]
+    assert [p["total_count"] for p in pages] == [250, 250, 250]
+    assert [r["id"] for p in pages for r in p["runners"]] == ids
+
+    def links(response: urllib3.BaseHTTPResponse) -> dict[str, tuple[str, dict[str, list[str]]]]:
+        found = {}
+        for match in LINK_RE.finditer(response.headers["Link"]):
+            parts = urlsplit(match["url"])
+            assert f"{parts.scheme}://{parts.netloc}" == standin.base_url  # absolute
+            found[match["rel"]] = (parts.path, parse_qs(parts.query))
+        return found
+
+    path = f"{REPO}/actions/runners"
+    assert links(first) == {
+        "next": (path, {"per_page": ["100"], "page": ["2"]}),
+        "last": (path, {"per_page": ["100"], "page": ["3"]}),
+    }
+    assert set(links(middle)) == {"prev", "next", "last", "first"}
+    assert links(last) == {
+        "prev": (path, {"per_page": ["100"], "page": ["2"]}),
+        "first": (path, {"per_page": ["100"], "page": ["1"]}),
+    }
+    assert re.fullmatch(
+        r'(<http://[^>]+>; rel="[a-z]+")(, <http://[^>]+>; rel="[a-z]+")*', first.headers["Link"]
+    )
+
+
+def test_no_link_header_on_single_page(api: Client):
+    jit(api)
+    assert "Link" not in api("GET", f"{REPO}/actions/runners").headers
+
+
+def test_etag_304_does_not_count(standin: GitHubStandIn, api: Client):
+    runner_id = jit(api)["runner"]["id"]
+    first = api("GET", f"{REPO}/actions/runners")
+    etag = first.headers["ETag"]
+
+    again = api("GET", f"{REPO}/actions/runners", headers={"If-None-Match": etag})
+
+    assert again.status == 304 and again.data == b""
+    assert again.headers["ETag"] == etag
+    assert again.headers["x-ratelimit-remaining"] == first.headers["x-ratelimit-remaining"]
+    standin.set_status(runner_id, "online")
+    changed = api("GET", f"{REPO}/actions/runners", headers={"If-None-Match": etag})
+    assert changed.status == 200 and changed.headers["ETag"] != etag
+    assert (
+        int(changed.headers["x-ratelimit-remaining"])
+        == int(first.headers["x-ratelimit-remaining"]) - 1
+    )
+
+
+# -- artifacts -------------------------------------------------------------------------------
+
+
+def test_artifact_list_matches_schema_and_paginates(standin: GitHubStandIn, api: Client):
+    for n in range(150):
+        standin.add_artifact("servo/servo", 77, f"artifact-{n}", {"f.txt": "x"})
+    standin.add_artifact("servo/other", 77, "elsewhere", {"f.txt": "x"})
+    path = f"{REPO}/actions/runs/77/artifacts"
+
+    first = api("GET", f"{path}?per_page=100")
+    second = api("GET", f"{path}?per_page=100&page=2")
+
+    spec = "/repos/{owner}/{repo}/actions/runs/{run_id}/artifacts"
+    for page in (first, second):
+        validate(page.json(), spec, "get")
+    names = [a["name"] for p in (first, second) for a in p.json()["artifacts"]]
+    assert sorted(names) == sorted(f"artifact-{n}" for n in range(150))
+    assert 'rel="next"' in first.headers["Link"] and 'rel="next"' not in second.headers["Link"]
+    assert first.json()["total_count"] == 150
+    named = api.json("GET", f"{path}?name=artifact-3")
+    assert [a["name"] for a in named["artifacts"]] == ["artifact-3"]
+
+
+def test_artifact_download_redirects_to_blob_host(standin: GitHubStandIn, api: Client):
+    artifact_id = standin.add_artifact("servo/servo", "5", "args", {"first": "a=1\n", "b": b"\0"})
+    (listed,) = api.json("GET", f"{REPO}/actions/runs/5/artifacts")["artifacts"]
+
+    redirect = api("GET", listed["archive_download_url"])
+
+    assert redirect.status == 302
+    location = urlsplit(redirect.headers["Location"])
+    assert location.hostname != urlsplit(standin.base_url).hostname  # another host name
+    assert location.port == urlsplit(standin.base_url).port
+    leaked = api("GET", redirect.headers["Location"])
+    assert leaked.status == 400  # blob storage rejects GitHub credentials
+    blob = api("GET", redirect.headers["Location"], auth=False)
+    assert blob.status == 200 and blob.headers["Content-Type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(blob.data)) as archive:
+        assert archive.namelist() == ["first", "b"]
+        assert archive.read("first") == b"a=1\n"
+    assert listed["size_in_bytes"] == len(blob.data)
+    assert api("GET", f"{REPO}/actions/artifacts/{artifact_id}/tar").status == 404
+    assert api("GET", f"/repos/servo/other/actions/artifacts/{artifact_id}/zip").status == 404
+    forged = redirect.headers["Location"].split("?")[0] + "?sig=forged"
+    assert api("GET", forged, auth=False).status == 403
+
+
+def test_expired_artifact_is_410(standin: GitHubStandIn, api: Client):
+    artifact_id = standin.add_artifact("servo/servo", "5", "old", {"f": "x"}, expired=True)
+
+    response = api("GET", f"{REPO}/actions/artifacts/{artifact_id}/zip")
+
+    assert response.status == 410
+    spec = "/repos/{owner}/{repo}/actions/artifacts/{artifact_id}/{archive_format}"
+    validate(response.json(), spec, "get", "410")
+
+
+# -- rate limit, auth, faults ----------------------------------------------------------------
+
+
+def test_rate_limit_headers_and_endpoint(api: Client):
+    first = api("GET", f"{REPO}/actions/runners")
+    second = api("GET", f"{REPO}/actions/runners/1")
+    overview = api("GET", "/rate_limit")
+
+    for name in ("limit", "remaining", "used", "reset", "resource"):
+        assert f"x-ratelimit-{name}" in second.headers
+    assert first.headers["x-ratelimit-limit"] == "5000"
+    assert int(first.headers["x-ratelimit-remaining"]) == 4999
+    assert int(second.headers["x-ratelimit-remaining"]) == 4998  # 404s count too
+    assert second.headers["x-ratelimit-used"] == "2"
+    assert int(second.headers["x-ratelimit-reset"]) > time.time()
+    validate(overview.json(), "/rate_limit", "get")
+    # GET /rate_limit itself does not count.
+    assert overview.json()["resources"]["core"]["remaining"] == 4998
+    assert overview.headers["x-ratelimit-remaining"] == "4998"
+
+
+def test_rate_limit_exhaustion_is_403():
+    with GitHubStandIn(rate_limit=2) as standin:
+        api = Client(standin.base_url)
+        statuses = [api("GET", f"{REPO}/actions/runners").status for _ in range(3)]
+        refused = api("GET", f"{REPO}/actions/runners")
+    assert statuses == [200, 200, 403]
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    assert "rate limit exceeded" in refused.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "message"),
+    [
+        ({}, 401, "Requires authentication"),
+        ({"Authorization": "Bearer wrong"}, 401, "Bad credentials"),
+        ({"Authorization": f"Basic {TOKEN}"}, 401, "Bad credentials"),
+        ({"Authorization": f"token {TOKEN}"}, 200, None),
+        ({"Authorization": f"Bearer {TOKEN}"}, 200, None),
+    ],
+)
+def test_authentication(api: Client, headers: dict[str, str], status: int, message: str | None):
+    response = api("GET", f"{REPO}/actions/runners", headers=headers, auth=False)
+
+    assert response.status == status
+    if message:
+        assert response.json()["message"] == message
+        assert response.json()["documentation_url"].startswith("https://docs.github.com/")
+
+
+def test_without_configured_token_any_credentials_work():
+    with GitHubStandIn() as standin:
+        api = Client(standin.base_url)
+        assert api("GET", "/rate_limit", headers={"Authorization": "Bearer x"}).status == 200
+        assert api("GET", "/rate_limit", auth=False).status == 401
+
+
+def test_faults_match_and_expire(standin: GitHubStandIn, api: Client):
+    standin.inject_fault(503, count=2, method="GET", path_contains="/runners", retry_after=2.5)
+
+    post = api("POST", f"{REPO}/actions/runners/generate-jitconfig", jit_body())
+    other = api("GET", "/rate_limit")
+    failed = [api("GET", f"{REPO}/actions/runners") for _ in range(2)]
+    recovered = api("GET", f"{REPO}/actions/runners")
+
+    assert (post.status, other.status, recovered.status) == (201, 200, 200)
+    assert [f.status for f in failed] == [503, 503]
+    assert failed[0].headers["Retry-After"] == "3"
+    assert set(failed[0].json()) >= {"message", "documentation_url"}
+    assert [r.status for r in standin.requests] == [201, 200, 503, 503, 200]
+
+
+def test_403_fault_reports_exhausted_rate_limit(standin: GitHubStandIn, api: Client):
+    standin.inject_fault(403)
+    response = api("GET", f"{REPO}/actions/runners")
+    assert response.status == 403 and response.headers["x-ratelimit-remaining"] == "0"
+
+
+def test_fault_delay_and_clear(standin: GitHubStandIn, api: Client):
+    standin.inject_fault(None, delay=0.3)
+    standin.inject_fault(500, count=5, path_contains="labels")
+
+    started = time.monotonic()
+    slow = api("GET", f"{REPO}/actions/runners")
+    elapsed = time.monotonic() - started
+    standin.clear_faults()
+
+    assert slow.status == 200 and elapsed >= 0.3
+    assert api("GET", f"{REPO}/actions/runners/1/labels").status == 404
+
+
+# -- control API -----------------------------------------------------------------------------
+
+
+def test_control_methods(standin: GitHubStandIn, api: Client):
+    runner_id = jit(api)["runner"]["id"]
+
+    standin.set_status(runner_id, "online")
+    standin.set_busy(runner_id, True)
+    (runner,) = standin.runners()
+    assert (runner["status"], runner["busy"], runner["scope"]) == ("online", True, REPO)
+    with pytest.raises(ValueError):
+        standin.set_status(runner_id, "idle")
+    with pytest.raises(KeyError):
+        standin.set_busy(1, True)
+
+    standin.finish_job(runner_id)
+    assert standin.runners() == []
+    assert api.json("GET", f"{REPO}/actions/runners")["total_count"] == 0
+
+    standin.reset()
+    assert (standin.requests, standin.jit_names, standin.request_bodies) == ([], [], [])
+
+
+def test_control_over_http(standin: GitHubStandIn, api: Client):
+    def control(method: str, path: str, body: Any = None, status: int = 200) -> Any:
+        response = api(method, "/_standin" + path, body, auth=False)
+        assert response.status == status, response.data
+        return response.json()
+
+    runner_id = jit(api)["runner"]["id"]
+    control("POST", f"/runners/{runner_id}/status", {"status": "online"})
+    control("POST", f"/runners/{runner_id}/busy", {"busy": True})
+    assert [(r["status"], r["busy"]) for r in control("GET", "/runners")] == [("online", True)]
+    control("POST", f"/runners/{runner_id}/status", {"status": "bogus"}, status=400)
+    control("POST", "/runners/1/busy", {"busy": True}, status=404)
+    control("POST", f"/runners/{runner_id}/finish-job")
+    assert control("GET", "/runners") == []
+    added = control("POST", "/runners", {"scope": ORG, "name": "x.1@ci0", "status": "online"})
+    assert standin.runners()[0]["id"] == added["id"]
+
+    artifact = control(
+        "POST",
+        "/artifacts",
+        {"qualified_repo": "servo/servo", "run_id": "9", "name": "n", "files": {"a": "b"}},
+    )
+    listed = api.json("GET", f"{REPO}/actions/runs/9/artifacts")["artifacts"]
+    assert [a["id"] for a in listed] == [artifact["id"]]
+
+    control("POST", "/faults", {"status": 502, "path_contains": "/runs/"})
+    assert api("GET", f"{REPO}/actions/runs/9/artifacts").status == 502
+    control("POST", "/faults", {"status": 502})
+    control("DELETE", "/faults")
+    assert api("GET", "/rate_limit").status == 200
+    assert control("GET", "/requests")[-1] == {
+        "method": "GET",
+        "path": "/rate_limit",
+        "status": 200,
+    }
+    assert control("GET", "/jit-names") == ["ci-runner-a.1@ci0"]
+
+    control("POST", "/agent", {"online_after": 0.1})
+    assert standin.agent_online_after == 0.1
+    control("POST", "/job-simulation", {"every": 0.05, "duration": 0.1})
+    control("DELETE", "/job-simulation")
+    control("POST", "/reset")
+    assert standin.runners() == [] and standin.requests == []
+
+
+# -- demo behaviour --------------------------------------------------------------------------
+
+
+def test_agent_goes_online_after_delay(standin: GitHubStandIn, api: Client):
+    standin.agent_online_after = 0.5
+    started = time.monotonic()
+    runner_id = jit(api)["runner"]["id"]
+
+    def status() -> str:
+        return api.json("GET", f"{REPO}/actions/runners/{runner_id}")["status"]
+
+    assert status() == "offline"
+    wait_for(lambda: status() == "online", timeout=5)
+    assert time.monotonic() - started >= 0.5
+    assert api.json("GET", f"{REPO}/actions/runners/{runner_id}")["version"]
+
+
+def test_job_simulation_reserves_runs_and_deregisters(standin: GitHubStandIn, api: Client):
+    idle = jit(api)["runner"]["id"]
+    offline = jit(api, name="ci-runner-a.2@ci0")["runner"]["id"]
+    standin.set_status(idle, "online")
+
+    standin.start_job_simulation(every=0.05, duration=1.0)
+
+    def runner(runner_id: int) -> dict[str, Any] | None:
+        return next((r for r in standin.runners() if r["id"] == runner_id), None)
+
+    wait_for(lambda: (runner(idle) or {}).get("busy", False), timeout=5)
+    labels = [label["name"] for label in runner(idle)["labels"]]  # type: ignore[index]
+    reserved = {name.partition(":")[0]: name.partition(":")[2] for name in labels if ":" in name}
+    assert re.fullmatch(r"[0-9a-f-]{36}", reserved["reserved-for"])
+    assert 0 <= time.time() - int(reserved["reserved-since"]) < 5
+    assert re.fullmatch(r"servo/servo/actions/runs/\d+", reserved["reserved-by"])
+    # The job ends: the ephemeral runner deregisters; the offline one was never picked.
+    wait_for(lambda: runner(idle) is None, timeout=5)
+    assert runner(offline) is not None and not runner(offline)["busy"]  # type: ignore[index]
+    standin.stop_job_simulation()
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+def test_stop_frees_port_and_threads():
+    standin = GitHubStandIn()
+    base_url = standin.start()
+    port = urlsplit(base_url).port
+    keep_alive = Client(base_url)
+    assert keep_alive("GET", "/rate_limit").status == 200
+    standin.start_job_simulation(every=0.05, duration=1)
+
+    standin.stop()
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))  # raises if the server still held it
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+    names = {thread.name for thread in threading.enumerate()}
+    assert f"github-standin-http:{port}" not in names
+    assert f"github-standin-jobs:{id(standin):x}" not in names
+
+
+def test_runs_as_a_script():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monitor.github_standin", "--port", str(port), "--token", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.strip() == f"GitHub stand-in listening on http://127.0.0.1:{port}"
+        api = Client(f"http://127.0.0.1:{port}")
+        response = api("GET", "/rate_limit", headers={"Authorization": "token t"}, auth=False)
+        assert response.status == 200
+        assert api("GET", "/rate_limit", headers={"Authorization": "token x"}).status == 401
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
