@@ -542,8 +542,9 @@ class Monitor:
         else:
             log.error("creating runner %d (%s) failed: %s", runner_id, name, error)
             models.record_event("create-failed", f"{name}: {error}", runner_id=runner_id)
-            if registration is None:
-                self.registrations.invalidate()
+        # Look at GitHub again soon, as upstream does after every create (spec §9.2); the
+        # write-through above already keeps decisions correct until then.
+        self.registrations.invalidate()
         self.request_reconcile()
 
     def _destroy_worker(self, runner: policy.Runner) -> None:
@@ -578,6 +579,7 @@ class Monitor:
         else:
             log.info("destroyed runner %d", runner.id)
             models.record_event("destroyed", f"destroyed runner {runner.id}", runner_id=runner.id)
+        self.registrations.invalidate()
         self.request_reconcile()
 
     @property

@@ -170,6 +170,45 @@ def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path):
         standin.stop()
 
 
+def test_run_rides_out_github_faults(tmp_path):
+    standin = GitHubStandIn(token="test-gh-token")
+    standin.start()
+    # GitHub is down for the first few calls of every kind, then rate-limits once.
+    standin.inject_fault(500, count=4)
+    standin.inject_fault(429, count=1, retry_after=1)
+    port = free_port()
+    try:
+        path = write_config(
+            tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "run", "--config", str(path)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_clean_env(),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(standin.runners()) < 3:
+                assert process.poll() is None, "the monitor exited"
+                time.sleep(0.2)
+            assert len(standin.runners()) == 3
+            health = get_json(f"http://127.0.0.1:{port}/healthz")
+            assert health["observed_at"] is not None
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0
+        assert "500" in output  # the fault was logged, not fatal
+        assert "Traceback" not in output
+    finally:
+        standin.stop()
+
+
 def test_demo_shows_the_pool_cycling(tmp_path):
     port = free_port()
     process = subprocess.Popen(

@@ -182,3 +182,25 @@ def test_threads_and_scheduler_bring_the_pool_online(rig):
     finally:
         scheduler.shutdown(wait=False)
         monitor.stop()
+
+
+def test_libvirt_faults_do_not_stop_the_monitor_and_leak_nothing(rig):
+    config, standin, hypervisor, clock, monitor = rig
+    # Take the storage pool away: every create fails inside libvirt.
+    conn = hypervisor._connection()
+    pool = conn.storagePoolLookupByName(config.libvirt_storage_pool)
+    pool.destroy()
+    for _ in range(2):
+        step(monitor, clock)
+    assert guests(hypervisor) == []
+    assert standin.runners() == []  # registrations of failed creates were deleted again
+    failures = [e for e in models.recent_events(100) if e.kind == "create-failed"]
+    assert failures and "storage pool" in failures[0].message
+    # The pool comes back: the monitor recovers by itself, with fresh ids.
+    pool.create()
+    step(monitor, clock)
+    step(monitor, clock)
+    names = guests(hypervisor)
+    assert len(names) == 3
+    assert sorted(r["name"] for r in standin.runners()) == sorted(f"{n}@host" for n in names)
+    assert hypervisor.volume_names() == sorted(f"{n}.qcow2" for n in names)
