@@ -173,9 +173,10 @@ def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path):
 def test_run_rides_out_github_faults(tmp_path):
     standin = GitHubStandIn(token="test-gh-token")
     standin.start()
-    # GitHub is down for the first few calls of every kind, then rate-limits once.
-    standin.inject_fault(500, count=4)
+    # GitHub is down for the first calls, then rate-limits once; one registration fails.
+    standin.inject_fault(500, count=2)
     standin.inject_fault(429, count=1, retry_after=1)
+    standin.inject_fault(502, count=1, path_contains="generate-jitconfig")
     port = free_port()
     try:
         path = write_config(
