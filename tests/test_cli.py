@@ -244,3 +244,14 @@ def test_demo_shows_the_pool_cycling(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_package_version_matches_setup_cfg():
+    # setup.cfg cannot read monitor.__version__: `attr:` resolves monitor.py, the launcher.
+    from configparser import ConfigParser
+
+    from monitor import __version__
+
+    parser = ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    assert parser["metadata"]["version"] == __version__
