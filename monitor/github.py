@@ -37,6 +37,8 @@ from monitor.policy import Registration
 
 log = logging.getLogger(__name__)
 
+POOL_SIZE = 10
+
 API_VERSION = "2022-11-28"
 USER_AGENT = f"servo-ci-monitor/{__version__} (+https://github.com/servo/ci-runners)"
 PER_PAGE = 100
@@ -139,7 +141,10 @@ class RestGitHub:
         self._token = token
         origin = urlsplit(self.base_url)
         self._origin = (origin.scheme, origin.netloc.lower())
-        self._http = urllib3.PoolManager(retries=False)
+        # One kept-alive connection per concurrent caller: the monitor's workers, the
+        # scheduler's refresh job and the web layer's artifact checks (urllib3's default of 1
+        # would open and discard a connection per concurrent request).
+        self._http = urllib3.PoolManager(retries=False, maxsize=POOL_SIZE)
         self._etag_lock = threading.Lock()
         self._pages: dict[str, _CachedPage] = {}
 
