@@ -4,6 +4,8 @@ the monitor thread, and a periodic reconcile that is just a request on its queue
 from __future__ import annotations
 
 import logging
+from datetime import UTC
+from datetime import datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -29,7 +31,7 @@ def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
         "interval",
         seconds=REGISTRATIONS_CHECK_SECONDS,
         id="refresh-registrations",
-        next_run_time=monitor.clock(),
+        next_run_time=datetime.now(UTC),  # at once, then every second
     )
     scheduler.add_job(
         monitor.request_reconcile,

@@ -9,6 +9,7 @@ import pytest
 
 from monitor import config as config_module
 from monitor import models
+from monitor.github_standin import GitHubStandIn
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -108,3 +109,25 @@ def store(tmp_path):
     models.open_store(tmp_path / "data")
     yield models
     models.close_store()
+
+
+def standin_fixtures(token: str):
+    """A module-scoped GitHub stand-in (`server`) and a per-test view of it (`standin`) that
+    starts from a clean state. Use as: `server, standin = standin_fixtures(TOKEN)`."""
+
+    @pytest.fixture(scope="module")
+    def server():
+        standin = GitHubStandIn(token=token)
+        standin.start()
+        yield standin
+        standin.stop()
+
+    @pytest.fixture
+    def standin(server: GitHubStandIn):
+        server.reset()
+        server.agent_online_after = None
+        yield server
+        server.stop_job_simulation()
+        server.clear_faults()
+
+    return server, standin

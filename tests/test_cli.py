@@ -127,123 +127,109 @@ def test_run_with_bad_config_exits_2_before_starting(tmp_path):
     assert "monitor.toml" in result.stderr
 
 
-def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path):
-    standin = GitHubStandIn(token="test-gh-token")
-    standin.start()
-    port = free_port()
-    try:
-        path = write_config(
-            tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n"
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "run", "--config", str(path)],
-            cwd=tmp_path,
+class Daemon:
+    """`python -m monitor ARGS` as a background process; `terminate()` sends SIGTERM and
+    returns (exit code, output). Killed on exit if still running."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "monitor", *args],
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=_clean_env(),
         )
-        try:
-            deadline = time.monotonic() + 30
-            base = f"http://127.0.0.1:{port}"
-            wait_for(f"{base}/healthz", deadline)
-            while time.monotonic() < deadline:
-                if len(standin.jit_names) == 3:
-                    break
-                time.sleep(0.1)
-            assert sorted(standin.jit_names) == [
-                "ci-runner-linux.0@host",
-                "ci-runner-linux.1@host",
-                "ci-runner-windows.2@host",
-            ]
-            dashboard = wait_for(f"{base}/dashboard.json", deadline)
-            assert set(dashboard["profile_runner_counts"]) == {"linux", "windows"}
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        assert process.returncode == 0, output
-        assert "Traceback" not in output
-        assert "stopped" in output
-    finally:
-        standin.stop()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+    def terminate(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=30)
+        return self.process.returncode, output
 
 
-def test_run_rides_out_github_faults(tmp_path):
+@pytest.fixture
+def live_standin():
     standin = GitHubStandIn(token="test-gh-token")
     standin.start()
+    yield standin
+    standin.stop()
+
+
+def run_daemon(tmp_path: Path, standin: GitHubStandIn) -> tuple[Daemon, int]:
+    port = free_port()
+    path = write_config(tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n")
+    return Daemon("run", "--config", str(path), cwd=tmp_path), port
+
+
+def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path, live_standin):
+    daemon, port = run_daemon(tmp_path, live_standin)
+    with daemon:
+        deadline = time.monotonic() + 30
+        base = f"http://127.0.0.1:{port}"
+        wait_for(f"{base}/healthz", deadline)
+        while time.monotonic() < deadline and len(live_standin.jit_names) < 3:
+            time.sleep(0.1)
+        assert sorted(live_standin.jit_names) == [
+            "ci-runner-linux.0@host",
+            "ci-runner-linux.1@host",
+            "ci-runner-windows.2@host",
+        ]
+        dashboard = wait_for(f"{base}/dashboard.json", deadline)
+        assert set(dashboard["profile_runner_counts"]) == {"linux", "windows"}
+        code, output = daemon.terminate()
+    assert code == 0, output
+    assert "Traceback" not in output
+    assert "stopped" in output
+
+
+def test_run_rides_out_github_faults(tmp_path, live_standin):
     # GitHub is down for the first calls, then rate-limits once; one registration fails.
-    standin.inject_fault(500, count=2)
-    standin.inject_fault(429, count=1, retry_after=1)
-    standin.inject_fault(502, count=1, path_contains="generate-jitconfig")
-    port = free_port()
-    try:
-        path = write_config(
-            tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n"
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "run", "--config", str(path)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_clean_env(),
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and len(standin.runners()) < 3:
-                assert process.poll() is None, "the monitor exited"
-                time.sleep(0.2)
-            assert len(standin.runners()) == 3
-            health = get_json(f"http://127.0.0.1:{port}/healthz")
-            assert health["observed_at"] is not None
-            process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=30)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        assert process.returncode == 0
-        assert "500" in output  # the fault was logged, not fatal
-        assert "Traceback" not in output
-    finally:
-        standin.stop()
+    live_standin.inject_fault(500, count=2)
+    live_standin.inject_fault(429, count=1, retry_after=1)
+    live_standin.inject_fault(502, count=1, path_contains="generate-jitconfig")
+    daemon, port = run_daemon(tmp_path, live_standin)
+    with daemon:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(live_standin.runners()) < 3:
+            assert daemon.process.poll() is None, "the monitor exited"
+            time.sleep(0.2)
+        assert len(live_standin.runners()) == 3
+        health = get_json(f"http://127.0.0.1:{port}/healthz")
+        assert health["observed_at"] is not None
+        code, output = daemon.terminate()
+    assert code == 0
+    assert "500" in output  # the fault was logged, not fatal
+    assert "Traceback" not in output
 
 
 def test_demo_shows_the_pool_cycling(tmp_path):
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "demo", "--port", str(port), "--data-dir", str(tmp_path)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_clean_env(),
-    )
-    try:
+    with Daemon("demo", "--port", str(port), "--data-dir", str(tmp_path), cwd=tmp_path) as daemon:
         deadline = time.monotonic() + 60
         base = f"http://127.0.0.1:{port}"
         idle = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and idle < 1:
             try:
                 dashboard = get_json(f"{base}/dashboard.json")
             except OSError:
                 time.sleep(0.3)
                 continue
             idle = sum(c["idle"] for c in dashboard["profile_runner_counts"].values())
-            if idle >= 1:
-                break
             time.sleep(0.3)
         assert idle >= 1
         with urllib.request.urlopen(f"{base}/", timeout=5) as response:
             page = response.read().decode()
         assert "runners for linux" in page and "runners for windows" in page
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
-        assert process.returncode == 0, output
-    finally:
-        if process.poll() is None:
-            process.kill()
+        code, output = daemon.terminate()
+    assert code == 0, output
 
 
 def test_package_version_matches_setup_cfg():

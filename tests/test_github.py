@@ -27,6 +27,7 @@ from monitor.github import JitConfig
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.policy import Registration
+from tests.conftest import standin_fixtures
 
 TOKEN = "ghp_testtoken0123456789abcdefSECRET"
 SCOPE = "/repos/servo/servo"
@@ -38,20 +39,7 @@ def request_schema(path: str, method: str) -> dict[str, Any]:
     return PATHS[path][method]["requestBody"]["content"]["application/json"]["schema"]
 
 
-@pytest.fixture(scope="module")
-def server():
-    standin = GitHubStandIn(token=TOKEN)
-    standin.start()
-    yield standin
-    standin.stop()
-
-
-@pytest.fixture
-def standin(server: GitHubStandIn):
-    server.reset()
-    server.agent_online_after = None
-    yield server
-    server.clear_faults()
+server, standin = standin_fixtures(TOKEN)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import urllib3
 from openapi_schema_validator import OAS30Validator
 
 from monitor.github_standin import GitHubStandIn
+from tests.conftest import standin_fixtures
 
 TOKEN = "standin-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -53,21 +54,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
     return time.monotonic() - started
 
 
-@pytest.fixture(scope="module")
-def server():
-    standin = GitHubStandIn(token=TOKEN)
-    standin.start()
-    yield standin
-    standin.stop()
-
-
-@pytest.fixture
-def standin(server: GitHubStandIn):
-    server.reset()
-    server.agent_online_after = None
-    yield server
-    server.stop_job_simulation()
-    server.clear_faults()
+server, standin = standin_fixtures(TOKEN)
 
 
 class Client:

@@ -15,6 +15,7 @@ from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import LibvirtHypervisor
 from monitor.scheduler import make_scheduler
+from tests.conftest import standin_fixtures
 from tests.conftest import write_config
 from tests.test_loop import Clock
 from tests.test_loop import settle
@@ -39,12 +40,7 @@ NODE_XML = """\
 GITHUB_TOKEN = "test-gh-token"
 
 
-@pytest.fixture
-def standin():
-    server = GitHubStandIn(token=GITHUB_TOKEN)
-    server.start()
-    yield server
-    server.stop()
+server, standin = standin_fixtures(GITHUB_TOKEN)
 
 
 @pytest.fixture
