@@ -584,6 +584,8 @@ class Monitor:
 
     @property
     def in_flight(self) -> dict[int, str]:
+        # Copying a dict is one C call under the GIL, so other threads may read this safely
+        # while the monitor thread changes it.
         return dict(self._in_flight)
 
     # Override (monitor thread; the web layer reaches these through `call`) -----------------

@@ -78,7 +78,6 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             config=config,
             observation=observation,
             profiles=profiles,
-            in_flight=monitor.in_flight,
             github_error=monitor.github_error,
             events=models.recent_events(30),
             now=now,
