@@ -44,6 +44,10 @@ WORK_FOLDERS = {"windows": "C:\\a", "macos": "/Users/servo/a"}
 JIT_SERVED_REFRESH = timedelta(seconds=10)
 # Back-off after a GitHub list failure with no Retry-After.
 DEFAULT_GITHUB_BACKOFF = timedelta(seconds=10)
+# Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen
+# "offline" an hour ago may be busy now, so nothing is created or destroyed until a fetch
+# succeeds. At least this long, or three cache lifetimes.
+MIN_STALE_REGISTRATIONS = timedelta(seconds=90)
 
 
 def utcnow() -> datetime:
@@ -68,6 +72,7 @@ class Hypervisor(Protocol):
     def create_guest(self, name: str, template_xml: str, base_image: Any) -> None: ...
     def start_guest(self, name: str) -> None: ...
     def destroy_guest(self, name: str) -> None: ...
+    def list_volumes(self, prefix: str) -> list[str]: ...
 
 
 class RegistrationCache:
@@ -82,6 +87,7 @@ class RegistrationCache:
         self._lock = threading.Lock()
         self._registrations: dict[int, policy.Registration] | None = None
         self._fetched_at: datetime | None = None
+        self._invalid = False
         self._forced_expiry: datetime | None = None
         self._not_before: datetime | None = None
         self._journal: list[tuple[int, str, Any]] = []
@@ -91,7 +97,7 @@ class RegistrationCache:
         with self._lock:
             if self._not_before is not None and now < self._not_before:
                 return False
-            if self._registrations is None or self._fetched_at is None:
+            if self._registrations is None or self._fetched_at is None or self._invalid:
                 return True
             if now - self._fetched_at >= self.timeout:
                 return True
@@ -110,6 +116,7 @@ class RegistrationCache:
             self._journal = [entry for entry in self._journal if entry[0] > began]
             self._registrations = fresh
             self._fetched_at = now
+            self._invalid = False
             self._forced_expiry = None
             self._not_before = None
 
@@ -118,8 +125,9 @@ class RegistrationCache:
             self._not_before = until
 
     def invalidate(self) -> None:
+        """Fetch again at the next chance (the cached list stays usable until then)."""
         with self._lock:
-            self._fetched_at = None
+            self._invalid = True
             self._forced_expiry = None
 
     def invalidate_in(self, delay: timedelta, now: datetime) -> None:
@@ -159,6 +167,35 @@ def _apply(registrations: dict[int, policy.Registration], op: str, payload: Any)
         registrations[payload.id] = payload
     else:
         registrations.pop(payload, None)
+
+
+class Backoff:
+    """Exponential back-off per key (a profile, a runner id) after failed operations,
+    honouring a peer's Retry-After, so a persistent fault is retried at a bounded rate."""
+
+    def __init__(
+        self,
+        base: timedelta = timedelta(seconds=5),
+        cap: timedelta = timedelta(minutes=5),
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self._state: dict[Any, tuple[int, datetime]] = {}
+
+    def ready(self, key: Any, now: datetime) -> bool:
+        state = self._state.get(key)
+        return state is None or now >= state[1]
+
+    def failed(self, key: Any, now: datetime, retry_after: float | None = None) -> timedelta:
+        failures = self._state.get(key, (0, now))[0] + 1
+        delay = min(self.cap, self.base * 2 ** min(failures - 1, 16))
+        if retry_after is not None:
+            delay = max(delay, timedelta(seconds=retry_after))
+        self._state[key] = (failures, now + delay)
+        return delay
+
+    def succeeded(self, key: Any) -> None:
+        self._state.pop(key, None)
 
 
 @dataclass
@@ -212,6 +249,9 @@ class Monitor:
         self._reconcile_queued = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="monitor-worker")
         self._in_flight: dict[int, str] = {}
+        self._create_backoff = Backoff()
+        self._destroy_backoff = Backoff()
+        self._stale_reported = False
         self._reported_ignored: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -381,9 +421,65 @@ class Monitor:
             changes = None
         observation = Observation(now, runners, counts, ignored, changes, self.override)
         self.observation = observation
-        if changes is not None:
-            self._dispatch(changes, runners, now)
+        if changes is None or self._registrations_too_stale(now):
+            return observation
+        self._dispatch(changes, runners, now)
+        self._sweep_orphan_volumes(guest_names, now)
         return observation
+
+    def _registrations_too_stale(self, now: datetime) -> bool:
+        fetched_at = self.registrations.fetched_at
+        limit = max(MIN_STALE_REGISTRATIONS, 3 * self.config.api_cache_timeout)
+        stale = fetched_at is None or now - fetched_at > limit
+        if stale and not self._stale_reported:
+            message = f"GitHub's runner list is older than {limit}; changing nothing until it works"
+            log.warning("%s", message)
+            models.record_event("stale", message, at=now)
+        self._stale_reported = stale
+        return stale
+
+    def _sweep_orphan_volumes(self, guest_names: list[str], now: datetime) -> None:
+        """Remove runner overlay volumes whose guest is gone (a create or destroy that failed
+        half-way while libvirt was away). Only volumes of configured profiles, never one
+        with an operation in flight."""
+        try:
+            volumes = self.hypervisor.list_volumes(self.runner_prefix + "-")
+        except MonitorError as error:
+            log.debug("listing volumes failed: %s", error)
+            return
+        existing = set(guest_names)
+        for volume in volumes:
+            name = volume.removesuffix(".qcow2")
+            parsed = policy.parse_guest_name(name, self.runner_prefix)
+            if name in existing or parsed is None or parsed[0] not in self.config.profiles:
+                continue
+            runner_id = parsed[1]
+            if runner_id in self._in_flight or not self._destroy_backoff.ready(volume, now):
+                continue
+            log.info("removing orphaned volume %s", volume)
+            models.record_event("sweep", f"removing orphaned volume {volume}", at=now)
+            self._in_flight[runner_id] = "cleanup"
+            self._workers.submit(self._cleanup_worker, runner_id, name, volume)
+
+    def _cleanup_worker(self, runner_id: int, name: str, volume: str) -> None:
+        error: MonitorError | None = None
+        try:
+            self.hypervisor.destroy_guest(name)
+        except MonitorError as failure:
+            error = failure
+        except Exception as failure:  # noqa: BLE001 - report, never vanish
+            log.exception("cleanup worker for %s crashed", name)
+            error = MonitorError(f"unexpected error: {failure}")
+        finally:
+            self._post(lambda: self._cleanup_done(runner_id, volume, error))
+
+    def _cleanup_done(self, runner_id: int, volume: str, error: MonitorError | None) -> None:
+        self._in_flight.pop(runner_id, None)
+        if error is None:
+            self._destroy_backoff.succeeded(volume)
+        else:
+            delay = self._destroy_backoff.failed(volume, self.clock(), _retry_after(error))
+            log.warning("removing volume %s failed (retry in %s): %s", volume, delay, error)
 
     def policy_input(self, runners: list[policy.Runner] | None) -> policy.PolicyInput:
         return policy.PolicyInput(
@@ -455,6 +551,8 @@ class Monitor:
             runner = by_id.get(runner_id)
             if runner is None or runner_id in self._in_flight:
                 continue
+            if not self._destroy_backoff.ready(runner_id, now):
+                continue
             reason = _destroy_reason(runner, self.config.destroy_all_non_busy_runners)
             log.info("destroying runner %d (%s): %s", runner_id, runner.profile, reason)
             models.record_event(
@@ -467,6 +565,8 @@ class Monitor:
         if changes.destroy or "destroy" in self._in_flight.values():
             return
         for profile_key, count in sorted(changes.create.items()):
+            if not self._create_backoff.ready(profile_key, now):
+                continue
             for _ in range(count):
                 self._start_create(profile_key, now)
 
@@ -486,9 +586,10 @@ class Monitor:
         self._workers.submit(self._create_worker, runner_id, profile, name)
 
     def _create_worker(self, runner_id: int, profile: Any, name: str) -> None:
-        """Register (JIT), create and start one guest. On failure, undo what was done."""
+        """Register (JIT), create and start one guest. On failure, undo what was done.
+        Always reports back to the monitor thread, whatever happens."""
         registration: policy.Registration | None = None
-        error: str | None = None
+        error: Exception | None = None
         try:
             if not self.config.dont_register_runners:
                 jit = self.github.generate_jitconfig(
@@ -504,83 +605,116 @@ class Monitor:
             self.hypervisor.create_guest(name, template, profile.base_image)
             self.hypervisor.start_guest(name)
             models.record_started(runner_id, self.clock())
-        except (MonitorError, OSError) as failure:
-            error = str(failure)
-            self._undo_create(name, registration)
-            registration = None
         except Exception as failure:  # noqa: BLE001 - a worker must report, not vanish
-            log.exception("create worker for %s crashed", name)
-            error = f"unexpected error: {failure}"
-            self._undo_create(name, registration)
+            if not isinstance(failure, (MonitorError, OSError)):
+                log.exception("create worker for %s crashed", name)
+            error = failure
+            # A 409 means a guest of that name already existed: it is not ours to undo.
+            created_guest = not (isinstance(failure, MonitorError) and failure.status == 409)
+            self._undo_create(name, registration, created_guest)
             registration = None
-        self._post(lambda: self._create_done(runner_id, name, registration, error))
+        finally:
+            self._post(lambda: self._create_done(runner_id, profile, name, registration, error))
 
-    def _undo_create(self, name: str, registration: policy.Registration | None) -> None:
-        if registration is not None:
-            try:
-                self.github.delete_runner(registration.id)
-            except MonitorError as error:
-                log.warning("undo create %s: unregister failed (will retry): %s", name, error)
+    def _undo_create(
+        self, name: str, registration: policy.Registration | None, created_guest: bool
+    ) -> None:
+        """Best effort; whatever is left is found and removed by a later pass."""
         try:
-            self.hypervisor.destroy_guest(name)
-        except MonitorError as error:
+            if registration is not None:
+                self.github.delete_runner(registration.id)
+        except Exception as error:  # noqa: BLE001 - best effort
+            log.warning("undo create %s: unregister failed (will retry): %s", name, error)
+        try:
+            if created_guest:
+                self.hypervisor.destroy_guest(name)
+        except Exception as error:  # noqa: BLE001 - best effort
             log.warning("undo create %s: destroy failed (will retry): %s", name, error)
 
     def _create_done(
         self,
         runner_id: int,
+        profile: Any,
         name: str,
         registration: policy.Registration | None,
-        error: str | None,
+        error: Exception | None,
     ) -> None:
         self._in_flight.pop(runner_id, None)
+        key = profile.profile_name
         if error is None:
+            self._create_backoff.succeeded(key)
             if registration is not None:
                 self.registrations.upsert(registration)
             log.info("created runner %d (%s)", runner_id, name)
             models.record_event("created", f"created and started {name}", runner_id=runner_id)
+            # Look at GitHub again soon, as upstream does after every create (spec §9.2);
+            # the write-through above keeps decisions correct until then.
+            self.registrations.invalidate()
+            self.request_reconcile()
         else:
-            log.error("creating runner %d (%s) failed: %s", runner_id, name, error)
-            models.record_event("create-failed", f"{name}: {error}", runner_id=runner_id)
-        # Look at GitHub again soon, as upstream does after every create (spec §9.2); the
-        # write-through above already keeps decisions correct until then.
-        self.registrations.invalidate()
-        self.request_reconcile()
+            # No immediate retry: the profile waits out its back-off, and a later periodic
+            # pass tries again (a broken profile must not hammer GitHub or libvirt).
+            delay = self._create_backoff.failed(key, self.clock(), _retry_after(error))
+            log.error(
+                "creating runner %d (%s) failed, next try for %s in %s: %s",
+                runner_id,
+                name,
+                key,
+                delay,
+                error,
+            )
+            models.record_event(
+                "create-failed", f"{name}: {error} (retry in {delay})", runner_id=runner_id
+            )
 
     def _destroy_worker(self, runner: policy.Runner) -> None:
-        """Unregister, then destroy the guest and its disk. Errors are reported; the next
-        tick sees what is left and tries again."""
+        """Unregister, then destroy the guest and its disk. The guest is kept when the
+        unregister fails: GitHub refuses to delete a runner that is running a job, and a
+        busy VM must not vanish under it. Always reports back, whatever happens."""
         errors: list[str] = []
+        retry_after: float | None = None
         unregistered = False
-        if runner.registration is not None:
-            try:
+        try:
+            if runner.registration is not None:
                 self.github.delete_runner(runner.registration.id)
                 unregistered = True
-            except MonitorError as error:
-                errors.append(f"unregister: {error}")
-        if runner.guest_name is not None:
-            try:
+            if runner.guest_name is not None:
                 self.hypervisor.destroy_guest(runner.guest_name)
-            except MonitorError as error:
-                errors.append(f"destroy guest: {error}")
-        unregistered_id = runner.registration.id if unregistered and runner.registration else None
-        self._post(lambda: self._destroy_done(runner, unregistered_id, errors))
+        except Exception as failure:  # noqa: BLE001 - a worker must report, not vanish
+            if not isinstance(failure, MonitorError):
+                log.exception("destroy worker for runner %d crashed", runner.id)
+            step = "destroy guest" if unregistered or runner.registration is None else "unregister"
+            errors.append(f"{step}: {failure}")
+            retry_after = _retry_after(failure)
+        finally:
+            unregistered_id = (
+                runner.registration.id if unregistered and runner.registration else None
+            )
+            self._post(lambda: self._destroy_done(runner, unregistered_id, errors, retry_after))
 
     def _destroy_done(
-        self, runner: policy.Runner, unregistered_id: int | None, errors: list[str]
+        self,
+        runner: policy.Runner,
+        unregistered_id: int | None,
+        errors: list[str],
+        retry_after: float | None,
     ) -> None:
         self._in_flight.pop(runner.id, None)
         if unregistered_id is not None:
             self.registrations.remove(unregistered_id)
         if errors:
             message = "; ".join(errors)
-            log.error("destroying runner %d failed (will retry): %s", runner.id, message)
-            models.record_event("destroy-failed", message, runner_id=runner.id)
+            delay = self._destroy_backoff.failed(runner.id, self.clock(), retry_after)
+            log.error("destroying runner %d failed (retry in %s): %s", runner.id, delay, message)
+            models.record_event(
+                "destroy-failed", f"{message} (retry in {delay})", runner_id=runner.id
+            )
         else:
+            self._destroy_backoff.succeeded(runner.id)
             log.info("destroyed runner %d", runner.id)
             models.record_event("destroyed", f"destroyed runner {runner.id}", runner_id=runner.id)
-        self.registrations.invalidate()
-        self.request_reconcile()
+            self.registrations.invalidate()
+            self.request_reconcile()
 
     @property
     def in_flight(self) -> dict[int, str]:
@@ -609,6 +743,10 @@ class Monitor:
             models.record_event("override", "override cancelled")
             self.request_reconcile()
         return previous
+
+
+def _retry_after(error: BaseException) -> float | None:
+    return error.retry_after if isinstance(error, TransientError) else None
 
 
 def _destroy_reason(runner: policy.Runner, destroy_all: bool) -> str:

@@ -83,6 +83,7 @@ class FakeHypervisor(Armable):
     def __init__(self) -> None:
         super().__init__()
         self.guests: dict[str, FakeGuest] = {}
+        self.volumes: set[str] = set()
         self.destroyed: list[str] = []
 
     def list_guests(self, prefix: str) -> list[FakeGuest]:
@@ -96,6 +97,7 @@ class FakeHypervisor(Armable):
             if name in self.guests:
                 raise MonitorError(f"domain {name} already exists", status=503)
             self.guests[name] = FakeGuest(name, False)
+            self.volumes.add(f"{name}.qcow2")
 
     def start_guest(self, name: str) -> None:
         self._call("start_guest", name)
@@ -106,7 +108,13 @@ class FakeHypervisor(Armable):
         self._call("destroy_guest", name)
         with self._lock:
             self.guests.pop(name, None)
+            self.volumes.discard(f"{name}.qcow2")
             self.destroyed.append(name)
+
+    def list_volumes(self, prefix: str) -> list[str]:
+        self._call("list_volumes", prefix)
+        with self._lock:
+            return sorted(v for v in self.volumes if v.startswith(prefix))
 
     def close(self) -> None:
         pass

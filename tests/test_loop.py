@@ -198,6 +198,7 @@ def test_failed_create_leaks_no_registration_and_is_retried(env):
     assert len(github.runners) == 2  # the failed runner's registration was deleted again
     failed = [e for e in models.recent_events() if e.kind == "create-failed"]
     assert len(failed) == 1 and "no space left" in failed[0].message
+    clock.advance(6)  # past the profile's back-off
     step(monitor, clock)
     assert len(hypervisor.guests) == 3
     assert len(github.runners) == 3
@@ -208,6 +209,9 @@ def test_failed_registration_creates_no_guest(env):
     github.fail_next("generate_jitconfig", TransientError("GitHub 502"), times=3)
     step(monitor, clock)
     assert hypervisor.guests == {}
+    step(monitor, clock)
+    assert hypervisor.guests == {}  # backing off: no immediate retry
+    clock.advance(11)
     step(monitor, clock)
     assert len(hypervisor.guests) == 3
     # ids of the failed attempts are not reused
@@ -225,6 +229,7 @@ def test_failed_unregister_is_retried_next_pass(env):
     github.fail_next("delete_runner", TransientError("GitHub 500"))
     step(monitor, clock)
     assert any(r.name == "ci-runner-linux.1@host" for r in github.runners.values())
+    clock.advance(6)
     step(monitor, clock)
     assert not any(r.name == "ci-runner-linux.1@host" for r in github.runners.values())
 
@@ -336,3 +341,79 @@ def test_upstream_last_runner_id_is_continued(tmp_path):
         assert models.allocate_runner_id() == 1236
     finally:
         models.close_store()
+
+
+def test_persistent_create_failure_backs_off_and_honours_retry_after(env):
+    _, github, hypervisor, clock, monitor = env
+    github.fail_next(
+        "generate_jitconfig", TransientError("secondary rate limit", retry_after=120), times=1000
+    )
+    for _ in range(20):
+        step(monitor, clock)
+        clock.advance(1)
+    # One attempt per runner wanted, then nothing until Retry-After has passed.
+    assert sum(c[0] == "generate_jitconfig" for c in github.calls) == 3
+    clock.advance(120)
+    step(monitor, clock)
+    assert sum(c[0] == "generate_jitconfig" for c in github.calls) == 6
+    ids = [models.get_runner(i) for i in range(6)]
+    assert all(row is not None for row in ids) and models.get_runner(6) is None
+
+
+def test_busy_runner_survives_a_github_outage(env):
+    config, github, hypervisor, clock, monitor = env
+    step(monitor, clock)  # the cache now holds the three runners as created (offline)
+    busy = github.by_name("ci-runner-linux.0@host")
+    github.set(busy.id, status="online", busy=True)  # GitHub gave it a job; we can't see it
+    github.fail_next("list_runners", TransientError("GitHub is down"), times=1000)
+    for _ in range(10):
+        clock.advance(60)  # far past monitor_start_timeout
+        monitor.refresh_registrations()
+        monitor.tick(clock())
+        settle(monitor)
+    assert "ci-runner-linux.0" in hypervisor.guests
+    assert hypervisor.destroyed == []
+    assert "stale" in {e.kind for e in models.recent_events(200)}
+
+
+def test_guest_is_kept_when_github_refuses_to_unregister(env):
+    _, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    clock.advance(121)  # all three look stuck offline
+    github.fail_next(
+        "delete_runner", MonitorError("GitHub DELETE: 422 runner is busy", status=502), times=3
+    )
+    step(monitor, clock)
+    assert len(hypervisor.guests) == 3 and hypervisor.destroyed == []
+    failed = [e for e in models.recent_events() if e.kind == "destroy-failed"]
+    assert len(failed) == 3 and "unregister" in failed[0].message
+
+
+def test_crashing_workers_report_and_do_not_wedge_the_pool(env):
+    _, github, hypervisor, clock, monitor = env
+    hypervisor.fail_next("start_guest", RuntimeError("bug in a library"), times=3)
+    step(monitor, clock)
+    assert monitor.in_flight == {}
+    assert hypervisor.guests == {}  # undone
+    clock.advance(11)  # past the back-off
+    step(monitor, clock)
+    assert len(hypervisor.guests) == 3
+    github.delete_runner(github.by_name("ci-runner-linux.3@host").id)
+    hypervisor.fail_next("destroy_guest", RuntimeError("bug in a library"))
+    step(monitor, clock)
+    assert monitor.in_flight == {}
+    clock.advance(6)
+    step(monitor, clock)
+    step(monitor, clock)
+    assert "ci-runner-linux.3" not in hypervisor.guests
+    assert len(hypervisor.guests) == 3
+
+
+def test_orphaned_volumes_of_our_runners_are_swept(env):
+    _, github, hypervisor, clock, monitor = env
+    hypervisor.volumes |= {"ci-runner-linux.50.qcow2", "ci-runner-macos.51.qcow2", "other.qcow2"}
+    step(monitor, clock)
+    assert "ci-runner-linux.50.qcow2" not in hypervisor.volumes
+    # unknown profile and foreign volumes are left alone; live runners keep theirs
+    assert {"ci-runner-macos.51.qcow2", "other.qcow2"} <= hypervisor.volumes
+    assert {f"{g}.qcow2" for g in hypervisor.guests} <= hypervisor.volumes
