@@ -43,8 +43,10 @@ def setup_logging(level: str | None = None) -> None:
     if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    # Waitress logs every queue build-up at WARNING; APScheduler logs every job run at INFO.
+    # APScheduler logs every job run at INFO.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # peewee logs every query with its parameters at DEBUG, JIT configs included: never.
+    logging.getLogger("peewee").setLevel(logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +136,12 @@ def run(
 
     for warning in config.warnings:
         log.warning("%s", warning)
-    models.open_store(config.data_path)
+    try:
+        models.open_store(config.data_path)
+    except (MonitorError, OSError) as error:
+        # Not transient: restarting will not help (the unit does not restart on exit 2).
+        log.critical("cannot open the store in %s: %s", config.data_path, error)
+        return EXIT_CONFIG
     if github is None:
         github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
     if hypervisor is None:

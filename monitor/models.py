@@ -97,6 +97,10 @@ def open_store(data_path: Path) -> Path:
     """Open (creating and migrating as needed) the store under `data_path`; returns the file."""
     data_path.mkdir(parents=True, exist_ok=True)
     path = data_path / DB_FILENAME
+    # The store holds JIT configs (runner credentials): readable by the monitor's user only.
+    # SQLite gives its -wal and -shm files the same mode.
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
     if not db.is_closed():
         db.close()
     db.init(
@@ -246,9 +250,10 @@ def record_started(runner_id: int, at: datetime) -> None:
 
 
 def mark_destroyed(runner_ids: Iterable[int], at: datetime) -> None:
+    """Record that these runners are gone; their JIT configs are no use to anyone now."""
     ids = list(runner_ids)
     if ids:
-        Runner.update(destroyed_at=at).where(Runner.id.in_(ids)).execute()
+        Runner.update(destroyed_at=at, jit_config=None).where(Runner.id.in_(ids)).execute()
 
 
 def revive_runner(runner_id: int) -> None:

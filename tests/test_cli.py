@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -131,14 +132,14 @@ class Daemon:
     """`python -m monitor ARGS` as a background process; `terminate()` sends SIGTERM and
     returns (exit code, output). Killed on exit if still running."""
 
-    def __init__(self, *args: str, cwd: Path) -> None:
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "monitor", *args],
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_clean_env(),
+            env={**_clean_env(), **(env or {})},
         )
 
     def __enter__(self) -> Daemon:
@@ -163,10 +164,12 @@ def live_standin():
     standin.stop()
 
 
-def run_daemon(tmp_path: Path, standin: GitHubStandIn) -> tuple[Daemon, int]:
+def run_daemon(
+    tmp_path: Path, standin: GitHubStandIn, env: dict[str, str] | None = None
+) -> tuple[Daemon, int]:
     port = free_port()
     path = write_config(tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n")
-    return Daemon("run", "--config", str(path), cwd=tmp_path), port
+    return Daemon("run", "--config", str(path), cwd=tmp_path, env=env), port
 
 
 def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path, live_standin):
@@ -188,6 +191,40 @@ def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path, live_standin):
     assert code == 0, output
     assert "Traceback" not in output
     assert "stopped" in output
+
+
+def test_run_with_unusable_data_path_exits_2(tmp_path, live_standin):
+    (tmp_path / "occupied").write_text("a file, not a directory")
+    path = write_config(
+        tmp_path, github_api_url=live_standin.base_url, extra='data_path = "occupied/data"\n'
+    )
+    path.write_text(path.read_text().replace('data_path = "data"\n', ""))
+    result = monitor("run", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "cannot open the store" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_jit_configs_never_reach_the_log_even_at_debug(tmp_path, live_standin):
+    daemon, port = run_daemon(tmp_path, live_standin, env={"MONITOR_LOG_LEVEL": "DEBUG"})
+    with daemon:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(live_standin.runners()) < 3:
+            time.sleep(0.1)
+        wait_for(f"http://127.0.0.1:{port}/healthz", deadline)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        dashboard = urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard.json").read()
+        code, output = daemon.terminate()
+    assert code == 0
+    assert "DEBUG" in output
+    connection = sqlite3.connect(tmp_path / "data" / "monitor.sqlite3")
+    secrets = [row[0] for row in connection.execute("SELECT jit_config FROM runner") if row[0]]
+    connection.close()
+    assert len(secrets) == 3
+    for secret in secrets:
+        assert secret not in output
+        assert secret not in page
+        assert secret not in dashboard.decode()
 
 
 def test_run_rides_out_github_faults(tmp_path, live_standin):

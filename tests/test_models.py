@@ -17,7 +17,8 @@ NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 def test_new_store_is_at_current_schema_version_in_wal_mode(store, tmp_path):
     assert models.schema_version() == models.SCHEMA_VERSION
     assert models.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert (tmp_path / "data" / models.DB_FILENAME).exists()
+    path = tmp_path / "data" / models.DB_FILENAME
+    assert path.stat().st_mode & 0o777 == 0o600  # it holds runner credentials
 
 
 def test_store_from_a_newer_monitor_is_refused(tmp_path):
@@ -47,6 +48,7 @@ def test_runner_rows_keep_the_jit_config_out_of_repr(store):
     assert [r.id for r in models.live_runners()] == [5]
     models.mark_destroyed([5], NOW)
     assert models.live_runners() == []
+    assert models.get_runner(5).jit_config is None  # a gone runner's credential is dropped
     models.revive_runner(5)
     assert list(models.live_records()) == [5]
 

@@ -23,6 +23,7 @@ def test_unit_runs_the_monitor_and_restarts_on_failure():
     service = unit()["Service"]
     assert service["ExecStart"].split()[1:] == ["run", "--config", "/etc/monitor/monitor.toml"]
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"  # bad config: don't restart-loop
     assert service["KillSignal"] == "SIGTERM"
     # The hardening must leave the libvirt socket reachable: AF_UNIX allowed, /run not hidden.
     assert "AF_UNIX" in service["RestrictAddressFamilies"].split()
