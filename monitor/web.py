@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,19 @@ from monitor.loop import Monitor
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
-VIEWS = ROOT / "views"
-STATIC = ROOT / "static"
+
+
+def asset_dir(name: str, prefix: str = sys.prefix) -> Path:
+    """`views` or `static`: beside the package in a source checkout (editable install), else
+    where a regular install put them (setup.cfg data_files: <prefix>/share/monitor)."""
+    for base in (ROOT, Path(prefix) / "share" / "monitor"):
+        if (base / name).is_dir():
+            return base / name
+    return ROOT / name
+
+
+VIEWS = asset_dir("views")
+STATIC = asset_dir("static")
 NOT_READY = "Monitor thread is still starting or not responding"
 
 

@@ -108,3 +108,32 @@ def test_unexpected_error_is_500_without_traceback(app, monkeypatch):
     assert response.json == {"error": "internal error; see the monitor's log"}
     assert "secret internals" not in response.text
     assert "Traceback" not in response.text
+
+
+def test_assets_are_found_in_a_regular_install_prefix(tmp_path, monkeypatch):
+    installed = tmp_path / "share" / "monitor" / "views"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(web, "ROOT", tmp_path / "site-packages")  # no checkout beside it
+    assert web.asset_dir("views", prefix=str(tmp_path)) == installed
+
+
+def test_wheel_ships_views_static_and_demo(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), "."],
+        cwd=web.ROOT,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("monitor-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    version = wheel.name.split("-")[1]
+    data = f"monitor-{version}.data/data/share/monitor"
+    for template in ("base.tpl", "error.tpl", "index.tpl"):
+        assert f"{data}/views/{template}" in names
+    assert f"{data}/static/style.css" in names
+    assert "monitor/demo/monitor.toml" in names
+    assert "monitor/demo/profiles/linux/guest.xml" in names
