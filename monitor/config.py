@@ -342,6 +342,24 @@ def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None 
     return Config(**values, path=path, warnings=tuple(reader.warnings))
 
 
+def file_warnings(config: Config) -> list[str]:
+    """Files that profiles with a non-zero target need but that are not there (yet).
+    Warnings, not errors: a config may be checked away from the hypervisor host, and `load`
+    reads only the config and `.env`."""
+    warnings = []
+    for profile in config.profiles.values():
+        if profile.target_count == 0:
+            continue
+        where = f"{config.path}: [profiles.{profile.profile_name}]"
+        if not profile.guest_xml.is_file():
+            warnings.append(
+                f"{where} no guest.xml at {profile.guest_xml}; no runner can be created"
+            )
+        if profile.base_image is not None and not profile.base_image.is_file():
+            warnings.append(f"{where} base_image: {profile.base_image} does not exist")
+    return warnings
+
+
 def summary(config: Config) -> str:
     """A human-readable account of `config` for `monitor check-config`: one line per profile,
     then the resource budget (static targets against what is available), then the

@@ -115,6 +115,8 @@ def check_config(path: Path) -> int:
         print(f"monitor: {error}", file=sys.stderr)
         return EXIT_CONFIG
     print(config_module.summary(config))
+    for warning in config_module.file_warnings(config):
+        print(f"warning: {warning}")
     return 0
 
 
@@ -134,7 +136,7 @@ def run(
     from monitor.scheduler import make_scheduler
     from monitor.web import make_app
 
-    for warning in config.warnings:
+    for warning in (*config.warnings, *config_module.file_warnings(config)):
         log.warning("%s", warning)
     try:
         models.open_store(config.data_path)

@@ -673,3 +673,17 @@ def test_summary_reports_a_budget_that_does_not_fit(etc: Path, cwd: Path) -> Non
     assert "  normal memory: 5 GiB of 4 GiB (does NOT fit)" in lines
     assert "dont_create_runners: no runners are created (every target is 0)" in lines
     assert not any("warning" in line for line in lines)
+
+
+def test_missing_profile_files_are_warned_about(tmp_path):
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path)
+    (tmp_path / "base.img").unlink()
+    (tmp_path / "profiles" / "windows" / "guest.xml").unlink()
+    loaded = config.load(path, environ={})
+    assert loaded.warnings == ()  # load reads only the config and .env
+    warnings = config.file_warnings(loaded)
+    assert any("[profiles.windows]" in w and "guest.xml" in w for w in warnings)
+    assert any("[profiles.linux] base_image" in w for w in warnings)
+    assert sum("[profiles.linux]" in w for w in warnings) == 1  # linux has its guest.xml
