@@ -7,6 +7,12 @@ backed by the profile's base image. This replaces upstream's copy + `virt-clone`
 and `virsh destroy` + `undefine --storage` (§7.6). Every libvirt failure leaves this module as a
 `MonitorError` (status 503), or a `TransientError` when the connection itself was lost.
 
+A hung libvirtd must not block the loop forever. libvirt's default event loop runs in one daemon
+thread per process (`start_event_loop`), and every connection gets keepalive (`KEEPALIVE_*`):
+a call to a daemon that stopped answering fails after 15-20 s as a lost connection. Opening a
+connection has no keepalive, so it runs in a helper thread that callers wait on for at most
+`open_timeout` seconds.
+
 Imports only `errors`, libvirt and Pillow; never the loop, models or web layers.
 """
 
@@ -19,6 +25,7 @@ import os
 import random
 import struct
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -49,9 +56,22 @@ ADDRESS_SOURCES = (
 
 # Errors that mean the connection to libvirtd is gone (measured on libvirt 9.0 after killing
 # libvirtd: "Cannot write data: Broken pipe" is SYSTEM_ERROR from RPC, the next call gives
-# "client socket is closed" from RPC). Other SYSTEM_ERRORs (e.g. a storage file) are not.
+# "client socket is closed" from RPC; after SIGSTOP with keepalive: "connection closed due to
+# keepalive timeout", INTERNAL_ERROR from RPC). Other SYSTEM_ERRORs (e.g. a storage file) are not.
 _LOST_CODES = {libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
 _LOST_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
+
+# Keepalive: a ping after KEEPALIVE_INTERVAL s without traffic from libvirtd; the connection is
+# closed when KEEPALIVE_COUNT pings in a row go unanswered (measured: 20.0 s after SIGSTOP).
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+# How long a caller waits for libvirt.open(); a slower open keeps going in its thread, and the
+# next caller waits for that same open.
+OPEN_TIMEOUT = 30.0
+EVENT_LOOP_THREAD_NAME = "libvirt-event-loop"
+
+_event_loop_lock = threading.Lock()
+_event_loop_thread: threading.Thread | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,12 @@ class Hypervisor(Protocol):
         disk that is already gone is fine. Never touches base images."""
         ...
 
+    def list_volumes(self, prefix: str) -> list[str]:
+        """Return the names of the runner disks (`<guest>.qcow2`) in the runner storage pool
+        whose name starts with `prefix`, sorted, whether or not their guest still exists.
+        An orphan `<guest>.qcow2` is removed with `destroy_guest(<guest>)`."""
+        ...
+
     def screenshot_png(self, name: str) -> bytes:
         """Return a PNG of the guest's screen. A guest that is not running is an error."""
         ...
@@ -94,6 +120,78 @@ class Hypervisor(Protocol):
     def close(self) -> None:
         """Release the hypervisor connection."""
         ...
+
+
+def start_event_loop() -> threading.Thread:
+    """Register libvirt's default event implementation and run it in a daemon thread, once
+    per process; return that thread. Thread-safe. Must run before the `libvirt.open` of any
+    connection that needs keepalive or events: connections opened earlier get neither."""
+    global _event_loop_thread
+    with _event_loop_lock:
+        if _event_loop_thread is None:
+            try:
+                libvirt.virEventRegisterDefaultImpl()
+            except libvirt.libvirtError as e:
+                raise MonitorError(f"cannot start the libvirt event loop: {e}", 503) from e
+            thread = threading.Thread(
+                target=_run_event_loop, name=EVENT_LOOP_THREAD_NAME, daemon=True
+            )
+            thread.start()
+            _event_loop_thread = thread
+        return _event_loop_thread
+
+
+def _run_event_loop() -> None:
+    while True:
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError as e:  # pragma: no cover - libvirt never fails here
+            log.warning("libvirt event loop: %s", e)
+            time.sleep(1)
+
+
+class _PendingOpen:
+    """A `libvirt.open(uri)` (plus keepalive) running in its own daemon thread: against a hung
+    libvirtd it blocks until the daemon answers, and no libvirt timeout covers it."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri
+        self.conn: libvirt.virConnect | None = None
+        self.error: Exception | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        threading.Thread(target=self._open, name="libvirt-open", daemon=True).start()
+
+    def wait(self, timeout: float) -> bool:
+        """Return whether the open finished (with `conn` or `error`) within `timeout` s."""
+        return self._done.wait(timeout)
+
+    def abandon(self) -> None:
+        """Nobody wants the connection any more: close it now or when it arrives."""
+        with self._lock:
+            self._abandoned = True
+            conn, self.conn = self.conn, None
+        _close_quietly(conn)
+
+    def _open(self) -> None:
+        conn = None
+        try:
+            conn = libvirt.open(self.uri)
+            try:
+                conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            except libvirt.libvirtError as e:
+                # The test driver: "this function is not supported ... virConnectSetKeepAlive".
+                log.debug("libvirt at %s: no keepalive: %s", _uri_name(self.uri), e)
+        except Exception as e:  # noqa: BLE001 - handed to the waiting callers
+            self.error = e
+        with self._lock:
+            if self._abandoned:
+                conn, abandoned = None, conn
+            else:
+                self.conn, abandoned = conn, None
+            self._done.set()
+        _close_quietly(abandoned)
 
 
 def runner_domain_xml(
@@ -184,24 +282,30 @@ class LibvirtHypervisor:
 
     `uri` None means libvirt's default URI. Runner disks are volumes in `storage_pool`.
     Thread-safe: the connection is shared by all threads (libvirt connections are), and only
-    opening or dropping it is serialised.
+    opening or dropping it is serialised. A call that finds no connection waits at most
+    `open_timeout` seconds for one (`TransientError` after that).
     """
 
-    def __init__(self, uri: str | None, storage_pool: str = "default") -> None:
+    def __init__(
+        self, uri: str | None, storage_pool: str = "default", *, open_timeout: float = OPEN_TIMEOUT
+    ) -> None:
         self.uri = uri
         self.storage_pool = storage_pool
+        self.open_timeout = open_timeout
         self._conn: libvirt.virConnect | None = None
+        self._opening: _PendingOpen | None = None
         self._lock = threading.Lock()
         # libvirt prints every error to stderr unless a handler is registered.
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
     def volume_names(self) -> list[str]:
-        """Names of the volumes in the runner storage pool, sorted (for leak checks)."""
-        conn = self._connection()
-        pool = self._pool(conn)
-        with self._errors(conn, f"list volumes of {self.storage_pool}"):
-            pool.refresh(0)
-            return sorted(pool.listVolumes())
+        """Names of all the volumes in the runner storage pool, sorted (for leak checks)."""
+        return self._volume_names()
+
+    def list_volumes(self, prefix: str) -> list[str]:
+        """Names of the volumes in the runner storage pool (refreshed first) that start with
+        `prefix` and end with `.qcow2`, sorted: runner disks, with or without a guest."""
+        return [n for n in self._volume_names() if n.startswith(prefix) and n.endswith(".qcow2")]
 
     def list_guests(self, prefix: str) -> list[Guest]:
         """Return every guest (defined or running) whose name starts with `prefix`."""
@@ -326,28 +430,49 @@ class LibvirtHypervisor:
         return None
 
     def close(self) -> None:
-        """Close the connection; the next call opens a new one."""
+        """Close the connection (and give up an open in progress); the next call opens a new
+        one."""
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except libvirt.libvirtError as e:
-                log.debug("closing libvirt connection: %s", e)
+            opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.abandon()
+        _close_quietly(conn)
 
     # -- connection and error handling ----------------------------------------------------
 
     def _connection(self) -> libvirt.virConnect:
-        with self._lock:
-            if self._conn is None:
-                try:
-                    self._conn = libvirt.open(self.uri)
-                except libvirt.libvirtError as e:
-                    raise TransientError(
-                        f"cannot connect to libvirt at {self.uri or 'the default URI'}: {e}"
-                    ) from e
-                log.info("connected to libvirt at %s", self.uri or "the default URI")
-            return self._conn
+        """Return the connection, opening one if needed.
+
+        The open runs in a `_PendingOpen` thread shared by every caller that needs it; each
+        caller waits at most `open_timeout` s and then gets a `TransientError`, while the open
+        goes on for the next caller. The event loop is started first, for keepalive.
+        """
+        while True:
+            with self._lock:
+                if self._conn is not None:
+                    return self._conn
+                if self._opening is None:
+                    start_event_loop()
+                    self._opening = _PendingOpen(self.uri)
+                opening = self._opening
+            if not opening.wait(self.open_timeout):
+                raise TransientError(
+                    f"cannot connect to libvirt at {_uri_name(self.uri)}: no answer within "
+                    f"{self.open_timeout:g} s (is libvirtd hung?)"
+                )
+            with self._lock:
+                if self._opening is opening:
+                    self._opening = None
+                    self._conn = opening.conn
+                    if self._conn is not None:
+                        log.info("connected to libvirt at %s", _uri_name(self.uri))
+            if opening.error is not None:
+                raise TransientError(
+                    f"cannot connect to libvirt at {_uri_name(self.uri)}: {opening.error}"
+                ) from opening.error
+            # Otherwise the connection is in self._conn, unless close() or a lost connection
+            # took it away meanwhile: then go round and open another.
 
     def _drop(self, conn: libvirt.virConnect) -> None:
         """Forget a lost connection, unless another thread already replaced it."""
@@ -373,6 +498,13 @@ class LibvirtHypervisor:
             raise MonitorError(f"libvirt: cannot {action}: {e}", status=503) from e
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _volume_names(self) -> list[str]:
+        conn = self._connection()
+        pool = self._pool(conn)
+        with self._errors(conn, f"list volumes of {self.storage_pool}"):
+            pool.refresh(0)
+            return sorted(pool.listVolumes())
 
     def _lookup(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
         try:
@@ -585,6 +717,19 @@ def _is_lost(conn: libvirt.virConnect, error: libvirt.libvirtError) -> bool:
         return not conn.isAlive()
     except libvirt.libvirtError:
         return True
+
+
+def _uri_name(uri: str | None) -> str:
+    return uri or "the default URI"
+
+
+def _close_quietly(conn: libvirt.virConnect | None) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except libvirt.libvirtError as e:
+        log.debug("closing libvirt connection: %s", e)
 
 
 def _abort_quietly(stream: libvirt.virStream) -> None:

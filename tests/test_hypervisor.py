@@ -17,8 +17,17 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import json
+import logging
 import re
+import shutil
+import socket
 import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -31,13 +40,16 @@ from PIL import Image  # noqa: E402
 
 from monitor.errors import MonitorError  # noqa: E402
 from monitor.errors import TransientError  # noqa: E402
+from monitor.hypervisor import EVENT_LOOP_THREAD_NAME  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.hypervisor import pick_ipv4  # noqa: E402
 from monitor.hypervisor import runner_domain_xml  # noqa: E402
 from monitor.hypervisor import sniff_image  # noqa: E402
+from monitor.hypervisor import start_event_loop  # noqa: E402
 from monitor.hypervisor import to_png  # noqa: E402
 
+ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 UPSTREAM_GUEST_XML = FIXTURES / "upstream/profiles/servo-ubuntu2204/guest.xml"
 MAC_RE = re.compile(r"^52:54:00(:[0-9a-f]{2}){3}$")
@@ -355,6 +367,58 @@ def test_create_refuses_existing_guest_and_keeps_its_volume(hv, base):
     assert _volumes(hv) == ["base.qcow2", "linux.1.qcow2"]
 
 
+# -- list_volumes -------------------------------------------------------------------------------
+
+
+def test_list_volumes_finds_orphaned_runner_disks(hv, base):
+    for name in ("ci-runner-linux.1", "ci-runner-linux.2", "other.1"):
+        hv.create_guest(name, TEMPLATE_XML, base)
+    raw = (
+        "<volume><name>ci-runner-linux.3.img</name><capacity>1024</capacity>"
+        "<target><format type='raw'/></target></volume>"
+    )
+    _conn(hv).storagePoolLookupByName(POOL).createXML(raw, 0)
+    # The domain goes, its overlay stays behind: an orphan.
+    _conn(hv).lookupByName("ci-runner-linux.1").undefine()
+
+    assert hv.list_volumes("ci-runner-") == [
+        "ci-runner-linux.1.qcow2",
+        "ci-runner-linux.2.qcow2",
+    ]
+    assert hv.list_volumes("ci-runner-linux.1") == ["ci-runner-linux.1.qcow2"]
+    assert hv.list_volumes("nothing-") == []
+    assert hv.list_volumes("") == [
+        "base.qcow2",
+        "ci-runner-linux.1.qcow2",
+        "ci-runner-linux.2.qcow2",
+        "other.1.qcow2",
+    ]
+    guests = {g.name for g in hv.list_guests("ci-runner-")}
+    orphans = [v for v in hv.list_volumes("ci-runner-") if v.removesuffix(".qcow2") not in guests]
+    assert orphans == ["ci-runner-linux.1.qcow2"]
+
+    hv.destroy_guest("ci-runner-linux.1")
+
+    assert hv.list_volumes("ci-runner-") == ["ci-runner-linux.2.qcow2"]
+    assert hv.list_guests("") == [Guest("ci-runner-linux.2", False), Guest("other.1", False)]
+    assert hv.volume_names() == [
+        "base.qcow2",
+        "ci-runner-linux.2.qcow2",
+        "ci-runner-linux.3.img",
+        "other.1.qcow2",
+    ]
+
+
+def test_list_volumes_of_missing_pool_names_the_config_key(uri):
+    hv = LibvirtHypervisor(uri, "no-such-pool")
+
+    with pytest.raises(MonitorError) as info:
+        hv.list_volumes("ci-runner-")
+
+    assert "libvirt_storage_pool" in str(info.value)
+    hv.close()
+
+
 def _qcow2_header(virtual_size: int) -> bytes:
     # magic, version 3, no backing file, cluster_bits 16, size
     return b"QFI\xfb" + struct.pack(">IQIIQ", 3, 0, 0, 16, virtual_size) + bytes(72)
@@ -564,3 +628,148 @@ def test_libvirt_does_not_print_errors(hv, capfd):
         hv.start_guest("linux.404")
 
     assert capfd.readouterr().err == ""
+
+
+# -- event loop, keepalive, hung opens ---------------------------------------------------------
+
+EVENT_LOOP_PROBE = """
+import json, sys, threading
+import libvirt
+calls = []
+register = libvirt.virEventRegisterDefaultImpl
+libvirt.virEventRegisterDefaultImpl = lambda: calls.append(1) or register()
+from monitor.hypervisor import EVENT_LOOP_THREAD_NAME, LibvirtHypervisor
+uri, pool = sys.argv[1:]
+hypervisors = [LibvirtHypervisor(uri, pool) for _ in range(6)]
+barrier = threading.Barrier(len(hypervisors))
+def call(hv):
+    barrier.wait()
+    hv.list_guests("")
+threads = [threading.Thread(target=call, args=(hv,)) for hv in hypervisors]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+for hv in hypervisors[:3]:
+    hv.close()
+    hv.list_guests("")
+print(json.dumps({
+    "registrations": len(calls),
+    "loops": [t.is_alive() for t in threading.enumerate() if t.name == EVENT_LOOP_THREAD_NAME],
+}))
+"""
+
+
+def test_event_loop_is_started_once_per_process(uri):
+    # A fresh process, so that no earlier test has started the loop already.
+    result = subprocess.run(
+        [sys.executable, "-c", EVENT_LOOP_PROBE, uri, POOL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(result.stdout) == {"registrations": 1, "loops": [True]}
+
+
+def test_event_loop_thread_is_shared_by_hypervisors(uri):
+    hypervisors = [LibvirtHypervisor(uri, POOL) for _ in range(3)]
+    for hv in hypervisors:
+        hv.list_guests("")
+
+    loops = [t for t in threading.enumerate() if t.name == EVENT_LOOP_THREAD_NAME]
+    assert loops == [start_event_loop()]
+    assert loops[0].is_alive() and loops[0].daemon
+    for hv in hypervisors:
+        hv.close()
+
+
+def test_connection_delivers_libvirt_events(hv, base):
+    # Without the default event implementation registered before open(), the test driver
+    # refuses: "could not initialize domain event timer".
+    events = []
+    arrived = threading.Event()
+
+    def lifecycle(_conn, dom, event, _detail, _opaque):
+        events.append((dom.name(), event))
+        arrived.set()
+
+    callback = _conn(hv).domainEventRegisterAny(
+        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
+    )
+    try:
+        hv.create_guest("linux.1", TEMPLATE_XML, base)
+        assert arrived.wait(10)
+        assert events[0] == ("linux.1", libvirt.VIR_DOMAIN_EVENT_DEFINED)
+    finally:
+        _conn(hv).domainEventDeregisterAny(callback)
+
+
+def test_keepalive_unsupported_by_the_test_driver_is_ignored(hv, caplog, capfd):
+    with caplog.at_level(logging.DEBUG, logger="monitor.hypervisor"):
+        assert hv.list_guests("") == []
+
+    assert any("no keepalive" in r.message and r.levelno == logging.DEBUG for r in caplog.records)
+    assert capfd.readouterr().err == ""
+
+
+@pytest.fixture
+def silent_libvirtd():
+    """A unix socket that accepts connections and never answers: a hung libvirtd as far as
+    opening a connection goes. Yields (uri, stop); stop() closes every socket."""
+    directory = tempfile.mkdtemp(prefix="monitor-hung-")
+    path = f"{directory}/libvirt-sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+    accepted: list[socket.socket] = []
+    stopped = threading.Event()
+
+    def accept() -> None:
+        while not stopped.is_set():
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(client)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+
+    def stop() -> None:
+        stopped.set()
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        for client in accepted:
+            client.close()
+        acceptor.join(5)
+
+    yield f"qemu+unix:///system?socket={path}", stop
+    if not stopped.is_set():
+        stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_open_of_hung_libvirtd_is_transient_not_blocking(silent_libvirtd):
+    uri, stop = silent_libvirtd
+    hv = LibvirtHypervisor(uri, POOL, open_timeout=0.5)
+
+    openings = []
+    for _ in range(2):  # the second caller waits for the same open, and gives up as well
+        start = time.monotonic()
+        with pytest.raises(TransientError) as info:
+            hv.list_guests("")
+        assert time.monotonic() - start < 5
+        assert "no answer within 0.5 s" in str(info.value)
+        assert info.value.status == 503
+        openings.append(hv._opening)
+    assert openings[0] is not None and openings[0] is openings[1]
+
+    # The daemon goes away: the pending open fails, and so does the call waiting for it.
+    stop()
+    with pytest.raises(TransientError) as info:
+        hv.list_guests("")
+    assert "no answer" not in str(info.value)
+    assert isinstance(info.value.__cause__, libvirt.libvirtError)
+    hv.close()

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -25,6 +27,7 @@ libvirt = pytest.importorskip("libvirt")
 
 from PIL import Image  # noqa: E402
 
+from monitor.errors import TransientError  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
 
@@ -34,6 +37,7 @@ URI = "qemu:///system"
 POOL = "monitor-test"
 NETWORK = "monitor-test"
 SUBNET = ipaddress.IPv4Network("192.168.151.0/24")
+LIBVIRTD_PID = Path("/run/libvirtd.pid")
 log = logging.getLogger(__name__)
 
 # TCG ('qemu'): KVM exists on these machines but guests hang in early boot. The disk source
@@ -183,3 +187,64 @@ def test_runner_guest_on_real_qemu(conn, hv, base_image):
         log.warning("qemu timings: %s", {k: round(v, 3) for k, v in timings.items()})
         hv.destroy_guest(name)
         (base_image.parent / f"{name}.qcow2").unlink(missing_ok=True)  # if create failed
+
+
+def _libvirtd_pid() -> int:
+    try:
+        pid = int(LIBVIRTD_PID.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError) as e:
+        _require_libvirtd(f"no running libvirtd in {LIBVIRTD_PID}: {e}")
+    return pid
+
+
+def _call_in_thread(call, *args, timeout: float) -> tuple[object, float]:
+    """Run `call(*args)` in a daemon thread; return (its result or exception, seconds), or
+    fail the test if it is still blocked after `timeout` s."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call(*args))
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    elapsed = time.monotonic() - start
+    assert not thread.is_alive(), f"{call.__name__} still blocked after {timeout} s"
+    return outcome[0], elapsed
+
+
+def test_hung_libvirtd_makes_calls_fail_instead_of_blocking(conn):
+    pid = _libvirtd_pid()
+    hv = LibvirtHypervisor(URI, POOL, open_timeout=5)
+    timings: dict[str, float] = {}
+    try:
+        assert isinstance(hv.list_guests(""), list)  # connected, with keepalive
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Keepalive: 3 unanswered pings 5 s apart close the connection (~20 s).
+            error, timings["call on the open connection"] = _call_in_thread(
+                hv.list_guests, "", timeout=60
+            )
+            assert isinstance(error, TransientError), error
+            assert "keepalive" in str(error)
+            assert hv._conn is None  # dropped: the next call opens a new connection
+
+            # Still hung: opening a new connection gives up after open_timeout.
+            error, timings["reconnect"] = _call_in_thread(hv.list_guests, "", timeout=60)
+            assert isinstance(error, TransientError), error
+            assert "no answer within 5 s" in str(error)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        # The daemon answers again: the pending open completes and calls work.
+        guests, timings["after SIGCONT"] = _call_in_thread(hv.list_guests, "", timeout=60)
+        assert isinstance(guests, list), guests
+        assert all(v.endswith(".qcow2") for v in hv.list_volumes("monitor-pytest-"))
+    finally:
+        log.warning("hung libvirtd timings: %s", {k: round(v, 2) for k, v in timings.items()})
+        hv.close()
