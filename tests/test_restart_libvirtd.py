@@ -147,3 +147,50 @@ def test_restart_keeps_runners_ids_and_override(real):
         assert len(names) == 4
     finally:
         stop_monitor(monitor, hypervisor)
+
+
+def test_restarted_daemon_process_adopts_its_runners(real, tmp_path):
+    """The same, as a sysadmin would see it: `monitor run`, SIGTERM, `monitor run` again."""
+    import time
+
+    from tests.test_cli import Daemon
+    from tests.test_cli import free_port
+    from tests.test_cli import wait_for
+
+    config, standin, prefix = real
+    port = free_port()
+    # listen_port must come before the config's tables; look at GitHub every 2 s, not 30 s
+    text = config.path.read_text().replace("api_cache_timeout = 30", "api_cache_timeout = 2")
+    config.path.write_text(f"listen_port = {port}\n" + text)
+    health = f"http://127.0.0.1:{port}/healthz"
+    hypervisor = LibvirtHypervisor(URI, POOL)
+
+    def ours() -> list[str]:
+        return sorted(g.name for g in hypervisor.list_guests(prefix + "-"))
+
+    try:
+        with Daemon("run", "--config", str(config.path), cwd=tmp_path) as daemon:
+            deadline = time.monotonic() + 60
+            wait_for(health, deadline)
+            while time.monotonic() < deadline and len(ours()) < 3:
+                time.sleep(0.2)
+            code, output = daemon.terminate()
+        assert code == 0, output
+        first = ours()
+        assert first == [f"{prefix}-linux.0", f"{prefix}-linux.1", f"{prefix}-windows.2"]
+
+        with Daemon("run", "--config", str(config.path), cwd=tmp_path) as daemon:
+            deadline = time.monotonic() + 60
+            wait_for(health, deadline)
+            time.sleep(3)  # a few passes: nothing may be duplicated
+            assert ours() == first
+            assert len(standin.jit_names) == 3
+            finished = next(r for r in standin.runners() if r["name"].startswith(first[0] + "@"))
+            standin.finish_job(finished["id"])
+            while time.monotonic() < deadline and f"{prefix}-linux.3" not in ours():
+                time.sleep(0.2)
+            code, output = daemon.terminate()
+        assert code == 0, output
+        assert ours() == [f"{prefix}-linux.1", f"{prefix}-linux.3", f"{prefix}-windows.2"]
+    finally:
+        hypervisor.close()
