@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 # Upstream's JIT work folders by image kind; everything else is Linux-like.
 WORK_FOLDERS = {"windows": "C:\\a", "macos": "/Users/servo/a"}
-# How soon to look at GitHub again after serving a JIT config (spec §9.2).
-JIT_SERVED_REFRESH = timedelta(seconds=10)
 # Back-off after a GitHub list failure with no Retry-After.
 DEFAULT_GITHUB_BACKOFF = timedelta(seconds=10)
 # Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen

@@ -417,3 +417,60 @@ def test_orphaned_volumes_of_our_runners_are_swept(env):
     # unknown profile and foreign volumes are left alone; live runners keep theirs
     assert {"ci-runner-macos.51.qcow2", "other.qcow2"} <= hypervisor.volumes
     assert {f"{g}.qcow2" for g in hypervisor.guests} <= hypervisor.volumes
+
+
+class TestRegistrationCache:
+    """Spec §9.2: expiry at api_cache_timeout, forced expiries only ever earlier, and the
+    monitor's own writes surviving a fetch that began before them."""
+
+    T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+    def fresh(self) -> loop.RegistrationCache:
+        cache = loop.RegistrationCache(timedelta(seconds=30))
+        cache.store([], self.T0, cache.begin_fetch())
+        return cache
+
+    def at(self, seconds: float) -> datetime:
+        return self.T0 + timedelta(seconds=seconds)
+
+    def test_due_at_api_cache_timeout(self):
+        cache = self.fresh()
+        assert not cache.is_due(self.at(29.9))
+        assert cache.is_due(self.at(30))
+
+    def test_forced_expiry_only_brings_expiry_earlier(self):
+        cache = self.fresh()
+        cache.invalidate_in(timedelta(seconds=10), self.at(0))
+        cache.invalidate_in(timedelta(seconds=20), self.at(0))  # later: ignored
+        assert not cache.is_due(self.at(9.9))
+        assert cache.is_due(self.at(10))
+        cache.invalidate_in(timedelta(seconds=5), self.at(1))  # earlier: wins
+        assert cache.is_due(self.at(6))
+
+    def test_invalidate_makes_it_due_but_keeps_the_list(self):
+        cache = self.fresh()
+        cache.upsert(Registration(1, "ci-runner-linux.0@host", "offline", False))
+        cache.invalidate()
+        assert cache.is_due(self.at(1))
+        assert [r.id for r in cache.snapshot()] == [1]
+        assert cache.fetched_at == self.T0  # staleness is measured from the last fetch
+
+    def test_back_off_delays_the_next_fetch(self):
+        cache = self.fresh()
+        cache.invalidate()
+        cache.back_off(self.at(60))
+        assert not cache.is_due(self.at(59))
+        assert cache.is_due(self.at(60))
+
+    def test_own_writes_survive_a_fetch_that_began_before_them(self):
+        cache = self.fresh()
+        old = Registration(1, "ci-runner-linux.0@host", "online", False)
+        new = Registration(2, "ci-runner-linux.1@host", "offline", False)
+        began = cache.begin_fetch()
+        cache.remove(1)  # we deleted it while GitHub was answering
+        cache.upsert(new)  # and created this one
+        cache.store([old], self.at(1), began)  # GitHub's answer predates both
+        assert [r.id for r in cache.snapshot()] == [2]
+        # A fetch that began after the writes is taken as it is.
+        cache.store([old], self.at(2), cache.begin_fetch())
+        assert [r.id for r in cache.snapshot()] == [1]
