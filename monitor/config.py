@@ -101,6 +101,10 @@ class Config:
     data_path: Path
     profiles_path: Path
     image_deps_dir: Path | None = None
+    # Clients allowed to name the real client in X-Real-IP (a reverse proxy such as nginx).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Largest count `take/<count>` accepts (and a select-runner artifact may ask for).
+    take_max_count: int = 32
     api_token: str = field(repr=False)
     github_token: str = field(repr=False)
     path: Path = Path("monitor.toml")
@@ -221,6 +225,25 @@ def _addresses(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array of IP addresses or networks, got {value!r}")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(_string(item), strict=False))
+        except ValueError:
+            raise ValueError(f"expected an IP address or network, got {item!r}") from None
+    return tuple(networks)
+
+
+def _positive(value: Any) -> int:
+    number = _count(value)
+    if number < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 def _urls(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ValueError(f"expected an array of URLs, got {value!r}")
@@ -268,6 +291,8 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "libvirt_storage_pool": (_nonempty, _OPTIONAL),
     "data_path": (_path, _OPTIONAL),  # derived from SERVO_CI_MONITOR_DATA_PATH
     "profiles_path": (_path, _OPTIONAL),  # derived from LIB_MONITOR_DIR
+    "trusted_proxies": (_networks, _OPTIONAL),
+    "take_max_count": (_positive, _OPTIONAL),
 }
 # Tables read separately; listed so they are not reported as unknown keys.
 _TABLES = ("queue", "profiles")

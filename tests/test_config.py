@@ -687,3 +687,35 @@ def test_missing_profile_files_are_warned_about(tmp_path):
     assert any("[profiles.windows]" in w and "guest.xml" in w for w in warnings)
     assert any("[profiles.linux] base_image" in w for w in warnings)
     assert sum("[profiles.linux]" in w for w in warnings) == 1  # linux has its guest.xml
+
+
+def test_trusted_proxies_and_take_max_count(tmp_path):
+    import ipaddress
+
+    from tests.conftest import write_config
+
+    path = write_config(
+        tmp_path, extra='trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1"]\ntake_max_count = 4\n'
+    )
+    loaded = config.load(path, environ={})
+    assert ipaddress.ip_address("10.1.2.3") in loaded.trusted_proxies[1]
+    assert len(loaded.trusted_proxies) == 3
+    assert loaded.take_max_count == 4
+    defaults = config.load(write_config(tmp_path / "d"), environ={})
+    assert defaults.trusted_proxies == () and defaults.take_max_count == 32
+
+
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ('trusted_proxies = "127.0.0.1"', "trusted_proxies"),
+        ('trusted_proxies = ["nginx.local"]', "trusted_proxies"),
+        ("take_max_count = 0", "take_max_count"),
+    ],
+)
+def test_bad_new_api_keys_are_named(tmp_path, line, key):
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path, extra=line + "\n")
+    with pytest.raises(ConfigError, match=key):
+        config.load(path, environ={})
