@@ -663,30 +663,31 @@ def try_override(inp: PolicyInput, counts: Mapping[str, int], now: datetime) -> 
     try:
         compute_runner_changes(inp, now)
     except MonitorError as e:
-        raise MonitorError("Please wait a few seconds") from e
+        raise MonitorError("Please wait a few seconds", status=503) from e
     if inp.override is not None:
-        raise MonitorError("Unable to set override while another override is active")
+        raise MonitorError("Unable to set override while another override is active", status=409)
     if not counts:
-        raise MonitorError("No point in setting an empty override")
+        raise MonitorError("No point in setting an empty override", status=422)
 
     runners = inp.runners or ()
     critical = {k: _critical_count(runners, k) for k in inp.profiles}
     extra: dict[str, int] = {}
     for key in sorted(counts):
         if key not in inp.profiles:
-            raise MonitorError(f"No profile with key: {key}")
+            raise MonitorError(f"No profile with key: {key}", status=422)
         # Uses the static target, ignoring image state, as upstream does.
         covered = max(0, inp.profiles[key].target_count - critical[key])
         extra[key] = max(0, counts[key] - covered)
     if sum(extra.values()) == 0:
-        raise MonitorError("Requested override is meaningless")
+        raise MonitorError("Requested override is meaningless", status=422)
 
     scenario = {k: p.target_count + extra.get(k, 0) for k, p in sorted(inp.profiles.items())}
     adjusted = dict(sorted(counts.items()))
     adjust_for_resource_limits(scenario, adjusted, extra, critical, inp.profiles, inp.settings)
     if sum(extra.values()) == 0:
         raise MonitorError(
-            "Requested override had to be adjusted so far that it became meaningless"
+            "Requested override had to be adjusted so far that it became meaningless",
+            status=422,
         )
     return Override(
         profile_override_counts=adjusted,

@@ -1023,3 +1023,22 @@ def test_override_json_round_trip() -> None:
     assert Override.from_json(json.loads(json.dumps(data))) == Override(
         {"linux": 1, "wpt": 4}, {"linux": 1, "macos": 0, "wpt": 4}, {"linux": [], "wpt": [2, 9]}
     )
+
+
+@pytest.mark.parametrize(
+    "runners, override, counts, status",
+    [
+        (None, None, {"linux": 3}, 503),  # nothing observed yet: "Please wait"
+        ([], "active", {"linux": 3}, 409),  # another override is active
+        ([], None, {}, 422),  # empty
+        ([], None, {"nope": 3}, 422),  # unknown profile
+        ([], None, {"linux": 0}, 422),  # meaningless
+    ],
+)
+def test_try_override_errors_carry_http_statuses(runners, override, counts, status):
+    configured = profiles(("linux", 1, 0, 0))
+    active = policy.Override({"linux": 2}, {"linux": 2}) if override else None
+    inp = policy.PolicyInput(configured, Settings(), runners, {}, active)
+    with pytest.raises(MonitorError) as raised:
+        policy.try_override(inp, counts, NOW)
+    assert raised.value.status == status
