@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
@@ -109,6 +110,10 @@ class GitHub(Protocol):
 
     def add_labels(self, registration_id: int, labels: Sequence[str]) -> tuple[str, ...]:
         """Append custom labels to a runner; returns the label names it now has."""
+        ...
+
+    def remove_label(self, registration_id: int, name: str) -> bool:
+        """Remove one custom label from a runner; False if it did not have it."""
         ...
 
     def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
@@ -217,6 +222,14 @@ class RestGitHub:
             return tuple(str(label["name"]) for label in data["labels"])
         except (KeyError, TypeError) as e:
             raise _malformed("POST", path) from e
+
+    # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#remove-a-custom-label-from-a-self-hosted-runner-for-a-repository
+    def remove_label(self, registration_id: int, name: str) -> bool:
+        """Remove one custom label from a runner; False if it did not have it (404)."""
+        label = urllib.parse.quote(name, safe="")
+        path = f"{self.scope}/actions/runners/{int(registration_id)}/labels/{label}"
+        response = self._request("DELETE", self._url(path), ok=(200, 404))
+        return response.status == 200
 
     # Reference: https://docs.github.com/en/rest/actions/artifacts#list-workflow-run-artifacts
     def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:

@@ -176,6 +176,16 @@ def test_add_labels_reserves(standin: GitHubStandIn, github: RestGitHub):
     OAS30Validator(schema).validate(body)
 
 
+def test_remove_label_undoes_a_reservation_label(standin: GitHubStandIn, github: RestGitHub):
+    jit = github.generate_jitconfig("ci-runner-linux.8@ci0", ["self-hosted", "X64", "linux"])
+    github.add_labels(jit.registration.id, ["reserved-for:abc/../x", "reserved-since:1"])
+
+    assert github.remove_label(jit.registration.id, "reserved-for:abc/../x") is True
+    assert github.remove_label(jit.registration.id, "reserved-since:1") is True
+    assert github.remove_label(jit.registration.id, "reserved-since:1") is False  # gone: 404
+    assert github.list_runners()[0].labels == ("self-hosted", "X64", "linux")
+
+
 def test_add_labels_unknown_runner_is_502(github: RestGitHub):
     with pytest.raises(MonitorError) as raised:
         github.add_labels(1, ["reserved-for:x"])
