@@ -1,0 +1,217 @@
+"""Tokenless runner select: check a workflow run's args artifact (spec §10.1).
+
+`POST /select-runner` carries no credentials. Instead the caller's workflow uploads an
+artifact named `servo-ci-runners_<unique_id>` to its own run, holding an args file of
+`key=value` lines, and the monitor reads it back through the GitHub API: only someone who can
+run workflows in an allowed repository can have made it. `validate_select` does that and
+returns what to take, `(profile_key, runner_count)`; every refusal is a `MonitorError` with
+status 403 and a message for the client. GitHub failures (`MonitorError` with 502,
+`TransientError`) propagate unchanged.
+
+Differences from upstream (which answers 500 for everything): refusals are 403; the missing
+`self_hosted_image_name` message names that key (upstream says "Wrong run_id in artifact");
+artifacts on every page of the run are searched, not just the first; an expired artifact, or
+one dated more than a minute in the future, is refused; a `qualified_repo` that is not
+`owner/repo` or a `run_id` that is not all digits is refused before GitHub is asked.
+
+`parse_args_file` and `check_args` are pure; `validate_select` does the I/O through the
+`GitHub` protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import zipfile
+import zlib
+from collections.abc import Mapping
+from datetime import datetime
+from datetime import timedelta
+
+from monitor.errors import MonitorError
+from monitor.github import GitHub
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_PREFIX = "servo-ci-runners_"
+# A clock difference between GitHub and us that is tolerated for a created_at in the future.
+MAX_CLOCK_SKEW = timedelta(seconds=60)
+# The args file is five short lines; refuse to decompress anything much bigger.
+MAX_ARGS_FILE_BYTES = 64 * 1024
+# Upstream parses the count as a Rust `usize`.
+MAX_RUNNER_COUNT = 2**64 - 1
+_MAX_COUNT_DIGITS = len(str(MAX_RUNNER_COUNT))
+
+FORBIDDEN = 403
+
+# What GitHub allows in owner and repository names; anything else cannot have our artifact.
+_QUALIFIED_REPO_RE = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+
+
+def artifact_name(unique_id: str) -> str:
+    """The name of the args artifact for `unique_id`."""
+    return ARTIFACT_PREFIX + unique_id
+
+
+def parse_args_file(text: str) -> dict[str, str]:
+    """Parse an args file: one `key=value` per line.
+
+    A trailing CR is stripped from each line; lines without `=` are ignored; each line is split
+    at its first `=`, keys and values are kept as they are (no trimming); for a repeated key
+    the last value wins.
+    """
+    args: dict[str, str] = {}
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
+        key, sep, value = line.partition("=")
+        if sep:
+            args[key] = value
+    return args
+
+
+def check_args(
+    args: Mapping[str, str], *, unique_id: str, qualified_repo: str, run_id: str
+) -> tuple[str, int]:
+    """Check parsed args against the request; return `(profile_key, runner_count)`.
+
+    `unique_id`, `qualified_repo` and `run_id` must equal the request's;
+    `self_hosted_image_name` (the profile key) must be present; `self_hosted_runner_count` is
+    optional (default 1) and must be a non-negative integer. Other keys are ignored. Raises
+    `MonitorError` with status 403 on the first failure.
+    """
+    if args.get("unique_id") != unique_id:
+        raise MonitorError("Wrong unique_id in artifact", status=FORBIDDEN)
+    if args.get("qualified_repo") != qualified_repo:
+        raise MonitorError("Wrong qualified_repo in artifact", status=FORBIDDEN)
+    if args.get("run_id") != run_id:
+        raise MonitorError("Wrong run_id in artifact", status=FORBIDDEN)
+    profile_key = args.get("self_hosted_image_name")
+    if profile_key is None:
+        raise MonitorError("Missing self_hosted_image_name in artifact", status=FORBIDDEN)
+    raw_count = args.get("self_hosted_runner_count")
+    if raw_count is None:
+        return profile_key, 1
+    return profile_key, _runner_count(raw_count)
+
+
+def _runner_count(raw: str) -> int:
+    # ASCII digits only: `int()` would also take signs, spaces, underscores and other scripts'
+    # digits, and upstream's usize parse takes none of those (bar a leading "+").
+    if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_COUNT_DIGITS:
+        count = int(raw)
+        if count <= MAX_RUNNER_COUNT:
+            return count
+    raise MonitorError(f"Bad self_hosted_runner_count in artifact: {raw[:40]!r}", status=FORBIDDEN)
+
+
+def validate_select(
+    github: GitHub,
+    *,
+    allowed_prefix: str | None,
+    max_age: timedelta,
+    unique_id: str,
+    qualified_repo: str,
+    run_id: str,
+    now: datetime,
+) -> tuple[str, int]:
+    """Validate a tokenless select request against its args artifact (spec §10.1).
+
+    Returns `(profile_key, runner_count)`. Raises `MonitorError` (403) if `qualified_repo`
+    does not start with `allowed_prefix` (None allows nothing) or is not `owner/repo`; if the
+    run (`run_id` must be all digits) has no unexpired artifact named
+    `servo-ci-runners_<unique_id>`; if that artifact is older than `max_age` or dated more than
+    a minute after `now`; if its first file is not readable UTF-8 text; or if its args do not
+    match the request (`check_args`). Errors from `github` propagate unchanged.
+    """
+    if (
+        allowed_prefix is None
+        or not qualified_repo.startswith(allowed_prefix)
+        or not _is_qualified_repo(qualified_repo)
+    ):
+        raise MonitorError("Not allowed on this qualified_repo", status=FORBIDDEN)
+
+    name = artifact_name(unique_id)
+    if not (run_id.isascii() and run_id.isdigit()):
+        # Run ids are integers; anything else has no artifacts (and must not reach a URL).
+        raise MonitorError(f"No args artifact found: {name}", status=FORBIDDEN)
+    artifact = next(
+        (
+            a
+            for a in github.list_artifacts(qualified_repo, run_id)
+            if a.name == name and not a.expired
+        ),
+        None,
+    )
+    if artifact is None:
+        raise MonitorError(f"No args artifact found: {name}", status=FORBIDDEN)
+
+    age = now - artifact.created_at
+    if age > max_age:
+        raise MonitorError(
+            f"Args artifact is too old ({int(age.total_seconds())}s): {name}", status=FORBIDDEN
+        )
+    if -age > MAX_CLOCK_SKEW:
+        raise MonitorError(
+            f"Args artifact is from the future ({int(-age.total_seconds())}s ahead): {name}",
+            status=FORBIDDEN,
+        )
+
+    text = _first_file_text(github.download_artifact(artifact.archive_download_url))
+    profile_key, runner_count = check_args(
+        parse_args_file(text), unique_id=unique_id, qualified_repo=qualified_repo, run_id=run_id
+    )
+    log.info(
+        "Tokenless select for %s run %s (%s): %d x %r",
+        qualified_repo,
+        run_id,
+        name,
+        runner_count,
+        profile_key,
+    )
+    return profile_key, runner_count
+
+
+def _is_qualified_repo(qualified_repo: str) -> bool:
+    if not _QUALIFIED_REPO_RE.fullmatch(qualified_repo):
+        return False
+    return not any(part in (".", "..") for part in qualified_repo.split("/"))
+
+
+def _first_file_text(data: bytes) -> str:
+    """The first file (directories skipped) of a zip archive, decoded as UTF-8."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entry = next((i for i in archive.infolist() if not i.is_dir()), None)
+            if entry is None:
+                raise _unreadable("the archive has no files")
+            if entry.file_size > MAX_ARGS_FILE_BYTES:
+                raise _unreadable(f"{_shown(entry)} is larger than {MAX_ARGS_FILE_BYTES} bytes")
+            # zipfile never inflates more than the claimed `file_size` (checked above); a member
+            # that claims less than it holds fails its CRC check (BadZipFile).
+            raw = archive.read(entry)
+    except MonitorError:
+        raise
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        ValueError,
+        RuntimeError,  # encrypted entries; NotImplementedError: unknown compression methods
+    ) as e:
+        raise _unreadable(f"not a valid zip archive ({type(e).__name__}: {e})"[:200]) from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _unreadable(f"{_shown(entry)} is not UTF-8 text") from e
+
+
+def _shown(entry: zipfile.ZipInfo) -> str:
+    # The file name comes from the caller's artifact: quoted and bounded for messages and logs.
+    return repr(entry.filename[:100])
+
+
+def _unreadable(reason: str) -> MonitorError:
+    return MonitorError(f"Unreadable args artifact: {reason}", status=FORBIDDEN)
