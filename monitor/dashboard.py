@@ -6,15 +6,19 @@ id order, the JIT config never included), so the queue and other clients keep wo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from datetime import timedelta
+from typing import TYPE_CHECKING
 from typing import Any
 
-from monitor.loop import Observation
 from monitor.policy import Registration
 from monitor.policy import Runner
 from monitor.policy import RunnerCounts
+
+if TYPE_CHECKING:
+    from monitor.loop import Observation
 
 STATUS_CSS = {
     "Invalid": "invalid",
@@ -79,7 +83,11 @@ def counts_json(counts: RunnerCounts) -> dict[str, Any]:
     }
 
 
-def dashboard_json(observation: Observation, external_base_url: str) -> dict[str, Any]:
+def dashboard_json(
+    observation: Observation, external_base_url: str, addresses: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Upstream's /dashboard.json, plus each runner's `status` (upstream's status names)."""
+    addresses = addresses or {}
     return {
         "profile_runner_counts": {
             key: counts_json(counts) for key, counts in sorted(observation.counts.items())
@@ -87,8 +95,10 @@ def dashboard_json(observation: Observation, external_base_url: str) -> dict[str
         "runners": [
             {
                 "id": runner.id,
-                "runner": runner_json(runner),
+                "runner": runner_json(runner, addresses.get(runner.guest_name or "")),
+                # Upstream points at runner/<id>/screenshot, which matches no route (§11.1).
                 "screenshot_url": f"{external_base_url}runner/{runner.id}/screenshot.png",
+                "status": runner.status.value,
             }
             for runner in observation.runners
         ],

@@ -17,10 +17,14 @@ Imports policy, models, errors, and the GitHub/Hypervisor *protocols* only.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
@@ -31,6 +35,7 @@ from datetime import timedelta
 from typing import Any
 from typing import Protocol
 
+from monitor import dashboard
 from monitor import models
 from monitor import policy
 from monitor.errors import MonitorError
@@ -40,6 +45,13 @@ log = logging.getLogger(__name__)
 
 # Upstream's JIT work folders by image kind; everything else is Linux-like.
 WORK_FOLDERS = {"windows": "C:\\a", "macos": "/Users/servo/a"}
+# Threads for reservation label calls: enough for the takes of a busy CI hour at once.
+RESERVE_WORKERS = 32
+# How soon to look at GitHub again after serving a JIT config: the runner is about to come
+# online (spec §9.2).
+JIT_SERVED_REFRESH = timedelta(seconds=10)
+# Reservations are remembered (for retried takes) this long.
+RESERVATION_MEMORY = timedelta(days=2)
 # Back-off after a GitHub list failure with no Retry-After.
 DEFAULT_GITHUB_BACKOFF = timedelta(seconds=10)
 # Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen
@@ -209,6 +221,31 @@ class Observation:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """The dashboard as served: rendered once per observation, not once per request."""
+
+    observation: Observation
+    json: bytes
+
+
+@dataclass
+class _Take:
+    """A reservation in progress for one workflow job (its `unique_id`)."""
+
+    unique_id: str
+    profile: str
+    count: int
+    qualified_repo: str
+    run_id: str
+    runners: list[policy.Runner]
+    future: Future = field(default_factory=Future)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reserved: dict[int, policy.Registration] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    pending: int = 0
+
+
 @dataclass
 class _Request:
     func: Callable[[], Any]
@@ -246,6 +283,15 @@ class Monitor:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._reconcile_queued = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="monitor-worker")
+        # Reservations are short GitHub calls that clients wait for: their own, wider pool, so
+        # a slow create never delays a take and concurrent takes' label calls overlap.
+        self._reservers = ThreadPoolExecutor(
+            max_workers=RESERVE_WORKERS, thread_name_prefix="monitor-reserve"
+        )
+        self._takes: dict[str, _Take] = {}
+        self._reserving: set[int] = set()
+        self._addresses: dict[str, str] = {}
+        self.rendered: Rendered | None = None
         self._in_flight: dict[int, str] = {}
         self._create_backoff = Backoff()
         self._destroy_backoff = Backoff()
@@ -271,6 +317,7 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(timeout)
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self._reservers.shutdown(wait=True, cancel_futures=True)
 
     def request_reconcile(self) -> None:
         """Ask for a reconcile pass; requests made while one is queued are merged."""
@@ -281,9 +328,11 @@ class Monitor:
     def call(self, func: Callable[[], Any], timeout: float) -> Any:
         """Run `func` on the monitor thread and return its result (raising its error).
 
-        Raises MonitorError(503) when no answer comes within `timeout`; the request is then
-        abandoned and its eventual result dropped (upstream crashed here, spec §2.3).
+        If `func` returns a Future (work it handed to its workers), wait for that too, within
+        the same `timeout`. Raises MonitorError(503) when no answer comes in time; the request
+        is then abandoned and its eventual result dropped (upstream crashed here, spec §2.3).
         """
+        deadline = time.monotonic() + timeout
         request = _Request(func)
         self._requests.put(request)
         if not request.done.wait(timeout):
@@ -291,7 +340,13 @@ class Monitor:
             raise MonitorError("the monitor thread did not answer in time", status=503)
         if request.error is not None:
             raise request.error
-        return request.result
+        result = request.result
+        if isinstance(result, Future):
+            try:
+                return result.result(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise MonitorError("the monitor did not finish in time", status=503) from None
+        return result
 
     def _run(self) -> None:
         log.info("monitor thread started")
@@ -396,7 +451,7 @@ class Monitor:
             records,
             runner_prefix=self.runner_prefix,
             suffix=self.config.github_api_suffix,
-            in_flight=self._in_flight.keys(),
+            in_flight=self._in_flight.keys() | self._reserving,
         )
         self._report_ignored(ignored, now)
         present = {runner.id for runner in runners}
@@ -418,7 +473,7 @@ class Monitor:
             log.error("tick: policy failed: %s", error)
             changes = None
         observation = Observation(now, runners, counts, ignored, changes, self.override)
-        self.observation = observation
+        self._observe(observation)
         if changes is None or self._registrations_too_stale(now):
             return observation
         self._dispatch(changes, runners, now)
@@ -491,9 +546,15 @@ class Monitor:
     def _publish_error(self, now: datetime, error: str) -> None:
         previous = self.observation
         if previous is None:
-            self.observation = Observation(now, [], {}, [], None, self.override, error)
+            self._observe(Observation(now, [], {}, [], None, self.override, error))
         else:
-            self.observation = replace(previous, at=now, error=error)
+            self._observe(replace(previous, at=now, error=error))
+
+    def _observe(self, observation: Observation) -> None:
+        """Publish an observation and its rendered dashboard (served as is, per request)."""
+        body = dashboard.dashboard_json(observation, self.config.external_base_url, self._addresses)
+        self.observation = observation
+        self.rendered = Rendered(observation, json.dumps(body, sort_keys=True).encode())
 
     def _adopt(
         self, registrations: list[policy.Registration], guest_names: list[str], now: datetime
@@ -720,6 +781,263 @@ class Monitor:
         # while the monitor thread changes it.
         return dict(self._in_flight)
 
+    # Takes (monitor thread; the web layer reaches this through `call`) --------------------
+
+    def take(
+        self, profile_key: str, count: int, unique_id: str, qualified_repo: str, run_id: str
+    ) -> Future:
+        """Reserve up to `count` Idle runners of a profile for one job (spec §3.3).
+
+        Decides here, on the monitor thread, which runners go to this job (so concurrent
+        takes never share one); the label calls run on the reserve pool, concurrently with
+        other takes'. The Future resolves to upstream's answer: a list of
+        {"id", "runner"} (the runner as it was before the reservation), or None when no
+        runner is idle. The same `unique_id` again (a client retrying) gets the same
+        runners; with another profile or count it is a 409. A reservation that fails
+        half-way is rolled back and answered with 502 (servo/ci-runners#56).
+        """
+        if profile_key not in self.config.profiles:
+            raise MonitorError(f"No profile with key: {profile_key}", status=404)
+        if self.observation is None:
+            raise MonitorError("Monitor thread is still starting", status=503)
+        take = self._takes.get(unique_id)
+        if take is not None:
+            self._check_same_take(unique_id, take.profile, take.count, profile_key, count)
+            return take.future
+        done: Future = Future()
+        previous = models.get_reservation(unique_id)
+        if previous is not None:
+            self._check_same_take(unique_id, previous.profile, previous.count, profile_key, count)
+            done.set_result(self._take_answer(previous.ids))
+            return done
+        chosen = self._idle_runners(profile_key)[:count]
+        if not chosen:
+            done.set_result(None)
+            return done
+        take = _Take(unique_id, profile_key, count, qualified_repo, run_id, chosen)
+        take.pending = len(chosen)
+        self._takes[unique_id] = take
+        self._reserving.update(runner.id for runner in chosen)
+        labels = _reservation_labels(unique_id, qualified_repo, run_id, self.clock())
+        for runner in chosen:
+            self._reservers.submit(self._reserve_worker, take, runner, labels)
+        return take.future
+
+    @staticmethod
+    def _check_same_take(
+        unique_id: str, profile: str, count: int, profile_key: str, asked: int
+    ) -> None:
+        if (profile, count) != (profile_key, asked):
+            raise MonitorError(
+                f"unique_id {unique_id} was already used to take {count} runner(s) of "
+                f"{profile}; it cannot take {asked} of {profile_key}",
+                status=409,
+            )
+
+    def _idle_runners(self, profile_key: str) -> list[policy.Runner]:
+        """Idle runners of a profile as of now: the last observation's runners with the
+        registration the cache holds now (it has every reservation already made)."""
+        assert self.observation is not None
+        current = {r.id: r for r in self.registrations.snapshot() or []}
+        idle = []
+        for runner in self.observation.runners:
+            if runner.profile != profile_key or runner.registration is None:
+                continue
+            if runner.id in self._reserving or runner.id in self._in_flight:
+                continue
+            registration = current.get(runner.registration.id)
+            if registration is None:
+                continue
+            runner = replace(runner, registration=registration)
+            if runner.status is policy.Status.IDLE:
+                idle.append(runner)
+        return sorted(idle, key=lambda runner: runner.id)
+
+    def _take_answer(self, runner_ids: list[int]) -> list[dict[str, Any]]:
+        observed = {r.id: r for r in self.observation.runners} if self.observation else {}
+        answer = []
+        for runner_id in sorted(runner_ids):
+            runner = observed.get(runner_id)
+            if runner is not None:
+                entry = dashboard.runner_json(runner, self._addresses.get(runner.guest_name or ""))
+                answer.append({"id": runner_id, "runner": entry})
+        return answer
+
+    def _reserve_worker(self, take: _Take, runner: policy.Runner, labels: list[str]) -> None:
+        """Add the reservation labels to one runner; the last of a take's workers answers."""
+        assert runner.registration is not None
+        error: str | None = None
+        registration = runner.registration
+        try:
+            names = self.github.add_labels(registration.id, labels)
+            registration = replace(registration, labels=tuple(names))
+        except Exception as failure:  # noqa: BLE001 - reported in the answer
+            error = f"runner {runner.id}: {failure}"
+        with take.lock:
+            if error is None:
+                take.reserved[runner.id] = registration
+            else:
+                take.errors.append(error)
+            take.pending -= 1
+            last = take.pending == 0
+        if last:
+            self._finish_take(take, labels)
+
+    def _finish_take(self, take: _Take, labels: list[str]) -> None:
+        """Answer the client as soon as the label calls are back; bookkeeping follows on the
+        monitor thread."""
+        if take.errors:
+            for runner_id, registration in take.reserved.items():
+                self._unreserve(runner_id, registration.id, labels)
+            message = "GitHub refused the reservation: " + "; ".join(take.errors)
+            log.error("take %s for %s failed: %s", take.unique_id, take.profile, message)
+            take.future.set_exception(MonitorError(message, status=502))
+        else:
+            ips = self._addresses
+            take.future.set_result(
+                [
+                    {"id": r.id, "runner": dashboard.runner_json(r, ips.get(r.guest_name or ""))}
+                    for r in take.runners
+                ]
+            )
+        self._post(lambda: self._take_done(take))
+
+    def _unreserve(self, runner_id: int, registration_id: int, labels: list[str]) -> None:
+        for label in labels:
+            try:
+                self.github.remove_label(registration_id, label)
+            except MonitorError as error:
+                # The runner keeps a reservation for nobody; the reserve timeout ends it.
+                log.error("rolling back runner %d's label %s failed: %s", runner_id, label, error)
+
+    def _take_done(self, take: _Take) -> None:
+        now = self.clock()
+        self._takes.pop(take.unique_id, None)
+        self._reserving.difference_update(runner.id for runner in take.runners)
+        if take.errors:
+            models.record_event(
+                "take-failed",
+                f"{take.unique_id} for {take.qualified_repo} run {take.run_id}: "
+                + "; ".join(take.errors),
+                profile=take.profile,
+                at=now,
+            )
+        else:
+            for registration in take.reserved.values():
+                self.registrations.upsert(registration)
+            ids = sorted(take.reserved)
+            models.save_reservation(
+                take.unique_id,
+                take.profile,
+                take.count,
+                ids,
+                take.qualified_repo,
+                take.run_id,
+                now,
+            )
+            for runner_id in ids:
+                models.record_event(
+                    "reserve",
+                    f"reserved for {take.unique_id} "
+                    f"({take.qualified_repo}/actions/runs/{take.run_id})",
+                    runner_id=runner_id,
+                    profile=take.profile,
+                    at=now,
+                )
+            models.prune_reservations(now - RESERVATION_MEMORY)
+        self.request_reconcile()
+
+    # Guests (read-only; called from web and scheduler threads) ----------------------------
+
+    def refresh_addresses(self) -> dict[str, str]:
+        """Look up the IPv4 address of every runner guest (libvirt reads only)."""
+        observation = self.observation
+        if observation is None:
+            return {}
+        addresses: dict[str, str] = {}
+        for runner in observation.runners:
+            if runner.guest_name is None:
+                continue
+            try:
+                address = self.hypervisor.ipv4_address(runner.guest_name)
+            except MonitorError as error:
+                log.debug("no address for %s: %s", runner.guest_name, error)
+                continue
+            if address is not None:
+                addresses[runner.guest_name] = address
+        for name, address in addresses.items():
+            if self._addresses.get(name) != address:
+                log.info("%s has address %s", name, address)
+        self._addresses = addresses
+        return addresses
+
+    def runner_for_address(self, address: str) -> policy.Runner:
+        """The runner whose guest has `address` (looked up again on a miss: the DHCP lease
+        may be newer than the last refresh). MonitorError(503) if there is none."""
+        wanted = _ipv4(address)
+        for attempt in range(2):
+            addresses = self._addresses if attempt == 0 else self.refresh_addresses()
+            observation = self.observation
+            if wanted is None or observation is None:
+                break
+            for runner in observation.runners:
+                if runner.guest_name and addresses.get(runner.guest_name) == wanted:
+                    return runner
+        raise MonitorError(f"No runner found with IP address: {address}", status=503)
+
+    def jit_config_for(self, address: str) -> str | None:
+        """The JIT config of the runner at `address` (None if it has none)."""
+        runner = self.runner_for_address(address)
+        row = models.get_runner(runner.id)
+        config = row.jit_config if row is not None else None
+        if config is not None:
+            log.info("serving the JIT config of runner %d to %s", runner.id, address)
+            self.registrations.invalidate_in(JIT_SERVED_REFRESH, self.clock())
+        return config
+
+    def boot_script_for(self, address: str) -> str:
+        """The boot script of the profile of the runner at `address`."""
+        runner = self.runner_for_address(address)
+        path = self.config.profiles[runner.profile].config_dir / "boot-script"
+        try:
+            return path.read_text()
+        except OSError as error:
+            raise MonitorError(f"cannot read {path}: {error.strerror}", status=503) from None
+
+    def screenshot_now(self, runner_id: int) -> bytes:
+        """A fresh screenshot of a runner's guest, as PNG."""
+        observation = self.observation
+        runner = (
+            next((r for r in observation.runners if r.id == runner_id), None)
+            if observation
+            else None
+        )
+        if runner is None:
+            raise MonitorError(f"No runner with id: {runner_id}", status=404)
+        if runner.guest_name is None:
+            raise MonitorError(f"Runner {runner_id} has no libvirt guest", status=404)
+        return self.hypervisor.screenshot_png(runner.guest_name)
+
+    def refresh_screenshots(self) -> int:
+        """Save a screenshot of every running runner guest under data/runners/<id>/."""
+        observation = self.observation
+        saved = 0
+        for runner in observation.runners if observation else []:
+            if runner.guest_name is None:
+                continue
+            try:
+                png = self.hypervisor.screenshot_png(runner.guest_name)
+            except MonitorError as error:
+                log.debug("no screenshot of %s: %s", runner.guest_name, error)
+                continue
+            directory = self.config.data_path / "runners" / str(runner.id)
+            directory.mkdir(parents=True, exist_ok=True)
+            partial = directory / "screenshot.png.new"
+            partial.write_bytes(png)
+            partial.replace(directory / "screenshot.png")
+            saved += 1
+        return saved
+
     # Override (monitor thread; the web layer reaches these through `call`) -----------------
 
     def set_override(self, counts: dict[str, int]) -> policy.Override:
@@ -741,6 +1059,28 @@ class Monitor:
             models.record_event("override", "override cancelled")
             self.request_reconcile()
         return previous
+
+
+def _reservation_labels(
+    unique_id: str, qualified_repo: str, run_id: str, now: datetime
+) -> list[str]:
+    """Upstream's reservation labels (spec §4.6)."""
+    return [
+        f"{policy.RESERVED_FOR}:{unique_id}",
+        f"{policy.RESERVED_SINCE}:{int(now.timestamp())}",
+        f"reserved-by:{qualified_repo}/actions/runs/{run_id}",
+    ]
+
+
+def _ipv4(address: str) -> str | None:
+    """An IPv4 address as text, unwrapping IPv4-mapped IPv6; None for anything else."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return str(parsed) if isinstance(parsed, ipaddress.IPv4Address) else None
 
 
 def _retry_after(error: BaseException) -> float | None:

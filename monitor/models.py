@@ -29,7 +29,7 @@ from monitor.policy import RunnerRecord
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_FILENAME = "monitor.sqlite3"
 # Keep the event log bounded: a busy host writes a few events a minute.
 MAX_EVENTS = 20_000
@@ -90,7 +90,24 @@ class Event(BaseModel):
     profile = CharField(null=True)
 
 
-MODELS = (Setting, Runner, Event)
+class Reservation(BaseModel):
+    """The runners a take gave to one workflow job, so a retried request (curl --retry)
+    gets the same runners back instead of a second set."""
+
+    unique_id = CharField(primary_key=True)
+    profile = CharField()
+    count = IntegerField()
+    runner_ids = TextField()  # JSON list, ascending
+    qualified_repo = CharField()
+    run_id = CharField()
+    created_at = TimestampField(index=True)
+
+    @property
+    def ids(self) -> list[int]:
+        return [int(i) for i in json.loads(self.runner_ids)]
+
+
+MODELS = (Setting, Runner, Event, Reservation)
 
 
 def open_store(data_path: Path) -> Path:
@@ -143,10 +160,14 @@ def migrate() -> None:
 
 
 def _migration_1() -> None:
-    db.create_tables(MODELS)
+    db.create_tables((Setting, Runner, Event))
 
 
-_MIGRATIONS = {1: _migration_1}
+def _migration_2() -> None:
+    db.create_tables((Reservation,))
+
+
+_MIGRATIONS = {1: _migration_1, 2: _migration_2}
 
 
 def _get(key: str) -> str | None:
@@ -258,6 +279,38 @@ def mark_destroyed(runner_ids: Iterable[int], at: datetime) -> None:
 
 def revive_runner(runner_id: int) -> None:
     Runner.update(destroyed_at=None).where(Runner.id == runner_id).execute()
+
+
+# Reservations -------------------------------------------------------------------------------
+
+
+def get_reservation(unique_id: str) -> Reservation | None:
+    return Reservation.get_or_none(Reservation.unique_id == unique_id)
+
+
+def save_reservation(
+    unique_id: str,
+    profile: str,
+    count: int,
+    runner_ids: list[int],
+    qualified_repo: str,
+    run_id: str,
+    at: datetime,
+) -> None:
+    Reservation.insert(
+        unique_id=unique_id,
+        profile=profile,
+        count=count,
+        runner_ids=json.dumps(sorted(runner_ids)),
+        qualified_repo=qualified_repo,
+        run_id=run_id,
+        created_at=at,
+    ).on_conflict_replace().execute()
+
+
+def prune_reservations(before: datetime) -> int:
+    """Forget reservations older than `before` (their runners are long gone)."""
+    return Reservation.delete().where(Reservation.created_at < before).execute()
 
 
 # Override -----------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 # How often the registrations job wakes to see whether the cache is due (the cache decides,
 # honouring api_cache_timeout, forced expiries and back-off).
 REGISTRATIONS_CHECK_SECONDS = 1.0
+# Guest addresses (for /boot and /github-jitconfig; a miss looks again at once) and screenshots.
+ADDRESSES_SECONDS = 5.0
+SCREENSHOTS_SECONDS = 5.0
 
 
 def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
@@ -32,6 +35,16 @@ def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
         seconds=REGISTRATIONS_CHECK_SECONDS,
         id="refresh-registrations",
         next_run_time=datetime.now(UTC),  # at once, then every second
+    )
+    # Read-only libvirt work, off the monitor thread (libvirt connections are thread-safe).
+    scheduler.add_job(
+        monitor.refresh_addresses, "interval", seconds=ADDRESSES_SECONDS, id="refresh-addresses"
+    )
+    scheduler.add_job(
+        monitor.refresh_screenshots,
+        "interval",
+        seconds=SCREENSHOTS_SECONDS,
+        id="refresh-screenshots",
     )
     scheduler.add_job(
         monitor.request_reconcile,

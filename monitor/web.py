@@ -1,21 +1,30 @@
-"""The HTTP edge: `make_app(...)` builds a Bottle app whose routes read the monitor's last
-observation and the store. Routes never call libvirt or GitHub; anything that changes state
-is a request to the monitor thread. Errors are JSON `{"error": …}` under the API and
-`error.tpl` for pages; a traceback never reaches a client.
+"""The HTTP edge: `make_app(config, monitor)` builds the Bottle app serving upstream's monitor
+API (spec §3) and the dashboard.
+
+Routes parse and check their input, then read the monitor's last observation and the store,
+or hand a request to the monitor thread (`Monitor.call`) for anything that changes state.
+Read-only lookups go through the monitor's adapters off that thread: guest addresses and
+screenshots (libvirt), and a tokenless select's args artifact (GitHub). Errors are JSON
+`{"error": …}` with a precise status; only pages meant for a browser render `error.tpl`; a
+traceback never reaches a client.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
+import re
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import bottle
 
 from monitor import dashboard
-from monitor import models
+from monitor import tokenless
 from monitor.errors import MonitorError
 from monitor.loop import Monitor
 
@@ -36,30 +45,44 @@ def asset_dir(name: str, prefix: str = sys.prefix) -> Path:
 VIEWS = asset_dir("views")
 STATIC = asset_dir("static")
 NOT_READY = "Monitor thread is still starting or not responding"
+JSON = "application/json"
+TEXT = "text/plain; charset=utf-8"
+HTML = "text/html; charset=utf-8"
+PNG = "image/png"
+# curl --retry honours Retry-After on a 503.
+RETRY_AFTER_SECONDS = "5"
+_QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+_BROWSER_PATHS = ("/", "/dashboard.html")
 
 
 def _json(data: Any, status: int = 200) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(
-        json.dumps(data, sort_keys=True), status=status, content_type="application/json"
-    )
+    return bottle.HTTPResponse(json.dumps(data, sort_keys=True), status=status, content_type=JSON)
 
 
 def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     app = bottle.Bottle()
     lookup = [str(VIEWS)]
+    expected_authorization = f"Bearer {config.api_token}".encode()
 
     def render(name: str, **values: Any) -> str:
         return bottle.template(name, template_lookup=lookup, **values)
 
-    def wants_json() -> bool:
-        path = bottle.request.path
-        return path.endswith(".json") or path.startswith(("/api/", "/policy/", "/profile/"))
+    def wants_html() -> bool:
+        request = bottle.request
+        return request.path in _BROWSER_PATHS or (
+            "text/html" in request.get_header("Accept", "") and request.method == "GET"
+        )
 
     def error_response(status: int, message: str) -> bottle.HTTPResponse:
-        if wants_json():
-            return _json({"error": message}, status)
-        body = render("error", status=status, message=message)
-        return bottle.HTTPResponse(body, status=status, content_type="text/html; charset=utf-8")
+        headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else {}
+        if not wants_html():
+            response = _json({"error": message}, status)
+        else:
+            body = render("error", status=status, message=message)
+            response = bottle.HTTPResponse(body, status=status, content_type=HTML)
+        for name, value in headers.items():
+            response.set_header(name, value)
+        return response
 
     def handle_errors(callback: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -77,30 +100,104 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     app.install(handle_errors)
 
-    for code in (404, 405, 500):
-        app.error(code)(lambda err, code=code: error_response(code, str(err.body or err.status)))
+    for code, text in ((404, "Not found"), (405, "Method not allowed"), (500, "Internal error")):
+        app.error(code)(lambda err, text=text, code=code: error_response(code, text))
+
+    # Request checks -----------------------------------------------------------------------
+
+    def require_token() -> None:
+        """Upstream's auth: no header → 401, a wrong one → 403 (checked before parameters)."""
+        given = bottle.request.get_header("Authorization")
+        if given is None:
+            raise MonitorError("Authorization: Bearer <monitor API token> required", 401)
+        if not hmac.compare_digest(given.encode(), expected_authorization):
+            raise MonitorError("wrong monitor API token", 403)
+
+    def client_address() -> str:
+        """The guest's address: the TCP peer, or X-Real-IP when the peer is a trusted proxy
+        (upstream believed X-Real-IP from anyone, so a guest could claim another's IP)."""
+        peer = bottle.request.environ.get("REMOTE_ADDR", "")
+        forwarded = bottle.request.get_header("X-Real-IP")
+        if forwarded and _in_networks(peer, config.trusted_proxies):
+            try:
+                return str(ipaddress.ip_address(forwarded.strip()))
+            except ValueError:
+                raise MonitorError(f"bad X-Real-IP header: {forwarded!r}", 422) from None
+        return peer
+
+    def take_params() -> tuple[str, str, str]:
+        query = bottle.request.query
+        unique_id = _required(query, "unique_id")
+        qualified_repo = _required(query, "qualified_repo")
+        run_id = _required(query, "run_id")
+        try:
+            unique_id = str(uuid.UUID(unique_id))
+        except ValueError:
+            raise MonitorError(f"unique_id must be a UUID, got {unique_id!r}", 422) from None
+        if not _QUALIFIED_REPO.fullmatch(qualified_repo):
+            raise MonitorError(
+                f"qualified_repo must be <owner>/<repo>, got {qualified_repo!r}", 422
+            )
+        if not run_id.isdigit() or not run_id.isascii():
+            raise MonitorError(f"run_id must be a number, got {run_id!r}", 422)
+        return unique_id, qualified_repo, run_id
+
+    def parse_count(text: str) -> int:
+        if not text.isdigit() or not text.isascii():
+            raise MonitorError(f"count must be a number, got {text!r}", 422)
+        count = int(text)
+        if not 1 <= count <= config.take_max_count:
+            raise MonitorError(f"count must be 1 to {config.take_max_count}, got {count}", 422)
+        return count
+
+    def thread_timeout(extra: float = 0.0) -> float:
+        return (
+            config.monitor_thread_send_timeout.total_seconds()
+            + config.monitor_thread_recv_timeout.total_seconds()
+            + extra
+        )
+
+    def run_take(profile_key: str, count: int, params: tuple[str, str, str]) -> Any:
+        unique_id, qualified_repo, run_id = params
+        return monitor.call(
+            lambda: monitor.take(profile_key, count, unique_id, qualified_repo, run_id),
+            thread_timeout(count),  # upstream: recv timeout + count seconds
+        )
+
+    # Dashboard ----------------------------------------------------------------------------
 
     @app.get("/")
     def index() -> str:
         now = monitor.clock()
-        observation = monitor.observation
-        profiles = dashboard.overview(observation, list(config.profiles), now)
         return render(
             "index",
             config=config,
-            observation=observation,
-            profiles=profiles,
+            observation=monitor.observation,
+            profiles=dashboard.overview(monitor.observation, list(config.profiles), now),
             github_error=monitor.github_error,
-            events=models.recent_events(30),
+            events=_recent_events(),
             now=now,
         )
 
-    @app.get("/dashboard.json")
-    def dashboard_json() -> bottle.HTTPResponse:
+    @app.get("/dashboard.html")
+    def dashboard_html() -> bottle.HTTPResponse:
         observation = monitor.observation
         if observation is None:
-            raise MonitorError(NOT_READY, status=503)
-        return _json(dashboard.dashboard_json(observation, config.external_base_url))
+            raise MonitorError(NOT_READY, 503)
+        now = monitor.clock()
+        body = render(
+            "fragment",
+            observation=observation,
+            profiles=dashboard.overview(observation, list(config.profiles), now),
+        )
+        return bottle.HTTPResponse(body, content_type=HTML)
+
+    @app.get("/dashboard.json")
+    def dashboard_json() -> bottle.HTTPResponse:
+        rendered = monitor.rendered
+        if rendered is None:
+            raise MonitorError(NOT_READY, 503)
+        return bottle.HTTPResponse(rendered.json, content_type=JSON)
 
     @app.get("/healthz")
     def healthz() -> bottle.HTTPResponse:
@@ -113,8 +210,162 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             }
         )
 
+    # Reservations -------------------------------------------------------------------------
+
+    @app.post("/profile/<profile_key>/take")
+    @app.post("/profile/<profile_key>/take/<count>")
+    def take(profile_key: str, count: str = "1") -> bottle.HTTPResponse:
+        require_token()
+        number = parse_count(count)
+        return _json(run_take(profile_key, number, take_params()))
+
+    @app.post("/select-runner")
+    def select_runner() -> bottle.HTTPResponse:
+        if config.queue_member:
+            raise MonitorError("Tokenless select is disabled due to `queue_member` setting", 409)
+        params = take_params()
+        unique_id, qualified_repo, run_id = params
+        profile_key, count = tokenless.validate_select(
+            monitor.github,
+            allowed_prefix=config.allowed_qualified_repo_prefix,
+            max_age=config.tokenless_select_artifact_max_age,
+            unique_id=unique_id,
+            qualified_repo=qualified_repo,
+            run_id=run_id,
+            now=monitor.clock(),
+        )
+        if not 1 <= count <= config.take_max_count:
+            raise MonitorError(
+                f"Bad self_hosted_runner_count in artifact: {count} (1 to {config.take_max_count})",
+                403,
+            )
+        return _json(run_take(profile_key, count, params))
+
+    # Guests (identified by their address) -------------------------------------------------
+
+    @app.get("/github-jitconfig")
+    def github_jitconfig() -> bottle.HTTPResponse:
+        return _json(monitor.jit_config_for(client_address()))
+
+    @app.get("/boot")
+    def boot() -> bottle.HTTPResponse:
+        return bottle.HTTPResponse(monitor.boot_script_for(client_address()), content_type=TEXT)
+
+    # Screenshots --------------------------------------------------------------------------
+
+    @app.get("/profile/<profile_key>/screenshot.png")
+    def profile_screenshot(profile_key: str) -> bottle.HTTPResponse:
+        if profile_key not in config.profiles:
+            raise MonitorError(f"No profile with key: {profile_key}", 404)
+        return _png_file(config.data_path / "profiles" / profile_key / "screenshot.png")
+
+    @app.get("/runner/<runner_id>/screenshot.png")
+    def runner_screenshot(runner_id: str) -> bottle.HTTPResponse:
+        number = _runner_id(runner_id)
+        return _png_file(config.data_path / "runners" / str(number) / "screenshot.png")
+
+    @app.get("/runner/<runner_id>/screenshot/now")
+    def runner_screenshot_now(runner_id: str) -> bottle.HTTPResponse:
+        png = monitor.screenshot_now(_runner_id(runner_id))
+        return bottle.HTTPResponse(png, content_type=PNG, headers={"Cache-Control": "no-store"})
+
+    # Policy override ----------------------------------------------------------------------
+
+    @app.get("/policy/override")
+    def get_override() -> bottle.HTTPResponse:
+        override = monitor.override
+        return _json(override.to_json() if override is not None else None)
+
+    @app.post("/policy/override")
+    def post_override() -> bottle.HTTPResponse:
+        require_token()
+        counts = {}
+        for key, value in bottle.request.query.allitems():
+            if not value.isdigit() or not value.isascii():
+                raise MonitorError(f"{key}: expected a non-negative integer, got {value!r}", 422)
+            counts[key] = int(value)
+        override = monitor.call(lambda: monitor.set_override(counts), thread_timeout())
+        return _json(override.to_json())
+
+    @app.delete("/policy/override")
+    def delete_override() -> bottle.HTTPResponse:
+        require_token()
+        override = monitor.call(monitor.clear_override, thread_timeout())
+        return _json(override.to_json() if override is not None else None)
+
+    # Static trees for guests --------------------------------------------------------------
+
+    @app.get("/image-deps/")
+    @app.get("/image-deps/<path:path>")
+    def image_deps(path: str = "") -> Any:
+        return _static(config.image_deps_dir, path, "/image-deps/")
+
+    @app.get("/cache/servo/")
+    @app.get("/cache/servo/<path:path>")
+    def cached_servo(path: str = "") -> Any:
+        # Dotfiles included: guests `git clone http://…/cache/servo/.git` (dumb HTTP).
+        return _static(config.main_repo_path, path, "/cache/servo/")
+
     @app.get("/static/<path:path>")
     def static(path: str) -> Any:
-        return bottle.static_file(path, root=str(STATIC))
+        return _static(STATIC, path, "/static/")
 
     return app
+
+
+def _required(query: bottle.FormsDict, name: str) -> str:
+    value = query.get(name)
+    if value is None or value == "":
+        raise MonitorError(f"missing query parameter {name}", 422)
+    return query.getunicode(name) or value
+
+
+def _runner_id(text: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise MonitorError(f"runner id must be a number, got {text!r}", 422)
+    return int(text)
+
+
+def _in_networks(address: str, networks: Any) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        parsed = parsed.ipv4_mapped
+    return any(parsed in network for network in networks)
+
+
+def _png_file(path: Path) -> bottle.HTTPResponse:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MonitorError(f"no screenshot yet ({path.name})", 404) from None
+    except OSError as error:
+        raise MonitorError(f"cannot read the screenshot: {error.strerror}", 503) from None
+    return bottle.HTTPResponse(data, content_type=PNG, headers={"Cache-Control": "no-cache"})
+
+
+def _static(root: Path | None, path: str, mount: str) -> Any:
+    """A file under `root`, never outside it (symlinks included). A directory asked for
+    without its trailing slash is redirected to it, then 404: no listings (as upstream)."""
+    if root is None:
+        raise MonitorError(f"{mount} is not configured on this monitor", 404)
+    base = root.resolve()
+    target = (base / path).resolve()
+    if target != base and base not in target.parents:
+        raise MonitorError("Not found", 404)
+    if target.is_dir():
+        if path and not path.endswith("/"):
+            raise bottle.HTTPResponse(status=301, headers={"Location": f"{mount}{path}/"})
+        raise MonitorError("Not found (no directory listings)", 404)
+    response = bottle.static_file(str(target.relative_to(base)), root=str(base))
+    if isinstance(response, bottle.HTTPError):
+        raise MonitorError(str(response.body), response.status_code)
+    return response
+
+
+def _recent_events() -> list[Any]:
+    from monitor import models
+
+    return models.recent_events(30)

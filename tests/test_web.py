@@ -89,10 +89,11 @@ def test_status_page_lists_profiles_runners_and_events(app):
 
 def test_errors_are_json_for_api_and_html_for_pages(app):
     client, monitor, github, clock = app
-    missing = client.get("/no/such/page", status=404)
+    missing = client.get("/no/such/page", headers={"Accept": "text/html"}, status=404)
     assert missing.content_type == "text/html"
     assert "404" in missing.text
-    api = client.get("/profile/linux/nothing", status=404)
+    api = client.get("/profile/linux/nothing", status=404)  # curl: Accept */*
+    assert api.content_type == "application/json"
     assert api.json["error"]
 
 
@@ -103,8 +104,8 @@ def test_unexpected_error_is_500_without_traceback(app, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(web.dashboard, "dashboard_json", explode)
-    response = client.get("/dashboard.json", status=500)
+    monkeypatch.setattr(monitor, "jit_config_for", explode)
+    response = client.get("/github-jitconfig", status=500)
     assert response.json == {"error": "internal error; see the monitor's log"}
     assert "secret internals" not in response.text
     assert "Traceback" not in response.text
