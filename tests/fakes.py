@@ -63,6 +63,30 @@ class FakeGitHub(Armable):
         with self._lock:
             return self.runners.pop(registration_id, None) is not None
 
+    def add_labels(self, registration_id: int, labels) -> tuple[str, ...]:
+        self._call("add_labels", (registration_id, tuple(labels)))
+        from dataclasses import replace
+
+        with self._lock:
+            if registration_id not in self.runners:
+                raise MonitorError(f"GitHub: runner {registration_id}: 404", status=502)
+            runner = self.runners[registration_id]
+            runner = replace(runner, labels=runner.labels + tuple(labels))
+            self.runners[registration_id] = runner
+            return runner.labels
+
+    def remove_label(self, registration_id: int, name: str) -> bool:
+        self._call("remove_label", (registration_id, name))
+        from dataclasses import replace
+
+        with self._lock:
+            runner = self.runners.get(registration_id)
+            if runner is None or name not in runner.labels:
+                return False
+            labels = tuple(label for label in runner.labels if label != name)
+            self.runners[registration_id] = replace(runner, labels=labels)
+            return True
+
     def set(self, registration_id: int, **changes) -> None:
         from dataclasses import replace
 
@@ -84,6 +108,7 @@ class FakeHypervisor(Armable):
         super().__init__()
         self.guests: dict[str, FakeGuest] = {}
         self.volumes: set[str] = set()
+        self.addresses: dict[str, str] = {}
         self.destroyed: list[str] = []
 
     def list_guests(self, prefix: str) -> list[FakeGuest]:
@@ -111,6 +136,18 @@ class FakeHypervisor(Armable):
             self.volumes.discard(f"{name}.qcow2")
             self.destroyed.append(name)
 
+    def ipv4_address(self, name: str) -> str | None:
+        self._call("ipv4_address", name)
+        with self._lock:
+            return self.addresses.get(name)
+
+    def screenshot_png(self, name: str) -> bytes:
+        self._call("screenshot_png", name)
+        with self._lock:
+            if name not in self.guests:
+                raise MonitorError(f"guest {name} does not exist", status=404)
+        return PNG
+
     def list_volumes(self, prefix: str) -> list[str]:
         self._call("list_volumes", prefix)
         with self._lock:
@@ -120,4 +157,15 @@ class FakeHypervisor(Armable):
         pass
 
 
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 3), "navy").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PNG = _tiny_png()
 TRANSIENT = TransientError("GitHub is having a moment", retry_after=None)

@@ -1,0 +1,407 @@
+"""Every API endpoint through WebTest: success and each error path, with status and content
+type. The monitor thread runs for real; GitHub and libvirt are hand-written fakes here (the
+real stand-in and libvirt's test driver are in test_api_e2e.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+import webtest
+
+from monitor import loop
+from monitor import models
+from monitor import web
+from monitor.errors import MonitorError
+from tests.fakes import PNG
+from tests.fakes import FakeGitHub
+from tests.fakes import FakeHypervisor
+from tests.test_loop import Clock
+
+TOKEN = "test-api-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = "application/json"
+
+
+class Rig:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.github = FakeGitHub()
+        self.hypervisor = FakeHypervisor()
+        self.clock = Clock()
+        self.monitor = loop.Monitor(self.config, self.github, self.hypervisor, clock=self.clock)
+        self.client = webtest.TestApp(web.make_app(self.config, self.monitor))
+
+    def converge(self, passes: int = 2) -> None:
+        """Reconcile until nothing is in flight (the monitor thread does the work)."""
+        for _ in range(passes):
+            self.monitor.refresh_registrations(force=True)
+            self.monitor.call(lambda: self.monitor.tick(self.clock()), 10)
+            deadline = time.monotonic() + 10
+            while self.monitor.in_flight and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def all_online(self) -> None:
+        for registration in list(self.github.runners.values()):
+            self.github.set(registration.id, status="online")
+        self.converge(1)
+
+    def take_url(self, profile="linux", count=None, unique_id=None, repo="test/servo", run="7"):
+        path = f"/profile/{profile}/take" + (f"/{count}" if count is not None else "")
+        unique_id = unique_id or str(uuid.uuid4())
+        return f"{path}?unique_id={unique_id}&qualified_repo={repo}&run_id={run}"
+
+
+@pytest.fixture
+def make_rig(make_config, store):
+    rigs = []
+
+    def make(**kwargs) -> Rig:
+        rig = Rig(make_config(**kwargs))
+        rig.monitor.start()
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.monitor.stop()
+
+
+@pytest.fixture
+def rig(make_rig) -> Rig:
+    rig = make_rig(targets={"linux": 3, "windows": 1})
+    rig.converge()
+    rig.all_online()
+    return rig
+
+
+def assert_error(response, status: int, content_type: str = JSON) -> str:
+    assert response.status_int == status
+    assert response.content_type == content_type
+    assert "Traceback" not in response.text
+    return response.json["error"]
+
+
+# Auth -------------------------------------------------------------------------------------
+
+
+def test_take_without_token_is_401_and_checked_before_parameters(rig):
+    response = rig.client.post("/profile/linux/take/zero?unique_id=x", status=401)
+    assert "Bearer" in assert_error(response, 401)
+
+
+def test_take_with_wrong_token_is_403(rig):
+    response = rig.client.post(rig.take_url(), headers={"Authorization": "Bearer nope"}, status=403)
+    assert_error(response, 403)
+    response = rig.client.post(rig.take_url(), headers={"Authorization": TOKEN}, status=403)
+    assert_error(response, 403)  # the exact string `Bearer <token>` is required
+
+
+# Takes ------------------------------------------------------------------------------------
+
+
+def test_take_reserves_one_idle_runner_with_upstreams_labels(rig):
+    unique_id = str(uuid.uuid4())
+    response = rig.client.post(rig.take_url(unique_id=unique_id, run="123"), headers=AUTH)
+    assert response.status_int == 200 and response.content_type == JSON
+    (entry,) = response.json
+    assert set(entry) == {"id", "runner"}
+    assert entry["runner"]["guest_name"] == f"ci-runner-linux.{entry['id']}"
+    # The runner as it was before the reservation (upstream's shape): no reserved-for label.
+    names = [label["name"] for label in entry["runner"]["registration"]["labels"]]
+    assert not any(name.startswith("reserved-for:") for name in names)
+    registration = rig.github.by_name(f"ci-runner-linux.{entry['id']}@host")
+    assert f"reserved-for:{unique_id}" in registration.labels
+    assert "reserved-by:test/servo/actions/runs/123" in registration.labels
+    since = [label for label in registration.labels if label.startswith("reserved-since:")]
+    assert since == [f"reserved-since:{int(rig.clock().timestamp())}"]
+    reservation = models.get_reservation(unique_id)
+    assert reservation.ids == [entry["id"]]
+
+
+def test_take_count_may_answer_fewer_and_lowest_ids_first(rig):
+    response = rig.client.post(rig.take_url(count=5), headers=AUTH)
+    assert [entry["id"] for entry in response.json] == [0, 1, 2]
+    assert rig.client.post(rig.take_url(count=2), headers=AUTH).json is None
+
+
+def test_take_with_nothing_idle_is_null(rig):
+    assert rig.client.post(rig.take_url(profile="windows"), headers=AUTH).json is not None
+    response = rig.client.post(rig.take_url(profile="windows"), headers=AUTH)
+    assert response.status_int == 200 and response.content_type == JSON
+    assert response.json is None
+
+
+def test_take_of_unknown_profile_is_404(rig):
+    response = rig.client.post(rig.take_url(profile="macos"), headers=AUTH, status=404)
+    assert "macos" in assert_error(response, 404)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "unique_id=not-a-uuid&qualified_repo=test/servo&run_id=1",
+        "qualified_repo=test/servo&run_id=1",
+        "unique_id={u}&run_id=1",
+        "unique_id={u}&qualified_repo=test/servo",
+        "unique_id={u}&qualified_repo=test/servo&run_id=12a",
+        "unique_id={u}&qualified_repo=noslash&run_id=1",
+        "unique_id={u}&qualified_repo=test/servo&run_id=",
+    ],
+)
+def test_take_with_malformed_parameters_is_422(rig, query):
+    url = "/profile/linux/take?" + query.format(u=uuid.uuid4())
+    assert_error(rig.client.post(url, headers=AUTH, status=422), 422)
+
+
+@pytest.mark.parametrize("count", ["0", "x", "-1", "33", "1.5"])
+def test_take_with_bad_count_is_422(rig, count):
+    url = f"/profile/linux/take/{count}?unique_id={uuid.uuid4()}&qualified_repo=a/b&run_id=1"
+    assert_error(rig.client.post(url, headers=AUTH, status=422), 422)
+
+
+def test_retried_take_gets_the_same_runners_and_a_different_ask_is_409(rig):
+    unique_id = str(uuid.uuid4())
+    first = rig.client.post(rig.take_url(count=2, unique_id=unique_id), headers=AUTH).json
+    again = rig.client.post(rig.take_url(count=2, unique_id=unique_id), headers=AUTH).json
+    assert [e["id"] for e in again] == [e["id"] for e in first]
+    label_calls = [c for c in rig.github.calls if c[0] == "add_labels"]
+    assert len(label_calls) == 2  # no second set was reserved
+    for url in (
+        rig.take_url(count=3, unique_id=unique_id),
+        rig.take_url(profile="windows", count=2, unique_id=unique_id),
+    ):
+        assert "already used" in assert_error(rig.client.post(url, headers=AUTH, status=409), 409)
+
+
+def test_reservation_failing_half_way_is_rolled_back_and_502(rig):
+    rig.github.fail_next("add_labels", MonitorError("GitHub POST labels: 500", status=502))
+    response = rig.client.post(rig.take_url(count=2), headers=AUTH, status=502)
+    assert "GitHub refused the reservation" in assert_error(response, 502)
+    for registration in rig.github.runners.values():
+        assert not any(label.startswith("reserved-") for label in registration.labels)
+    assert [c for c in rig.github.calls if c[0] == "remove_label"]
+    # The runners are free again for the next job.
+    assert len(rig.client.post(rig.take_url(count=2), headers=AUTH).json) == 2
+
+
+def test_take_before_the_first_observation_is_503_with_retry_after(make_rig):
+    rig = make_rig()
+    response = rig.client.post(rig.take_url(), headers=AUTH, status=503)
+    assert_error(response, 503)
+    assert response.headers["Retry-After"] == "5"
+
+
+# Tokenless select (artifact checks are in test_tokenless.py and test_api_e2e.py) -----------
+
+
+def test_select_runner_is_409_for_queue_members(make_rig):
+    rig = make_rig(extra="queue_member = true\n")
+    url = f"/select-runner?unique_id={uuid.uuid4()}&qualified_repo=test/servo&run_id=1"
+    assert "queue_member" in assert_error(rig.client.post(url, status=409), 409)
+
+
+def test_select_runner_with_malformed_parameters_is_422(rig):
+    url = "/select-runner?unique_id=nope&qualified_repo=test/servo&run_id=1"
+    assert_error(rig.client.post(url, status=422), 422)
+
+
+# Guests -----------------------------------------------------------------------------------
+
+
+def guest_rig(make_rig, **kwargs) -> Rig:
+    rig = make_rig(**kwargs)
+    rig.converge()
+    rig.hypervisor.addresses = {
+        "ci-runner-linux.0": "192.168.100.10",
+        "ci-runner-linux.1": "192.168.100.11",
+        "ci-runner-windows.2": "192.168.100.12",
+    }
+    boot = rig.config.profiles["linux"].config_dir / "boot-script"
+    boot.write_text("#!/bin/sh\necho booting linux\n")
+    return rig
+
+
+def test_guest_gets_its_own_jit_config_and_boot_script(make_rig):
+    rig = guest_rig(make_rig)
+    guest = {"REMOTE_ADDR": "192.168.100.11"}
+    response = rig.client.get("/github-jitconfig", extra_environ=guest)
+    assert response.content_type == JSON
+    assert response.json == models.get_runner(1).jit_config
+    boot = rig.client.get("/boot", extra_environ=guest)
+    assert boot.content_type == "text/plain" and boot.text == "#!/bin/sh\necho booting linux\n"
+
+
+def test_unknown_guest_address_is_503(make_rig):
+    rig = guest_rig(make_rig)
+    for path in ("/github-jitconfig", "/boot"):
+        response = rig.client.get(path, extra_environ={"REMOTE_ADDR": "10.9.9.9"}, status=503)
+        assert "10.9.9.9" in assert_error(response, 503)
+
+
+def test_missing_boot_script_is_503(make_rig):
+    rig = guest_rig(make_rig)
+    response = rig.client.get("/boot", extra_environ={"REMOTE_ADDR": "192.168.100.12"}, status=503)
+    assert "boot-script" in assert_error(response, 503)
+
+
+def test_x_real_ip_is_believed_only_from_trusted_proxies(make_rig):
+    rig = guest_rig(make_rig, extra='trusted_proxies = ["127.0.0.0/8"]\n')
+    proxied = {"REMOTE_ADDR": "127.0.0.1"}
+    response = rig.client.get(
+        "/github-jitconfig", headers={"X-Real-IP": "192.168.100.10"}, extra_environ=proxied
+    )
+    assert response.json == models.get_runner(0).jit_config
+    # From a guest (untrusted), X-Real-IP naming another guest is ignored: it gets its own.
+    spoofing = {"REMOTE_ADDR": "192.168.100.11"}
+    response = rig.client.get(
+        "/github-jitconfig", headers={"X-Real-IP": "192.168.100.10"}, extra_environ=spoofing
+    )
+    assert response.json == models.get_runner(1).jit_config
+
+
+def test_runner_without_jit_config_gets_null(make_rig):
+    rig = guest_rig(make_rig, extra="dont_register_runners = true\n")
+    response = rig.client.get("/github-jitconfig", extra_environ={"REMOTE_ADDR": "192.168.100.10"})
+    assert response.content_type == JSON and response.json is None
+
+
+# Screenshots ------------------------------------------------------------------------------
+
+
+def test_runner_screenshots(rig):
+    assert_error(rig.client.get("/runner/0/screenshot.png", status=404), 404)
+    assert rig.monitor.refresh_screenshots() == 4
+    response = rig.client.get("/runner/0/screenshot.png?=12345")  # the page's cache-buster
+    assert response.content_type == "image/png" and response.body == PNG
+    now = rig.client.get("/runner/1/screenshot/now")
+    assert now.content_type == "image/png" and now.body == PNG
+    assert_error(rig.client.get("/runner/abc/screenshot.png", status=422), 422)
+    assert_error(rig.client.get("/runner/abc/screenshot/now", status=422), 422)
+    assert_error(rig.client.get("/runner/99/screenshot/now", status=404), 404)
+    assert_error(rig.client.get("/runner/99/screenshot.png", status=404), 404)
+
+
+def test_profile_screenshots(rig):
+    assert_error(rig.client.get("/profile/linux/screenshot.png", status=404), 404)
+    assert_error(rig.client.get("/profile/..%2f..%2fetc/screenshot.png", status=404), 404)
+    path = rig.config.data_path / "profiles" / "linux"
+    path.mkdir(parents=True)
+    (path / "screenshot.png").write_bytes(PNG)
+    response = rig.client.get("/profile/linux/screenshot.png")
+    assert response.content_type == "image/png" and response.body == PNG
+
+
+# Policy override --------------------------------------------------------------------------
+
+
+def test_override_lifecycle(rig):
+    assert rig.client.get("/policy/override").json is None
+    assert_error(rig.client.post("/policy/override?linux=5", status=401), 401)
+    response = rig.client.post("/policy/override?linux=5", headers=AUTH)
+    assert response.content_type == JSON
+    assert response.json["profile_override_counts"] == {"linux": 5}
+    assert rig.client.get("/policy/override").json["profile_override_counts"] == {"linux": 5}
+    assert models.load_override() is not None  # persisted
+    conflict = rig.client.post("/policy/override?linux=6", headers=AUTH, status=409)
+    assert "another override" in assert_error(conflict, 409)
+    assert_error(rig.client.delete("/policy/override", status=401), 401)
+    cancelled = rig.client.delete("/policy/override", headers=AUTH)
+    assert cancelled.json["profile_override_counts"] == {"linux": 5}
+    assert rig.client.delete("/policy/override", headers=AUTH).json is None
+    assert rig.client.get("/policy/override").json is None
+
+
+@pytest.mark.parametrize(
+    "query, status",
+    [("linux=x", 422), ("linux=-1", 422), ("", 422), ("macos=3", 422), ("linux=0", 422)],
+)
+def test_bad_override_requests(rig, query, status):
+    response = rig.client.post(f"/policy/override?{query}", headers=AUTH, status=status)
+    assert_error(response, status)
+
+
+# Dashboard --------------------------------------------------------------------------------
+
+
+def test_dashboard_json_has_a_status_per_runner(rig):
+    response = rig.client.get("/dashboard.json")
+    assert response.content_type == JSON
+    assert [(r["id"], r["status"]) for r in response.json["runners"]] == [
+        (0, "Idle"),
+        (1, "Idle"),
+        (2, "Idle"),
+        (3, "Idle"),
+    ]
+
+
+def test_dashboard_html_is_the_live_fragment(rig):
+    response = rig.client.get("/dashboard.html")
+    assert response.content_type == "text/html"
+    assert "3/3 runners for linux" in response.text
+    assert "<html" not in response.text
+
+
+def test_dashboard_endpoints_are_503_until_the_first_observation(make_rig):
+    rig = make_rig()
+    assert_error(rig.client.get("/dashboard.json", status=503), 503)
+    response = rig.client.get("/dashboard.html", status=503)
+    assert response.status_int == 503 and "Traceback" not in response.text
+
+
+# Static trees for guests ------------------------------------------------------------------
+
+
+@pytest.fixture
+def trees(tmp_path, make_rig):
+    deps = tmp_path / "deps"
+    (deps / "ubuntu2204").mkdir(parents=True)
+    (deps / "ubuntu2204" / "runner.tar.gz").write_bytes(b"tarball")
+    (tmp_path / "secret.txt").write_text("outside")
+    os.symlink(tmp_path / "secret.txt", deps / "escape")
+    repo = tmp_path / "servo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    extra = f'main_repo_path = "{repo}"\n'
+    rig = make_rig(extra=extra)
+    # IMAGE_DEPS_DIR comes from the environment, like upstream's.
+    rig.client = webtest.TestApp(web.make_app(_with(rig.config, image_deps_dir=deps), rig.monitor))
+    return rig
+
+
+def _with(config, **changes):
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+def test_static_trees_serve_files_and_dotfiles(trees):
+    assert trees.client.get("/image-deps/ubuntu2204/runner.tar.gz").body == b"tarball"
+    head = trees.client.get("/cache/servo/.git/HEAD")
+    assert head.text == "ref: refs/heads/main\n"
+    assert trees.client.head("/cache/servo/.git/HEAD").status_int == 200
+
+
+def test_static_trees_never_serve_outside_their_root(trees):
+    for path in (
+        "/image-deps/escape",
+        "/image-deps/../secret.txt",
+        "/image-deps/%2e%2e/secret.txt",
+    ):
+        response = trees.client.get(path, expect_errors=True)
+        assert response.status_int == 404, path
+        assert b"outside" not in response.body
+
+
+def test_static_directories_redirect_then_have_no_listing(trees):
+    redirect = trees.client.get("/image-deps/ubuntu2204", status=301)
+    assert redirect.headers["Location"].endswith("/image-deps/ubuntu2204/")
+    assert_error(trees.client.get("/image-deps/ubuntu2204/", status=404), 404)
+    assert_error(trees.client.get("/image-deps/missing.iso", status=404), 404)
+
+
+def test_static_trees_not_configured_are_404(rig):
+    assert "not configured" in assert_error(rig.client.get("/image-deps/x", status=404), 404)
+    assert_error(rig.client.get("/cache/servo/.git/HEAD", status=404), 404)
