@@ -403,14 +403,19 @@ class GitHubStandIn:
         with self._lock:
             self._clear_state()
 
-    def start_job_simulation(self, every: float, duration: float) -> None:
-        """Every `every` seconds, reserve a random online idle runner, keep it busy for
-        `duration` seconds, then deregister it, as GitHub and a job would."""
+    def start_job_simulation(
+        self, every: float, duration: float, *, reserve_idle: bool = True
+    ) -> None:
+        """Simulate workflow jobs, as GitHub and a job would: every `every` seconds, each
+        online runner that carries a `reserved-for:` label (a job is waiting for it) gets
+        its job; with `reserve_idle`, one random online idle runner is also reserved and
+        given a job. A job keeps its runner busy for `duration` seconds, then the ephemeral
+        runner deregisters."""
         self.stop_job_simulation()
         self._sim_stop = threading.Event()
         self._sim_thread = threading.Thread(
             target=self._simulate_jobs,
-            args=(every, duration, self._sim_stop),
+            args=(every, duration, reserve_idle, self._sim_stop),
             name=f"github-standin-jobs:{id(self):x}",
             daemon=True,
         )
@@ -435,7 +440,9 @@ class GitHubStandIn:
                 runner.status, runner.online_at = "online", None
                 runner.version = RUNNER_VERSION
 
-    def _simulate_jobs(self, every: float, duration: float, stop: threading.Event) -> None:
+    def _simulate_jobs(
+        self, every: float, duration: float, reserve_idle: bool, stop: threading.Event
+    ) -> None:
         while not stop.wait(every) and not self._stopping.is_set():
             with self._lock:
                 self._advance()
@@ -444,15 +451,17 @@ class GitHubStandIn:
                     for r in self._runners.values()
                     if r.status == "online" and not r.busy and r.done_at is None
                 ]
-                if not idle:
-                    continue
-                runner = self._random.choice(idle)
-                # A runner the monitor already reserved gets the job that reserved it.
-                if not any(label["name"].startswith("reserved-for:") for label in runner.labels):
+                # A runner the monitor reserved gets the job that reserved it.
+                chosen = [r for r in idle if _is_reserved(r)]
+                unreserved = [r for r in idle if not _is_reserved(r)]
+                if reserve_idle and unreserved:
+                    runner = self._random.choice(unreserved)
                     self._add_labels(runner, self._reservation_labels(runner))
-                runner.busy = True
-                runner.done_at = time.monotonic() + duration
-                log.info("simulated job started on %s for %.1f s", runner.name, duration)
+                    chosen.append(runner)
+                for runner in chosen:
+                    runner.busy = True
+                    runner.done_at = time.monotonic() + duration
+                    log.info("simulated job started on %s for %.1f s", runner.name, duration)
         # Let the transitions already scheduled happen even if nobody polls.
         with self._lock:
             self._advance()
@@ -1095,6 +1104,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         standin.stop()
     return 0
+
+
+def _is_reserved(runner: _Runner) -> bool:
+    return any(label["name"].startswith("reserved-for:") for label in runner.labels)
 
 
 if __name__ == "__main__":

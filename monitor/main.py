@@ -202,21 +202,58 @@ def demo(host: str, port: int, data_dir: Path | None) -> int:
     standin = GitHubStandIn(token=github_token)
     standin.agent_online_after = 3.0
     github_url = standin.start()
-    standin.start_job_simulation(every=6.0, duration=15.0)
+    # Jobs run on the runners the demo's workflows reserve through the monitor's API.
+    standin.start_job_simulation(every=1.0, duration=15.0, reserve_idle=False)
+    api_token = secrets.token_hex(16)
+    stop = threading.Event()
     try:
         config_path = write_demo_config(root, github_url, host, port)
-        environ = {
-            "SERVO_CI_MONITOR_API_TOKEN": secrets.token_hex(16),
-            "GITHUB_TOKEN": github_token,
-        }
+        environ = {"SERVO_CI_MONITOR_API_TOKEN": api_token, "GITHUB_TOKEN": github_token}
         config = load_config(config_path, environ=environ)
         log.info("demo: GitHub stand-in at %s, state in %s", github_url, root)
         log.info("demo: dashboard on http://%s:%d/", host, port)
+        workflows = threading.Thread(
+            target=demo_workflows,
+            args=(f"http://{_listen_address(host, port)}", api_token, list(config.profiles), stop),
+            name="demo-workflows",
+            daemon=True,
+        )
+        workflows.start()
         return run(config)
     finally:
+        stop.set()
         standin.stop()
         if temporary:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def demo_workflows(
+    base_url: str, api_token: str, profiles: list[str], stop: threading.Event, every: float = 7.0
+) -> None:
+    """A trickle of simulated workflow runs reserving runners as Servo's workflows do:
+    `POST /profile/<key>/take?unique_id&qualified_repo&run_id` with the API token."""
+    import random
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    run_id = 1000
+    while not stop.wait(every):
+        run_id += 1
+        profile = random.choice(profiles)
+        query = f"unique_id={uuid.uuid4()}&qualified_repo=demo/servo&run_id={run_id}"
+        request = urllib.request.Request(
+            f"{base_url}/profile/{profile}/take?{query}",
+            method="POST",
+            headers={"Authorization": f"Bearer {api_token}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = response.read().decode()
+        except (OSError, urllib.error.HTTPError) as error:
+            log.info("demo: workflow run %d could not take a %s runner: %s", run_id, profile, error)
+            continue
+        log.info("demo: workflow run %d took %s: %s", run_id, profile, answer[:60])
 
 
 def write_demo_config(root: Path, github_url: str, host: str, port: int) -> Path:

@@ -554,6 +554,26 @@ def test_job_simulation_reserves_runs_and_deregisters(standin: GitHubStandIn, ap
     standin.stop_job_simulation()
 
 
+def test_job_simulation_can_serve_only_runners_the_monitor_reserved(
+    standin: GitHubStandIn, api: Client
+):
+    free = jit(api)["runner"]["id"]
+    taken = jit(api, name="ci-runner-a.2@ci0")["runner"]["id"]
+    for runner_id in (free, taken):
+        standin.set_status(runner_id, "online")
+    api.json("POST", f"{REPO}/actions/runners/{taken}/labels", {"labels": ["reserved-for:x-y-z"]})
+
+    standin.start_job_simulation(every=0.05, duration=5.0, reserve_idle=False)
+
+    def busy(runner_id: int) -> bool:
+        return next(r["busy"] for r in standin.runners() if r["id"] == runner_id)
+
+    wait_for(lambda: busy(taken), timeout=5)
+    time.sleep(0.3)  # several ticks: the unreserved runner gets no job
+    assert not busy(free)
+    standin.stop_job_simulation()
+
+
 # -- lifecycle -------------------------------------------------------------------------------
 
 
