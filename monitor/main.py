@@ -34,6 +34,9 @@ log = logging.getLogger("monitor")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 EXIT_CONFIG = 2
+# Clients wait on a take for its GitHub label calls (tens of ms, seconds when GitHub is slow),
+# so a burst of workflows needs many threads; each is mostly idle.
+HTTP_THREADS = 48
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -152,7 +155,7 @@ def run(
     listen = " ".join(_listen_address(host, config.listen_port) for host in config.listen_on)
     try:
         server = waitress.create_server(
-            make_app(config, monitor), listen=listen, threads=8, ident="monitor"
+            make_app(config, monitor), listen=listen, threads=HTTP_THREADS, ident="monitor"
         )
     except OSError as error:
         log.critical("cannot listen on %s: %s", listen, error)
