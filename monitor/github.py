@@ -38,7 +38,9 @@ from monitor.policy import Registration
 
 log = logging.getLogger(__name__)
 
-POOL_SIZE = 10
+# At least the monitor's reserve pool + its workers + the scheduler: a connection per
+# concurrent caller, or each extra one pays a fresh TCP + TLS handshake to GitHub.
+POOL_SIZE = 40
 
 API_VERSION = "2022-11-28"
 USER_AGENT = f"servo-ci-monitor/{__version__} (+https://github.com/servo/ci-runners)"

@@ -18,6 +18,7 @@ Imports policy, models, errors, and the GitHub/Hypervisor *protocols* only.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import queue
@@ -52,6 +53,8 @@ RESERVE_WORKERS = 32
 JIT_SERVED_REFRESH = timedelta(seconds=10)
 # Reservations are remembered (for retried takes) this long.
 RESERVATION_MEMORY = timedelta(days=2)
+# Housekeeping that need not run every pass.
+SWEEP_INTERVAL = timedelta(minutes=1)
 # Back-off after a GitHub list failure with no Retry-After.
 DEFAULT_GITHUB_BACKOFF = timedelta(seconds=10)
 # Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen
@@ -257,6 +260,12 @@ class _Request:
 
 _STOP = object()
 _RECONCILE = object()
+# The monitor thread takes requests in this order, FIFO within one: clients' requests and
+# worker outcomes first (in the order they came: a take's bookkeeping is queued before its
+# client is answered, so the client's next request sees it), then a reconcile pass; a stop
+# request last, so everything queued before it is answered.
+_CALL, _PASS, _LAST = range(3)
+_OUTCOME = _CALL
 
 
 class Monitor:
@@ -280,7 +289,8 @@ class Monitor:
         self.snapshots: dict[str, str] = {}
         self.observation: Observation | None = None
         self.github_error: str | None = None
-        self._requests: queue.Queue[Any] = queue.Queue()
+        self._requests: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._sequence = itertools.count()
         self._reconcile_queued = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="monitor-worker")
         # Reservations are short GitHub calls that clients wait for: their own, wider pool, so
@@ -296,6 +306,8 @@ class Monitor:
         self._create_backoff = Backoff()
         self._destroy_backoff = Backoff()
         self._stale_reported = False
+        self._last_sweep: datetime | None = None
+        self._last_prune: datetime | None = None
         self._reported_ignored: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -313,7 +325,7 @@ class Monitor:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the request in hand, wait for workers, and end the thread."""
         self._stopping.set()
-        self._requests.put(_STOP)
+        self._enqueue(_LAST, _STOP)
         if self._thread is not None:
             self._thread.join(timeout)
         self._workers.shutdown(wait=True, cancel_futures=True)
@@ -323,7 +335,7 @@ class Monitor:
         """Ask for a reconcile pass; requests made while one is queued are merged."""
         if not self._reconcile_queued.is_set():
             self._reconcile_queued.set()
-            self._requests.put(_RECONCILE)
+            self._enqueue(_PASS, _RECONCILE)
 
     def call(self, func: Callable[[], Any], timeout: float) -> Any:
         """Run `func` on the monitor thread and return its result (raising its error).
@@ -334,7 +346,7 @@ class Monitor:
         """
         deadline = time.monotonic() + timeout
         request = _Request(func)
-        self._requests.put(request)
+        self._enqueue(_CALL, request)
         if not request.done.wait(timeout):
             request.abandoned = True
             raise MonitorError("the monitor thread did not answer in time", status=503)
@@ -351,7 +363,7 @@ class Monitor:
     def _run(self) -> None:
         log.info("monitor thread started")
         while True:
-            item = self._requests.get()
+            item = self.next_request()
             if item is _STOP:
                 break
             try:
@@ -375,9 +387,16 @@ class Monitor:
         elif callable(item):
             item()
 
+    def _enqueue(self, priority: int, item: Any) -> None:
+        self._requests.put((priority, next(self._sequence), item))
+
+    def next_request(self, timeout: float | None = None) -> Any:
+        """The next request for the monitor thread (raises queue.Empty after `timeout`)."""
+        return self._requests.get(timeout=timeout)[2]
+
     def _post(self, func: Callable[[], None]) -> None:
         """Queue `func` to run on the monitor thread (worker outcomes come back this way)."""
-        self._requests.put(func)
+        self._enqueue(_OUTCOME, func)
 
     # Registrations (scheduler thread) -----------------------------------------------------
 
@@ -477,7 +496,9 @@ class Monitor:
         if changes is None or self._registrations_too_stale(now):
             return observation
         self._dispatch(changes, runners, now)
-        self._sweep_orphan_volumes(guest_names, now)
+        if self._last_sweep is None or now - self._last_sweep >= SWEEP_INTERVAL:
+            self._last_sweep = now
+            self._sweep_orphan_volumes(guest_names, now)
         return observation
 
     def _registrations_too_stale(self, now: datetime) -> bool:
@@ -571,10 +592,11 @@ class Monitor:
             parsed = policy.parse_guest_name(name, self.runner_prefix)
             if parsed is not None:
                 found.setdefault(parsed[1], parsed[0])
+        rows = models.runners_by_id(found)
         for runner_id, profile in sorted(found.items()):
             if profile not in self.config.profiles:
                 continue  # reported as ignored by build_runners; never touched
-            row = models.get_runner(runner_id)
+            row = rows.get(runner_id)
             if row is None:
                 name = policy.guest_name(self.runner_prefix, profile, runner_id)
                 models.create_runner(runner_id, profile, name, now, adopted=True)
@@ -889,6 +911,9 @@ class Monitor:
         if take.errors:
             for runner_id, registration in take.reserved.items():
                 self._unreserve(runner_id, registration.id, labels)
+        # Bookkeeping first, then the answer: whatever the client asks next is queued after it.
+        self._post(lambda: self._take_done(take))
+        if take.errors:
             message = "GitHub refused the reservation: " + "; ".join(take.errors)
             log.error("take %s for %s failed: %s", take.unique_id, take.profile, message)
             take.future.set_exception(MonitorError(message, status=502))
@@ -900,7 +925,6 @@ class Monitor:
                     for r in take.runners
                 ]
             )
-        self._post(lambda: self._take_done(take))
 
     def _unreserve(self, runner_id: int, registration_id: int, labels: list[str]) -> None:
         for label in labels:
@@ -944,7 +968,9 @@ class Monitor:
                     profile=take.profile,
                     at=now,
                 )
-            models.prune_reservations(now - RESERVATION_MEMORY)
+            if self._last_prune is None or now - self._last_prune >= SWEEP_INTERVAL:
+                self._last_prune = now
+                models.prune_reservations(now - RESERVATION_MEMORY)
         self.request_reconcile()
 
     # Guests (read-only; called from web and scheduler threads) ----------------------------

@@ -33,6 +33,7 @@ SCHEMA_VERSION = 2
 DB_FILENAME = "monitor.sqlite3"
 # Keep the event log bounded: a busy host writes a few events a minute.
 MAX_EVENTS = 20_000
+TRIM_EVERY = 1000
 
 db = SqliteDatabase(None)
 
@@ -247,6 +248,14 @@ def get_runner(runner_id: int) -> Runner | None:
     return Runner.get_or_none(Runner.id == runner_id)
 
 
+def runners_by_id(runner_ids: Iterable[int]) -> dict[int, Runner]:
+    """The rows of these runners (one query), by id; absent ids are missing."""
+    ids = list(runner_ids)
+    if not ids:
+        return {}
+    return {row.id: row for row in Runner.select().where(Runner.id.in_(ids))}
+
+
 def live_runners() -> list[Runner]:
     return list(Runner.select().where(Runner.destroyed_at.is_null()).order_by(Runner.id))
 
@@ -344,14 +353,15 @@ def record_event(
 ) -> None:
     """Append to the event log (and trim it). Never raises: the log must not break the loop."""
     try:
-        Event.create(
+        event = Event.create(
             at=at or datetime.now(UTC),
             kind=kind,
             message=message,
             runner_id=runner_id,
             profile=profile,
         )
-        if Event.select().count() > MAX_EVENTS + 1000:
+        # Trim now and then, not on every insert (a COUNT(*) per event is not free).
+        if event.id % TRIM_EVERY == 0:
             cutoff = Event.select(Event.id).order_by(Event.id.desc()).offset(MAX_EVENTS).limit(1)
             Event.delete().where(Event.id <= cutoff).execute()
     except Exception:  # noqa: BLE001 - logging the failure is all we can do

@@ -77,6 +77,14 @@ def rig(make_rig) -> Rig:
     return rig
 
 
+def eventually(probe, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while (result := probe()) is None or result is False:
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return result
+
+
 def assert_error(response, status: int, content_type: str = JSON) -> str:
     assert response.status_int == status
     assert response.content_type == content_type
@@ -117,7 +125,8 @@ def test_take_reserves_one_idle_runner_with_upstreams_labels(rig):
     assert "reserved-by:test/servo/actions/runs/123" in registration.labels
     since = [label for label in registration.labels if label.startswith("reserved-since:")]
     assert since == [f"reserved-since:{int(rig.clock().timestamp())}"]
-    reservation = models.get_reservation(unique_id)
+    # The client is answered first; the monitor thread records the reservation right after.
+    reservation = eventually(lambda: models.get_reservation(unique_id))
     assert reservation.ids == [entry["id"]]
 
 

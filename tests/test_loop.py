@@ -41,7 +41,7 @@ def settle(monitor: loop.Monitor, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            item = monitor._requests.get(timeout=0.02)
+            item = monitor.next_request(timeout=0.02)
         except queue.Empty:
             if not monitor.in_flight:
                 return
@@ -309,7 +309,7 @@ def test_late_reply_is_dropped_without_crashing(env):
     with pytest.raises(MonitorError) as raised:
         monitor.call(lambda: calls.append(1), timeout=0.05)
     assert raised.value.status == 503
-    monitor._handle(monitor._requests.get_nowait())  # the thread gets to it after all
+    monitor._handle(monitor.next_request(timeout=0))  # the thread gets to it after all
     assert calls == []  # abandoned: not run, and nothing raised
 
 
@@ -474,3 +474,23 @@ class TestRegistrationCache:
         # A fetch that began after the writes is taken as it is.
         cache.store([old], self.at(2), cache.begin_fetch())
         assert [r.id for r in cache.snapshot()] == [1]
+
+
+def test_github_connection_pool_covers_every_concurrent_caller():
+    from monitor import github
+    from monitor import scheduler
+
+    workers = 4  # Monitor's default create/destroy pool
+    assert github.POOL_SIZE >= loop.RESERVE_WORKERS + workers + 2  # + scheduler threads
+    assert scheduler is not None
+
+
+def test_client_requests_and_outcomes_are_served_in_order_before_a_reconcile(env):
+    _, github, hypervisor, clock, monitor = env
+    monitor.request_reconcile()
+    outcome = lambda: None  # noqa: E731
+    monitor._post(outcome)
+    request = loop._Request(lambda: None)
+    monitor._enqueue(loop._CALL, request)
+    items = [monitor.next_request(timeout=0) for _ in range(3)]
+    assert items == [outcome, request, loop._RECONCILE]
