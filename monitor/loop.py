@@ -260,6 +260,7 @@ class _Request:
 
 _STOP = object()
 _RECONCILE = object()
+_REFRESH_VIEW = object()
 # The monitor thread takes requests in this order, FIFO within one: clients' requests and
 # worker outcomes first (in the order they came: a take's bookkeeping is queued before its
 # client is answered, so the client's next request sees it), then a reconcile pass; a stop
@@ -292,6 +293,7 @@ class Monitor:
         self._requests: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._sequence = itertools.count()
         self._reconcile_queued = threading.Event()
+        self._view_refresh_queued = threading.Event()
         self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="monitor-worker")
         # Reservations are short GitHub calls that clients wait for: their own, wider pool, so
         # a slow create never delays a take and concurrent takes' label calls overlap.
@@ -376,6 +378,9 @@ class Monitor:
         if item is _RECONCILE:
             self._reconcile_queued.clear()
             self.tick(self.clock())
+        elif item is _REFRESH_VIEW:
+            self._view_refresh_queued.clear()
+            self._refresh_view()
         elif isinstance(item, _Request):
             if item.abandoned:
                 return
@@ -971,7 +976,31 @@ class Monitor:
             if self._last_prune is None or now - self._last_prune >= SWEEP_INTERVAL:
                 self._last_prune = now
                 models.prune_reservations(now - RESERVATION_MEMORY)
-        self.request_reconcile()
+            self._request_view_refresh()
+
+    def _request_view_refresh(self) -> None:
+        """Show reserved runners as Reserved soon (upstream cleared its dashboard after a
+        take, so that nobody would send a take for runners no longer idle). Merged like
+        reconcile requests, and behind clients' requests: a burst of takes re-renders once."""
+        if not self._view_refresh_queued.is_set():
+            self._view_refresh_queued.set()
+            self._enqueue(_PASS, _REFRESH_VIEW)
+
+    def _refresh_view(self) -> None:
+        """A reservation changes no decision, so patch the last observation with the
+        registrations the cache holds now instead of running a whole pass."""
+        observation = self.observation
+        if observation is None or self._reconcile_queued.is_set():
+            return  # the coming pass renders anyway
+        current = {r.id: r for r in self.registrations.snapshot() or []}
+        runners = [
+            replace(runner, registration=current.get(runner.registration.id, runner.registration))
+            if runner.registration is not None
+            else runner
+            for runner in observation.runners
+        ]
+        counts = policy.runner_counts(self.policy_input(runners), observation.at)
+        self._observe(replace(observation, runners=runners, counts=counts))
 
     # Guests (read-only; called from web and scheduler threads) ----------------------------
 

@@ -414,3 +414,17 @@ def test_static_directories_redirect_then_have_no_listing(trees):
 def test_static_trees_not_configured_are_404(rig):
     assert "not configured" in assert_error(rig.client.get("/image-deps/x", status=404), 404)
     assert_error(rig.client.get("/cache/servo/.git/HEAD", status=404), 404)
+
+
+def test_taken_runners_show_as_reserved_on_the_dashboard_at_once(rig):
+    taken = rig.client.post(rig.take_url(count=2), headers=AUTH).json
+    ids = {entry["id"] for entry in taken}
+
+    def reserved_on_dashboard():
+        data = rig.client.get("/dashboard.json").json
+        statuses = {r["id"]: r["status"] for r in data["runners"]}
+        counts = data["profile_runner_counts"]["linux"]
+        return all(statuses[i] == "Reserved" for i in ids) and counts["idle"] == 1 or None
+
+    # No reconcile pass is needed for this (the next one is seconds away).
+    assert eventually(reserved_on_dashboard, timeout=5)

@@ -50,6 +50,9 @@ def settle(monitor: loop.Monitor, timeout: float = 10.0) -> None:
         if item is loop._RECONCILE:
             monitor._reconcile_queued.clear()  # the tests tick explicitly
             continue
+        if item is loop._REFRESH_VIEW:
+            monitor._view_refresh_queued.clear()
+            continue
         monitor._handle(item)
 
 
