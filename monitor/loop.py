@@ -835,7 +835,9 @@ class Monitor:
         previous = models.get_reservation(unique_id)
         if previous is not None:
             self._check_same_take(unique_id, previous.profile, previous.count, profile_key, count)
-            done.set_result(self._take_answer(previous.ids))
+            # Runners gone since (their jobs ran) are left out; none left is `null`, as
+            # `jq -e .` must not take an empty array for a runner.
+            done.set_result(self._take_answer(previous.ids) or None)
             return done
         chosen = self._idle_runners(profile_key)[:count]
         if not chosen:
