@@ -40,8 +40,8 @@ from typing import NamedTuple
 from urllib.parse import urlencode
 
 import bottle
-import waitress
-from waitress import wasyncore
+
+from monitor.serving import BackgroundServer
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ class GitHubStandIn:
         self.rate_limit_limit = rate_limit
         self._lock = threading.RLock()
         self._stopping = threading.Event()
-        self._server: Any = None
-        self._server_thread: threading.Thread | None = None
-        self._socket_map: dict[int, Any] = {}
+        self._server: BackgroundServer | None = None
         self._base_url: str | None = None
         self._sim_thread: threading.Thread | None = None
         self._sim_stop = threading.Event()
@@ -196,36 +194,21 @@ class GitHubStandIn:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    def start(self, host: str = "127.0.0.1", port: int = 0, threads: int = 8) -> str:
         """Serve on `host:port` (0 picks a free port) from a background thread; returns
         the base URL."""
         if self._server is not None:
             raise RuntimeError("stand-in already started")
         self._stopping.clear()
-        self._socket_map = {}
-        server = waitress.create_server(
+        self._server = BackgroundServer(
             self.app,
-            map=self._socket_map,
             host=host,
             port=port,
-            threads=8,
-            ident="github-standin",
+            threads=threads,
+            name="github-standin",
             channel_timeout=30,
         )
-        if not hasattr(server, "effective_port"):
-            server.close()
-            raise ValueError(f"listen on one address (an IP, not {host!r})")
-        self._server = server
-        self._server_thread = threading.Thread(
-            target=server.run, name=f"github-standin-http:{server.effective_port}", daemon=True
-        )
-        self._server_thread.start()
-        shown = "127.0.0.1" if server.effective_host in ("0.0.0.0", "") else host
-        if shown == "::":
-            shown = "::1"
-        if ":" in shown:
-            shown = f"[{shown}]"
-        self._base_url = f"http://{shown}:{server.effective_port}"
+        self._base_url = self._server.url
         log.info("GitHub stand-in listening on %s", self._base_url)
         return self._base_url
 
@@ -233,17 +216,10 @@ class GitHubStandIn:
         """Stop the simulations and the server; the port is free when this returns."""
         self.stop_job_simulation()
         self._stopping.set()
-        server, thread = self._server, self._server_thread
-        if server is None or thread is None:
+        server, self._server = self._server, None
+        if server is None:
             return
-        self._server = self._server_thread = None
-        # Close every socket (listener, keep-alive channels, trigger) from inside the
-        # server's own loop, which then has nothing left to poll and returns.
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(self._socket_map, ignore_all=True))
-        thread.join(timeout=5)
-        if thread.is_alive():  # pragma: no cover - only if the loop is wedged
-            server.close()
-        server.task_dispatcher.shutdown(timeout=2)
+        server.close()
         log.info("GitHub stand-in on %s stopped", self._base_url)
 
     @property

@@ -828,7 +828,8 @@ class Monitor:
         if self.observation is None:
             raise MonitorError("Monitor thread is still starting", status=503)
         take = self._takes.get(unique_id)
-        if take is not None:
+        failed = take is not None and take.future.done() and take.future.exception() is not None
+        if take is not None and not failed:
             self._check_same_take(unique_id, take.profile, take.count, profile_key, count)
             return take.future
         done: Future = Future()
@@ -943,7 +944,8 @@ class Monitor:
 
     def _take_done(self, take: _Take) -> None:
         now = self.clock()
-        self._takes.pop(take.unique_id, None)
+        if self._takes.get(take.unique_id) is take:  # a retry of a failed take may replace it
+            del self._takes[take.unique_id]
         self._reserving.difference_update(runner.id for runner in take.runners)
         if take.errors:
             models.record_event(

@@ -131,7 +131,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         qualified_repo = _required(query, "qualified_repo")
         run_id = _required(query, "run_id")
         try:
-            unique_id = str(uuid.UUID(unique_id))
+            uuid.UUID(unique_id)  # validated only: artifact names and labels use it as given
         except ValueError:
             raise MonitorError(f"unique_id must be a UUID, got {unique_id!r}", 422) from None
         if not _QUALIFIED_REPO.fullmatch(qualified_repo):

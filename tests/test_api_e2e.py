@@ -1,0 +1,685 @@
+"""The HTTP API end to end, over real sockets: `web.make_app` served by waitress on a free port,
+a running `Monitor` (its own thread) using `RestGitHub` against the GitHub stand-in and
+`LibvirtHypervisor` against a private test-driver node, and clients that are stdlib HTTP or
+Servo's own `runner-select-queueless` decision step run as a shell script (spec §3, §10.1, §12).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import replace
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from monitor import config as config_module
+from monitor import loop
+from monitor import models
+from monitor import web
+from monitor.github import RestGitHub
+from monitor.github_standin import GitHubStandIn
+from monitor.hypervisor import LibvirtHypervisor
+from monitor.serving import BackgroundServer
+from tests.conftest import standin_fixtures
+from tests.conftest import write_config
+from tests.test_integration import NODE_XML
+
+ROOT = Path(__file__).resolve().parent.parent
+SELECT_SCRIPT = ROOT / "tests" / "scripts" / "runner-select-queueless.sh"
+GITHUB_TOKEN = "test-gh-token"
+API_TOKEN = "test-api-token"  # what write_config puts in .env
+REPO = "test/servo"  # write_config allows the prefix "test/"
+FALLBACK_LABEL = "ubuntu-latest"
+BOOT_SCRIPT = "#!/bin/sh\n# e2e boot script\ncurl -fsS http://192.168.100.1:8000/github-jitconfig\n"
+NOT_A_GUEST = "10.254.254.254"
+WAIT = 30.0  # generous: every wait polls and ends as soon as its condition holds
+
+server, standin = standin_fixtures(GITHUB_TOKEN)
+
+
+# HTTP plumbing -------------------------------------------------------------------------------
+
+
+class Served(BackgroundServer):
+    """A WSGI app on 127.0.0.1:<free port>, served by waitress from a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app, threads=40, name="monitor-e2e-http")
+
+
+@dataclass
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    headers: dict[str, str]
+
+    @property
+    def json(self) -> Any:
+        assert self.content_type == "application/json", (self.content_type, self.body)
+        return json.loads(self.body)
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    timeout: float = WAIT,
+) -> Reply:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        return Reply(response.status, headers.get("content-type", ""), response.read(), headers)
+    finally:
+        connection.close()
+
+
+def take_path(unique_id: str, run_id: int | str, count: int | None = None) -> str:
+    suffix = "" if count is None else f"/{count}"
+    return (
+        f"/profile/linux/take{suffix}?unique_id={unique_id}&qualified_repo={REPO}&run_id={run_id}"
+    )
+
+
+def take(port: int, unique_id: str, run_id: int | str, count: int | None = None) -> Reply:
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    return request(port, "POST", take_path(unique_id, run_id, count), auth)
+
+
+def fire_together(calls: list[Callable[[], Reply]]) -> list[Reply]:
+    """Run every call from its own thread, all released at once by a barrier."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait(timeout=WAIT)
+            results[index] = calls[index]()
+        except BaseException as error:  # noqa: BLE001 - reported below
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT + 10)
+    assert not any(thread.is_alive() for thread in threads), "a request never came back"
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+# The rig -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    config: Any
+    standin: GitHubStandIn
+    hypervisor: LibvirtHypervisor
+    monitor: loop.Monitor
+    http: Served
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    def reserved_labels(self) -> dict[str, list[str]]:
+        """Registration name -> its reservation labels, for runners that have any."""
+        found = {}
+        for runner in self.standin.runners():
+            names = [label["name"] for label in runner["labels"]]
+            reserved = [name for name in names if name.startswith("reserved-")]
+            if reserved:
+                found[runner["name"]] = reserved
+        return found
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def one_pass(monitor: loop.Monitor) -> None:
+    """What the scheduler does, at once: fetch GitHub's list, then a reconcile pass."""
+    monitor.refresh_registrations(force=True)
+    monitor.call(lambda: monitor.tick(monitor.clock()), 10)
+
+
+def idle_count(monitor: loop.Monitor) -> int:
+    observation = monitor.observation
+    if observation is None:
+        return 0
+    return sum(runner.status.value == "Idle" for runner in observation.runners)
+
+
+def bring_online(rig: Rig, count: int) -> None:
+    """Passes until `count` runners are registered, then mark them online on the stand-in and
+    pass again until the monitor sees them all Idle."""
+
+    def registered() -> bool:
+        one_pass(rig.monitor)
+        return len(rig.standin.runners()) >= count and not rig.monitor.in_flight
+
+    wait_until(registered, f"{count} registrations")
+    for registration in rig.standin.runners():
+        rig.standin.set_status(registration["id"], "online")
+
+    def all_idle() -> bool:
+        one_pass(rig.monitor)
+        return idle_count(rig.monitor) == count
+
+    wait_until(all_idle, f"{count} idle runners")
+
+
+@pytest.fixture
+def make_rig(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(target: int, extra: str = "", *, online: bool = True) -> Rig:
+        assert not rigs, "one rig per test"
+        node = tmp_path / "node.xml"
+        node.write_text(NODE_XML)
+        path = write_config(
+            tmp_path,
+            github_api_url=standin.base_url,
+            libvirt_uri=f"test://{node}",
+            targets={"linux": target},
+            extra=extra,
+        )
+        config = config_module.load(path, environ={})
+        models.open_store(config.data_path)
+        github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
+        hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
+        monitor = loop.Monitor(config, github, hypervisor)  # real time: labels carry it
+        monitor.start()
+        rig = Rig(config, standin, hypervisor, monitor, Served(web.make_app(config, monitor)))
+        rigs.append(rig)
+        if online:
+            bring_online(rig, target)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.http.close()
+        rig.monitor.stop()
+        rig.hypervisor.close()
+    models.close_store()
+
+
+# 1. Servo's runner-select-queueless decision step --------------------------------------------
+
+
+def args_file(unique_id: str, repo: str, run_id: str, *, image: str | None = "linux") -> str:
+    lines = [f"unique_id={unique_id}"]
+    if image is not None:
+        lines.append(f"self_hosted_image_name={image}")
+    lines += [f"qualified_repo={repo}", f"run_id={run_id}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def publish_args(
+    standin: GitHubStandIn,
+    unique_id: str,
+    run_id: str,
+    *,
+    repo: str = REPO,
+    content: str | None = None,
+    created_at: datetime | None = None,
+) -> None:
+    """Upload the args artifact as the action does (one file named `args`)."""
+    text = args_file(unique_id, repo, run_id) if content is None else content
+    standin.add_artifact(
+        repo, run_id, f"servo-ci-runners_{unique_id}", {"args": text}, created_at=created_at
+    )
+
+
+def run_select(rig: Rig, unique_id: str, run_id: str, repo: str = REPO) -> dict[str, str]:
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MONITOR_URL": rig.http.url + "/",
+        "UNIQUE_ID": unique_id,
+        "QUALIFIED_REPO": repo,
+        "RUN_ID": run_id,
+        "SELF_HOSTED_IMAGE": "linux",
+        "GITHUB_HOSTED_LABEL": FALLBACK_LABEL,
+    }
+    result = subprocess.run(
+        ["bash", str(SELECT_SCRIPT)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    outputs["stderr"] = result.stderr
+    return outputs
+
+
+def select(rig: Rig, unique_id: str, run_id: str, repo: str = REPO) -> Reply:
+    return request(
+        rig.port,
+        "POST",
+        f"/select-runner?unique_id={unique_id}&qualified_repo={repo}&run_id={run_id}",
+    )
+
+
+needs_curl_and_jq = pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("jq") is None,
+    reason="runner-select-queueless.sh needs curl and jq (CI installs them)",
+)
+
+FALLBACK = {
+    "selected_runner_label": FALLBACK_LABEL,
+    "runner_type_label": FALLBACK_LABEL,
+    "is_self_hosted": "false",
+}
+
+
+def _refusal_case(
+    case: str, unique_id: str, run_id: str, standin: GitHubStandIn
+) -> tuple[str, str]:
+    """Publish what `case` needs; return (repo to ask for, expected error message)."""
+    now = datetime.now(UTC)
+    other = str(uuid.uuid4())
+    if case == "wrong prefix":
+        repo = "elsewhere/servo"
+        publish_args(standin, unique_id, run_id, repo=repo)
+        return repo, "Not allowed on this qualified_repo"
+    if case == "missing artifact":
+        publish_args(standin, other, run_id)  # someone else's, on the same run
+        return REPO, f"No args artifact found: servo-ci-runners_{unique_id}"
+    if case == "too old":
+        publish_args(standin, unique_id, run_id, created_at=now - timedelta(seconds=330))
+        return REPO, "Args artifact is too old"
+    if case == "wrong unique_id":
+        publish_args(standin, unique_id, run_id, content=args_file(other, REPO, run_id))
+        return REPO, "Wrong unique_id in artifact"
+    if case == "wrong qualified_repo":
+        publish_args(standin, unique_id, run_id, content=args_file(unique_id, "test/other", run_id))
+        return REPO, "Wrong qualified_repo in artifact"
+    if case == "wrong run_id":
+        content = args_file(unique_id, REPO, str(int(run_id) + 1))
+        publish_args(standin, unique_id, run_id, content=content)
+        return REPO, "Wrong run_id in artifact"
+    if case == "missing self_hosted_image_name":
+        content = args_file(unique_id, REPO, run_id, image=None)
+        publish_args(standin, unique_id, run_id, content=content)
+        return REPO, "Missing self_hosted_image_name in artifact"
+    raise AssertionError(case)
+
+
+REFUSALS = [
+    "wrong prefix",
+    "missing artifact",
+    "too old",
+    "wrong unique_id",
+    "wrong qualified_repo",
+    "wrong run_id",
+    "missing self_hosted_image_name",
+]
+
+
+@needs_curl_and_jq
+def test_select_queueless_reserves_a_runner_then_falls_back(make_rig):
+    rig = make_rig(1)
+    unique_id, run_id = str(uuid.uuid4()), "14000000001"
+    # Uploaded 4 minutes ago: still within tokenless_select_artifact_max_age (5 minutes).
+    publish_args(
+        rig.standin, unique_id, run_id, created_at=datetime.now(UTC) - timedelta(minutes=4)
+    )
+
+    outputs = run_select(rig, unique_id, run_id)
+
+    assert outputs["selected_runner_label"] == f"reserved-for:{unique_id}", outputs["stderr"]
+    assert outputs["runner_type_label"] == "self-hosted-image:linux"
+    assert outputs["is_self_hosted"] == "true"
+    reserved = rig.reserved_labels()
+    assert list(reserved) == ["ci-runner-linux.0@host"]
+    labels = reserved["ci-runner-linux.0@host"]
+    assert len(labels) == 3, labels
+    assert f"reserved-for:{unique_id}" in labels
+    assert f"reserved-by:{REPO}/actions/runs/{run_id}" in labels
+    (since,) = [label for label in labels if label.startswith("reserved-since:")]
+    assert abs(int(since.partition(":")[2]) - time.time()) < 60
+
+    # The pool's only runner is taken (its replacement never comes online): the next job
+    # falls back to GitHub-hosted, and nothing more is reserved.
+    second, second_run = str(uuid.uuid4()), "14000000002"
+    publish_args(rig.standin, second, second_run)
+    assert select(rig, second, second_run).json is None
+    third = str(uuid.uuid4())
+    publish_args(rig.standin, third, second_run)
+    outputs = run_select(rig, third, second_run)
+    assert {k: outputs[k] for k in FALLBACK} == FALLBACK
+    assert "null" in outputs["stderr"]  # the monitor answered null, not an error
+    assert list(rig.reserved_labels()) == ["ci-runner-linux.0@host"]
+
+
+@needs_curl_and_jq
+@pytest.mark.parametrize("case", REFUSALS)
+def test_select_queueless_refuses_a_bad_artifact(make_rig, case):
+    rig = make_rig(1)  # an idle runner is there: only the refusal makes it fall back
+    unique_id, run_id = str(uuid.uuid4()), "14000000100"
+    repo, message = _refusal_case(case, unique_id, run_id, rig.standin)
+
+    reply = select(rig, unique_id, run_id, repo)
+
+    assert reply.status == 403, reply
+    assert message in reply.json["error"]
+    outputs = run_select(rig, unique_id, run_id, repo)
+    assert {k: outputs[k] for k in FALLBACK} == FALLBACK
+    assert message in outputs["stderr"]  # curl --fail-with-body shows the monitor's reason
+    assert rig.reserved_labels() == {}
+    assert idle_count(rig.monitor) == 1
+
+
+def test_select_runner_is_refused_on_a_queue_member(make_rig):
+    rig = make_rig(1, extra="queue_member = true\n")
+    unique_id, run_id = str(uuid.uuid4()), "14000000200"
+    publish_args(rig.standin, unique_id, run_id)
+
+    reply = select(rig, unique_id, run_id)
+
+    assert reply.status == 409, reply
+    assert "queue_member" in reply.json["error"]
+    assert not any("/artifacts" in r.path for r in rig.standin.requests)  # GitHub not asked
+    assert rig.reserved_labels() == {}
+
+
+def test_select_runner_accepts_an_upper_case_unique_id(make_rig):
+    # macOS's `uuidgen` prints upper case; upstream treats unique_id as an opaque string.
+    rig = make_rig(1)
+    unique_id, run_id = str(uuid.uuid4()).upper(), "14000000300"
+    publish_args(rig.standin, unique_id, run_id)
+
+    reply = select(rig, unique_id, run_id)
+
+    assert reply.status == 200, reply
+    assert len(reply.json) == 1
+    (labels,) = rig.reserved_labels().values()
+    assert f"reserved-for:{unique_id}".lower() in [label.lower() for label in labels]
+
+
+# 2./3. Exactly once ---------------------------------------------------------------------------
+
+
+def taken_runner(reply: Reply) -> dict | None:
+    assert reply.status == 200, reply
+    assert reply.content_type == "application/json"
+    answer = reply.json
+    if answer is None:
+        return None
+    assert isinstance(answer, list) and len(answer) == 1, answer
+    return answer[0]
+
+
+@contextlib.contextmanager
+def refreshing(monitor: loop.Monitor) -> Iterator[None]:
+    """Keep fetching GitHub's list (each fetch queues a reconcile), as the scheduler would,
+    only much more often."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(0.01):
+            monitor.refresh_registrations(force=True)
+
+    thread = threading.Thread(target=run, name="e2e-refresher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(WAIT)
+
+
+def test_concurrent_takes_never_share_a_runner(make_rig):
+    rig = make_rig(5)
+    unique_ids = [str(uuid.uuid4()) for _ in range(32)]
+    calls = [
+        (lambda u=u, n=n: take(rig.port, u, 15000000000 + n)) for n, u in enumerate(unique_ids)
+    ]
+
+    with refreshing(rig.monitor):  # the pool is being looked at while it is taken
+        replies = fire_together(calls)
+
+    taken = {u: taken_runner(reply) for u, reply in zip(unique_ids, replies, strict=True)}
+    winners = {u: entry for u, entry in taken.items() if entry is not None}
+    assert len(winners) == 5, taken
+    assert len({entry["id"] for entry in winners.values()}) == 5
+    assert sum(entry is None for entry in taken.values()) == 27
+    # On GitHub: exactly the 5 runners handed out carry a reservation, each for its taker.
+    reserved = rig.reserved_labels()
+    assert len(reserved) == 5, reserved
+    for unique_id, entry in winners.items():
+        name = entry["runner"]["registration"]["name"]
+        assert name == f"ci-runner-linux.{entry['id']}@host"
+        assert [label for label in reserved[name] if label.startswith("reserved-for:")] == [
+            f"reserved-for:{unique_id}"
+        ]
+
+
+def test_retried_take_gets_the_same_runners(make_rig):
+    rig = make_rig(3)
+    unique_id = str(uuid.uuid4())
+
+    # The same unique_id from 8 clients at once: one reservation, the same runner for all.
+    replies = fire_together([lambda: take(rig.port, unique_id, 16000000001)] * 8)
+    entries = [taken_runner(reply) for reply in replies]
+    assert None not in entries, [reply.body for reply in replies]
+    ids = {entry["id"] for entry in entries}
+    assert len(ids) == 1, [reply.body for reply in replies]
+    reserved = rig.reserved_labels()
+    assert len(reserved) == 1, reserved
+    (runner_id,) = ids
+
+    # Later retries (the reservation is done) still answer with that runner.
+    for _ in range(2):
+        assert taken_runner(take(rig.port, unique_id, 16000000001))["id"] == runner_id
+    assert rig.reserved_labels() == reserved
+
+    # The same unique_id asking for another count is a conflict, and changes nothing.
+    reply = take(rig.port, unique_id, 16000000001, count=2)
+    assert reply.status == 409, reply
+    assert unique_id in reply.json["error"]
+    assert rig.reserved_labels() == reserved
+    # The other two runners are still there for other jobs; asking for 3 gets those 2.
+    other = take(rig.port, str(uuid.uuid4()), 16000000002, count=3)
+    assert other.status == 200, other
+    assert len(other.json) == 2, other.json
+    assert {entry["id"] for entry in other.json} & ids == set()
+    assert len(rig.reserved_labels()) == 3
+
+
+def test_take_that_times_out_is_not_reserved_twice(make_rig):
+    # Answers are waited for 1 + 1 (+ 1 per runner) s; GitHub takes 4 s to add the labels.
+    rig = make_rig(2, extra="monitor_thread_send_timeout = 1\nmonitor_thread_recv_timeout = 1\n")
+    rig.standin.inject_fault(None, count=1, method="POST", path_contains="/labels", delay=4)
+    unique_id = str(uuid.uuid4())
+
+    first = take(rig.port, unique_id, 16000000100)
+
+    assert first.status == 503, first
+    assert first.json["error"]
+    # Meanwhile, another job cannot get the runner being reserved.
+    other = take(rig.port, str(uuid.uuid4()), 16000000101, count=2)
+    assert other.status == 200, other
+    assert len(other.json) == 1, other.json
+    # The client retries until the reservation it started is done: it gets that runner.
+    retry = wait_until(
+        lambda: (reply := take(rig.port, unique_id, 16000000100)).status != 503 and reply,
+        "the slow reservation to finish",
+    )
+    entry = taken_runner(retry)
+    assert entry is not None
+    assert entry["id"] not in {e["id"] for e in other.json}
+    reserved = rig.reserved_labels()
+    assert len(reserved) == 2, reserved
+    assert f"reserved-for:{unique_id}" in reserved[f"ci-runner-linux.{entry['id']}@host"]
+
+
+# 4. A reservation failing half-way -----------------------------------------------------------
+
+
+def test_half_failed_reservation_is_rolled_back(make_rig):
+    rig = make_rig(2)
+    label_posts = [
+        r for r in rig.standin.requests if r.method == "POST" and r.path.endswith("/labels")
+    ]
+    assert label_posts == []
+    # The first label call goes through (a fault with no status), the second gets a 500.
+    rig.standin.inject_fault(None, count=1, method="POST", path_contains="/labels")
+    rig.standin.inject_fault(500, count=1, method="POST", path_contains="/labels")
+
+    unique_id = str(uuid.uuid4())
+    reply = take(rig.port, unique_id, 17000000001, count=2)
+
+    assert reply.status == 502, reply
+    assert reply.content_type == "application/json"
+    assert "GitHub refused the reservation" in reply.json["error"]
+    posts = [r for r in rig.standin.requests if r.method == "POST" and r.path.endswith("/labels")]
+    assert sorted(r.status for r in posts) == [200, 500]  # really half-way
+    assert rig.reserved_labels() == {}  # rolled back before the answer
+    removed = [r for r in rig.standin.requests if r.method == "DELETE" and "/labels/" in r.path]
+    assert len(removed) == 3 and all(r.status == 200 for r in removed)
+
+    # Nothing was reserved for that job, so its retry starts afresh and gets both runners
+    # (polled: the monitor thread forgets the failed attempt just after answering it).
+    retry = wait_until(
+        lambda: (reply := take(rig.port, unique_id, 17000000001, count=2)).status != 502 and reply,
+        "the failed take to be forgotten",
+        timeout=5,
+    )
+    assert retry.status == 200, retry
+    assert len(retry.json) == 2, retry.json
+    reserved = rig.reserved_labels()
+    assert len(reserved) == 2
+    assert all(f"reserved-for:{unique_id}" in labels for labels in reserved.values())
+
+
+# 5. Guests fetch their JIT config and boot script by address ---------------------------------
+
+
+def test_guests_get_jit_config_and_boot_script_by_address(make_rig):
+    rig = make_rig(2, extra='trusted_proxies = ["127.0.0.1"]\n')
+    observation = rig.monitor.observation
+    addresses = {}
+    for runner in observation.runners:
+        address = rig.hypervisor.ipv4_address(runner.guest_name)
+        assert address is not None, runner.guest_name
+        addresses[runner.id] = address
+    assert len(set(addresses.values())) == 2, addresses
+    boot_script = rig.config.profiles["linux"].config_dir / "boot-script"
+    missing = request(rig.port, "GET", "/boot", {"X-Real-IP": addresses[min(addresses)]})
+    assert missing.status == 503, missing
+    assert "boot-script" in missing.json["error"]
+    boot_script.write_text(BOOT_SCRIPT)
+
+    for runner_id, address in addresses.items():
+        as_guest = {"X-Real-IP": address}
+        reply = request(rig.port, "GET", "/github-jitconfig", as_guest)
+        assert reply.status == 200, reply
+        stored = models.get_runner(runner_id).jit_config
+        assert stored
+        assert reply.json == stored
+        mapped = request(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": f"::ffff:{address}"})
+        assert mapped.status == 200 and mapped.json == stored, mapped
+        boot = request(rig.port, "GET", "/boot", as_guest)
+        assert boot.status == 200, boot
+        assert boot.content_type == "text/plain; charset=utf-8"
+        assert boot.body.decode() == BOOT_SCRIPT
+
+    for path in ("/github-jitconfig", "/boot"):
+        reply = request(rig.port, "GET", path, {"X-Real-IP": NOT_A_GUEST})
+        assert reply.status == 503, reply
+        assert NOT_A_GUEST in reply.json["error"]
+        reply = request(rig.port, "GET", path, {"X-Real-IP": "not-an-ip"})
+        assert reply.status == 422, reply
+        assert "X-Real-IP" in reply.json["error"]
+
+    # Without trusted proxies, X-Real-IP is not believed: the client is 127.0.0.1, no guest.
+    untrusting = Served(web.make_app(replace(rig.config, trusted_proxies=()), rig.monitor))
+    try:
+        some_guest = {"X-Real-IP": next(iter(addresses.values()))}
+        for path in ("/github-jitconfig", "/boot"):
+            reply = request(untrusting.port, "GET", path, some_guest)
+            assert reply.status == 503, reply
+            assert "127.0.0.1" in reply.json["error"]
+    finally:
+        untrusting.close()
+
+
+# 6. Errors over the wire -----------------------------------------------------------------
+
+
+def test_take_refusals_are_json_and_reserve_nothing(make_rig):
+    rig = make_rig(1)
+    good = take_path(str(uuid.uuid4()), 18000000001)
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    cases = [
+        (401, good, {}, "Authorization"),
+        (403, good, {"Authorization": "Bearer not-the-token"}, "wrong"),
+        # Auth is checked before parameters (upstream's order).
+        (401, "/profile/linux/take?unique_id=nope", {}, "Authorization"),
+        (422, take_path("not-a-uuid", 18000000001), auth, "unique_id"),
+        (422, take_path(str(uuid.uuid4()), "12a"), auth, "run_id"),
+        (422, take_path(str(uuid.uuid4()), 18000000001, count=0), auth, "count"),
+        (422, take_path(str(uuid.uuid4()), 18000000001, count=33), auth, "count"),
+        (422, take_path(str(uuid.uuid4()), 18000000001, count="x"), auth, "count"),
+        (422, "/profile/linux/take?qualified_repo=test/servo&run_id=1", auth, "unique_id"),
+        (404, good.replace("/linux/", "/nosuch/"), auth, "nosuch"),
+    ]
+    for status, path, headers, word in cases:
+        reply = request(rig.port, "POST", path, headers)
+        assert reply.status == status, (path, headers, reply)
+        assert word in reply.json["error"], (path, reply.json)
+    assert rig.reserved_labels() == {}
+    assert taken_runner(take(rig.port, str(uuid.uuid4()), 18000000002)) is not None
+
+
+def test_requests_before_the_first_observation_are_503(make_rig):
+    rig = make_rig(1, online=False)  # no GitHub fetch yet: the monitor has seen nothing
+    assert rig.monitor.observation is None
+    cases = [
+        (
+            "POST",
+            take_path(str(uuid.uuid4()), 19000000001),
+            {"Authorization": f"Bearer {API_TOKEN}"},
+        ),
+        ("GET", "/github-jitconfig", {}),
+        ("GET", "/dashboard.json", {}),
+    ]
+    for method, path, headers in cases:
+        reply = request(rig.port, method, path, headers)
+        assert reply.status == 503, (path, reply)
+        assert reply.json["error"], path
+        assert int(reply.headers.get("retry-after", "0")) > 0, (path, reply)  # curl --retry
+    # Once it has looked, the same take works.
+    bring_online(rig, 1)
+    assert taken_runner(take(rig.port, str(uuid.uuid4()), 19000000002)) is not None
