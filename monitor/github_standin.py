@@ -592,7 +592,7 @@ class GitHubStandIn:
         if reply.body is None:
             body: bytes = b""
         else:
-            body = json.dumps(reply.body, indent=2).encode()
+            body = json.dumps(reply.body, separators=(",", ":")).encode()  # as GitHub: compact
             headers["Content-Type"] = "application/json; charset=utf-8"
         return bottle.HTTPResponse(body=body, status=reply.status, headers=headers)
 

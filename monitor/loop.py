@@ -301,6 +301,9 @@ class Monitor:
             max_workers=RESERVE_WORKERS, thread_name_prefix="monitor-reserve"
         )
         self._takes: dict[str, _Take] = {}
+        self._unsaved: list[Callable[[], None]] = []
+        # Every remembered reservation, by unique_id: a take must not wait on the database.
+        self._reservations = models.load_reservations(clock() - RESERVATION_MEMORY)
         self._reserving: set[int] = set()
         self._addresses: dict[str, str] = {}
         self.rendered: Rendered | None = None
@@ -367,6 +370,7 @@ class Monitor:
         while True:
             item = self.next_request()
             if item is _STOP:
+                self._save_unsaved()
                 break
             try:
                 self._handle(item)
@@ -449,6 +453,7 @@ class Monitor:
         5. Keep the override's bookkeeping; compute counts and changes.
         6. Hand destroys, then (only when nothing is being destroyed) creates to workers.
         """
+        self._save_unsaved()
         registrations = self.registrations.snapshot()
         if registrations is None:
             log.debug("tick: no registrations yet; waiting for the first GitHub fetch")
@@ -462,11 +467,13 @@ class Monitor:
             return None
         guest_names = [guest.name for guest in guests]
 
-        self._adopt(registrations, guest_names, now)
+        live = models.live_records()
+        if self._adopt(registrations, guest_names, live, now):
+            live = models.live_records()
         # Runners of a profile no longer configured are reported, never touched.
         records = {
             runner_id: record
-            for runner_id, record in models.live_records().items()
+            for runner_id, record in live.items()
             if record.profile in self.config.profiles
         }
         runners, ignored = policy.build_runners(
@@ -583,9 +590,14 @@ class Monitor:
         self.rendered = Rendered(observation, json.dumps(body, sort_keys=True).encode())
 
     def _adopt(
-        self, registrations: list[policy.Registration], guest_names: list[str], now: datetime
-    ) -> None:
-        """Count what already exists in our namespace as ours, if its profile is configured."""
+        self,
+        registrations: list[policy.Registration],
+        guest_names: list[str],
+        live: dict[int, policy.RunnerRecord],
+        now: datetime,
+    ) -> bool:
+        """Count what already exists in our namespace as ours, if its profile is configured.
+        Returns whether any runner was adopted or revived (`live`: the store's live runners)."""
         found: dict[int, str] = {}
         for registration in registrations:
             parsed = policy.parse_registration_name(
@@ -597,8 +609,12 @@ class Monitor:
             parsed = policy.parse_guest_name(name, self.runner_prefix)
             if parsed is not None:
                 found.setdefault(parsed[1], parsed[0])
-        rows = models.runners_by_id(found)
-        for runner_id, profile in sorted(found.items()):
+        unknown = {rid: profile for rid, profile in found.items() if rid not in live}
+        if not unknown:
+            return False
+        rows = models.runners_by_id(unknown)
+        changed = False
+        for runner_id, profile in sorted(unknown.items()):
             if profile not in self.config.profiles:
                 continue  # reported as ignored by build_runners; never touched
             row = rows.get(runner_id)
@@ -614,11 +630,14 @@ class Monitor:
                     profile=profile,
                     at=now,
                 )
+                changed = True
             elif row.destroyed_at is not None and row.profile == profile:
                 models.revive_runner(runner_id)
                 models.record_event(
                     "adopt", f"{row.guest_name} exists again", runner_id=runner_id, at=now
                 )
+                changed = True
+        return changed
 
     def _report_ignored(self, ignored: list[str], now: datetime) -> None:
         for description in ignored:
@@ -833,12 +852,12 @@ class Monitor:
             self._check_same_take(unique_id, take.profile, take.count, profile_key, count)
             return take.future
         done: Future = Future()
-        previous = models.get_reservation(unique_id)
+        previous = self._reservations.get(unique_id)
         if previous is not None:
             self._check_same_take(unique_id, previous.profile, previous.count, profile_key, count)
             # Runners gone since (their jobs ran) are left out; none left is `null`, as
             # `jq -e .` must not take an empty array for a runner.
-            done.set_result(self._take_answer(previous.ids) or None)
+            done.set_result(self._take_answer(previous.runner_ids) or None)
             return done
         chosen = self._idle_runners(profile_key)[:count]
         if not chosen:
@@ -959,28 +978,41 @@ class Monitor:
             for registration in take.reserved.values():
                 self.registrations.upsert(registration)
             ids = sorted(take.reserved)
-            models.save_reservation(
-                take.unique_id,
-                take.profile,
-                take.count,
-                ids,
-                take.qualified_repo,
-                take.run_id,
-                now,
-            )
-            for runner_id in ids:
-                models.record_event(
-                    "reserve",
-                    f"reserved for {take.unique_id} "
-                    f"({take.qualified_repo}/actions/runs/{take.run_id})",
-                    runner_id=runner_id,
-                    profile=take.profile,
-                    at=now,
-                )
+            record = models.ReservationRecord(take.profile, take.count, ids, now)
+            self._reservations[take.unique_id] = record
+            self._unsaved.append(lambda: self._save_take(take, record, now))
             if self._last_prune is None or now - self._last_prune >= SWEEP_INTERVAL:
                 self._last_prune = now
-                models.prune_reservations(now - RESERVATION_MEMORY)
+                cutoff = now - RESERVATION_MEMORY
+                models.prune_reservations(cutoff)
+                self._reservations = {
+                    key: record
+                    for key, record in self._reservations.items()
+                    if record.created_at >= cutoff
+                }
             self._request_view_refresh()
+
+    @staticmethod
+    def _save_take(take: _Take, record: models.ReservationRecord, now: datetime) -> None:
+        models.save_reservation(take.unique_id, record, take.qualified_repo, take.run_id)
+        for runner_id in record.runner_ids:
+            models.record_event(
+                "reserve",
+                f"reserved for {take.unique_id} ({take.qualified_repo}/actions/runs/{take.run_id})",
+                runner_id=runner_id,
+                profile=take.profile,
+                at=now,
+            )
+
+    def _save_unsaved(self) -> None:
+        """Write a burst of takes' records in one transaction, after their clients have
+        their answers (the in-memory reservations answer retries meanwhile)."""
+        if not self._unsaved:
+            return
+        writes, self._unsaved = self._unsaved, []
+        with models.db.atomic():
+            for write in writes:
+                write()
 
     def _request_view_refresh(self) -> None:
         """Show reserved runners as Reserved soon (upstream cleared its dashboard after a
@@ -993,6 +1025,7 @@ class Monitor:
     def _refresh_view(self) -> None:
         """A reservation changes no decision, so patch the last observation with the
         registrations the cache holds now instead of running a whole pass."""
+        self._save_unsaved()
         observation = self.observation
         if observation is None or self._reconcile_queued.is_set():
             return  # the coming pass renders anyway

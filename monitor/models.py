@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from pathlib import Path
@@ -261,9 +262,15 @@ def live_runners() -> list[Runner]:
 
 
 def live_records() -> dict[int, RunnerRecord]:
+    """What each live runner's pairing needs (every pass reads this: plain tuples, fast)."""
+    query = (
+        Runner.select(Runner.id, Runner.profile, Runner.created_at)
+        .where(Runner.destroyed_at.is_null())
+        .tuples()
+    )
     return {
-        row.id: RunnerRecord(profile=row.profile, created_at=row.created_at)
-        for row in live_runners()
+        runner_id: RunnerRecord(profile=profile, created_at=created_at)
+        for runner_id, profile, created_at in query
     }
 
 
@@ -293,27 +300,40 @@ def revive_runner(runner_id: int) -> None:
 # Reservations -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReservationRecord:
+    """What a take gave a workflow job (the monitor keeps these in memory)."""
+
+    profile: str
+    count: int
+    runner_ids: list[int]
+    created_at: datetime
+
+
 def get_reservation(unique_id: str) -> Reservation | None:
     return Reservation.get_or_none(Reservation.unique_id == unique_id)
 
 
+def load_reservations(since: datetime) -> dict[str, ReservationRecord]:
+    """Reservations made since `since`, by unique_id."""
+    query = Reservation.select().where(Reservation.created_at >= since)
+    return {
+        row.unique_id: ReservationRecord(row.profile, row.count, row.ids, row.created_at)
+        for row in query
+    }
+
+
 def save_reservation(
-    unique_id: str,
-    profile: str,
-    count: int,
-    runner_ids: list[int],
-    qualified_repo: str,
-    run_id: str,
-    at: datetime,
+    unique_id: str, record: ReservationRecord, qualified_repo: str, run_id: str
 ) -> None:
     Reservation.insert(
         unique_id=unique_id,
-        profile=profile,
-        count=count,
-        runner_ids=json.dumps(sorted(runner_ids)),
+        profile=record.profile,
+        count=record.count,
+        runner_ids=json.dumps(sorted(record.runner_ids)),
         qualified_repo=qualified_repo,
         run_id=run_id,
-        created_at=at,
+        created_at=record.created_at,
     ).on_conflict_replace().execute()
 
 

@@ -13,6 +13,7 @@ it freely and the tests need no fixtures. Durations are `timedelta`s, memory siz
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Collection
 from collections.abc import Iterable
@@ -94,9 +95,10 @@ class Runner:
     guest_name: str | None
     in_flight: bool = False
 
-    @property
+    @functools.cached_property
     def status(self) -> Status:
-        """The status by the exact precedence of spec §4.4."""
+        """The status by the exact precedence of spec §4.4 (computed once: the fields are
+        frozen, and a pass asks each runner many times)."""
         if self.in_flight and self.guest_name is None:
             # Being created: upstream cannot see this state. A registration with no guest yet
             # would otherwise read as Invalid and be unregistered under the create worker's feet.
