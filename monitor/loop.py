@@ -53,6 +53,8 @@ RESERVE_WORKERS = 32
 JIT_SERVED_REFRESH = timedelta(seconds=10)
 # Reservations are remembered (for retried takes) this long.
 RESERVATION_MEMORY = timedelta(days=2)
+# Runners just taken show as Reserved within this (or the scheduler's half second).
+VIEW_MIN_INTERVAL = timedelta(milliseconds=250)
 # Housekeeping that need not run every pass.
 SWEEP_INTERVAL = timedelta(minutes=1)
 # Back-off after a GitHub list failure with no Retry-After.
@@ -162,6 +164,12 @@ class RegistrationCache:
             self._journal.append((self._generation, op, payload))
             if self._registrations is not None:
                 _apply(self._registrations, op, payload)
+
+    def get(self, registration_id: int) -> policy.Registration | None:
+        with self._lock:
+            if self._registrations is None:
+                return None
+            return self._registrations.get(registration_id)
 
     def snapshot(self) -> list[policy.Registration] | None:
         with self._lock:
@@ -294,6 +302,8 @@ class Monitor:
         self._sequence = itertools.count()
         self._reconcile_queued = threading.Event()
         self._view_refresh_queued = threading.Event()
+        self._view_stale = False
+        self._last_view_render = 0.0
         self._workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="monitor-worker")
         # Reservations are short GitHub calls that clients wait for: their own, wider pool, so
         # a slow create never delays a take and concurrent takes' label calls overlap.
@@ -859,7 +869,7 @@ class Monitor:
             # `jq -e .` must not take an empty array for a runner.
             done.set_result(self._take_answer(previous.runner_ids) or None)
             return done
-        chosen = self._idle_runners(profile_key)[:count]
+        chosen = self._idle_runners(profile_key, count)
         if not chosen:
             done.set_result(None)
             return done
@@ -883,24 +893,27 @@ class Monitor:
                 status=409,
             )
 
-    def _idle_runners(self, profile_key: str) -> list[policy.Runner]:
-        """Idle runners of a profile as of now: the last observation's runners with the
-        registration the cache holds now (it has every reservation already made)."""
+    def _idle_runners(self, profile_key: str, limit: int) -> list[policy.Runner]:
+        """Up to `limit` Idle runners of a profile as of now, lowest ids first: the last
+        observation's runners with the registration the cache holds now (it has every
+        reservation already made). Runs for every take on the monitor thread: cheap checks
+        first, and it stops as soon as it has enough."""
         assert self.observation is not None
-        current = {r.id: r for r in self.registrations.snapshot() or []}
-        idle = []
-        for runner in self.observation.runners:
+        idle: list[policy.Runner] = []
+        for runner in self.observation.runners:  # ascending ids
             if runner.profile != profile_key or runner.registration is None:
                 continue
             if runner.id in self._reserving or runner.id in self._in_flight:
                 continue
-            registration = current.get(runner.registration.id)
-            if registration is None:
+            registration = self.registrations.get(runner.registration.id)
+            if registration is None or registration.busy or registration.status != "online":
                 continue
             runner = replace(runner, registration=registration)
             if runner.status is policy.Status.IDLE:
                 idle.append(runner)
-        return sorted(idle, key=lambda runner: runner.id)
+                if len(idle) == limit:
+                    break
+        return idle
 
     def _take_answer(self, runner_ids: list[int]) -> list[dict[str, Any]]:
         observed = {r.id: r for r in self.observation.runners} if self.observation else {}
@@ -1015,20 +1028,33 @@ class Monitor:
                 write()
 
     def _request_view_refresh(self) -> None:
-        """Show reserved runners as Reserved soon (upstream cleared its dashboard after a
-        take, so that nobody would send a take for runners no longer idle). Merged like
-        reconcile requests, and behind clients' requests: a burst of takes re-renders once."""
+        """Write takes' records and show their runners as Reserved soon (upstream cleared
+        its dashboard after a take, so that nobody would send a take for runners no longer
+        idle). Merged like reconcile requests and queued behind clients' requests."""
+        self._view_stale = True
         if not self._view_refresh_queued.is_set():
             self._view_refresh_queued.set()
             self._enqueue(_PASS, _REFRESH_VIEW)
 
+    def refresh_view_if_stale(self) -> None:
+        """The scheduler's half-second job: re-render what a burst of takes left stale."""
+        if self._view_stale:
+            self._request_view_refresh()
+
     def _refresh_view(self) -> None:
         """A reservation changes no decision, so patch the last observation with the
-        registrations the cache holds now instead of running a whole pass."""
+        registrations the cache holds now instead of running a whole pass. Records are
+        written at once; the render waits VIEW_MIN_INTERVAL after the last one, so a burst
+        of takes is not slowed by one render per take (the scheduler catches up)."""
         self._save_unsaved()
         observation = self.observation
         if observation is None or self._reconcile_queued.is_set():
             return  # the coming pass renders anyway
+        now = time.monotonic()
+        if now - self._last_view_render < VIEW_MIN_INTERVAL.total_seconds():
+            return
+        self._view_stale = False
+        self._last_view_render = now
         current = {r.id: r for r in self.registrations.snapshot() or []}
         runners = [
             replace(runner, registration=current.get(runner.registration.id, runner.registration))

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 REGISTRATIONS_CHECK_SECONDS = 1.0
 # Guest addresses (for /boot and /github-jitconfig; a miss looks again at once) and screenshots.
 ADDRESSES_SECONDS = 5.0
+# How soon the dashboard shows runners just taken in a burst as Reserved, at the latest.
+VIEW_SECONDS = 0.5
 SCREENSHOTS_SECONDS = 5.0
 
 
@@ -35,6 +37,9 @@ def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
         seconds=REGISTRATIONS_CHECK_SECONDS,
         id="refresh-registrations",
         next_run_time=datetime.now(UTC),  # at once, then every second
+    )
+    scheduler.add_job(
+        monitor.refresh_view_if_stale, "interval", seconds=VIEW_SECONDS, id="refresh-view"
     )
     # Read-only libvirt work, off the monitor thread (libvirt connections are thread-safe).
     scheduler.add_job(

@@ -421,6 +421,7 @@ def test_taken_runners_show_as_reserved_on_the_dashboard_at_once(rig):
     ids = {entry["id"] for entry in taken}
 
     def reserved_on_dashboard():
+        rig.monitor.refresh_view_if_stale()  # the scheduler's half-second job
         data = rig.client.get("/dashboard.json").json
         statuses = {r["id"]: r["status"] for r in data["runners"]}
         counts = data["profile_runner_counts"]["linux"]
