@@ -51,6 +51,8 @@ RESERVE_WORKERS = 32
 # How soon to look at GitHub again after serving a JIT config: the runner is about to come
 # online (spec §9.2).
 JIT_SERVED_REFRESH = timedelta(seconds=10)
+# Unknown guest addresses trigger a fresh lookup of all guests at most this often.
+ADDRESS_REFRESH_MIN_SECONDS = 1.0
 # Reservations are remembered (for retried takes) this long.
 RESERVATION_MEMORY = timedelta(days=2)
 # Runners just taken show as Reserved within this (or the scheduler's half second).
@@ -107,6 +109,10 @@ class RegistrationCache:
         self._not_before: datetime | None = None
         self._journal: list[tuple[int, str, Any]] = []
         self._generation = 0
+        # When (time.monotonic) the fetch behind the cached list began: a state GitHub was
+        # in after that moment is in the list.
+        self._fetch_began = 0.0
+        self.stored_fetch_began = 0.0
 
     def is_due(self, now: datetime) -> bool:
         with self._lock:
@@ -120,6 +126,7 @@ class RegistrationCache:
 
     def begin_fetch(self) -> int:
         with self._lock:
+            self._fetch_began = time.monotonic()
             return self._generation
 
     def store(self, registrations: list[policy.Registration], now: datetime, began: int) -> None:
@@ -131,6 +138,7 @@ class RegistrationCache:
             self._journal = [entry for entry in self._journal if entry[0] > began]
             self._registrations = fresh
             self._fetched_at = now
+            self.stored_fetch_began = self._fetch_began
             self._invalid = False
             self._forced_expiry = None
             self._not_before = None
@@ -254,6 +262,7 @@ class _Take:
     lock: threading.Lock = field(default_factory=threading.Lock)
     reserved: dict[int, policy.Registration] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    unclear: list[int] = field(default_factory=list)
     pending: int = 0
 
 
@@ -315,7 +324,9 @@ class Monitor:
         # Every remembered reservation, by unique_id: a take must not wait on the database.
         self._reservations = models.load_reservations(clock() - RESERVATION_MEMORY)
         self._reserving: set[int] = set()
+        self._held: dict[int, float] = {}
         self._addresses: dict[str, str] = {}
+        self._last_address_refresh = 0.0
         self.rendered: Rendered | None = None
         self._in_flight: dict[int, str] = {}
         self._create_backoff = Backoff()
@@ -338,13 +349,17 @@ class Monitor:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the request in hand, wait for workers, and end the thread."""
+        """Answer what is queued, let running work finish, and end the thread.
+
+        Takes in progress complete (their clients are waiting, and their bookkeeping must
+        reach the store); creates not started yet are dropped. The workers' outcomes are
+        queued before the stop request, so the monitor thread records them first."""
         self._stopping.set()
+        self._reservers.shutdown(wait=True)
+        self._workers.shutdown(wait=True, cancel_futures=True)
         self._enqueue(_LAST, _STOP)
         if self._thread is not None:
             self._thread.join(timeout)
-        self._workers.shutdown(wait=True, cancel_futures=True)
-        self._reservers.shutdown(wait=True, cancel_futures=True)
 
     def request_reconcile(self) -> None:
         """Ask for a reconcile pass; requests made while one is queued are merged."""
@@ -492,7 +507,7 @@ class Monitor:
             records,
             runner_prefix=self.runner_prefix,
             suffix=self.config.github_api_suffix,
-            in_flight=self._in_flight.keys() | self._reserving,
+            in_flight=self._in_flight.keys() | self._reserving | self._held.keys(),
         )
         self._report_ignored(ignored, now)
         present = {runner.id for runner in runners}
@@ -661,6 +676,8 @@ class Monitor:
     def _dispatch(
         self, changes: policy.RunnerChanges, runners: list[policy.Runner], now: datetime
     ) -> None:
+        if self._stopping.is_set():
+            return
         by_id = {runner.id: runner for runner in runners}
         for runner_id in changes.destroy:
             runner = by_id.get(runner_id)
@@ -856,20 +873,23 @@ class Monitor:
             raise MonitorError(f"No profile with key: {profile_key}", status=404)
         if self.observation is None:
             raise MonitorError("Monitor thread is still starting", status=503)
+        asked = (profile_key, count, qualified_repo, run_id)
         take = self._takes.get(unique_id)
         failed = take is not None and take.future.done() and take.future.exception() is not None
         if take is not None and not failed:
-            self._check_same_take(unique_id, take.profile, take.count, profile_key, count)
+            given = (take.profile, take.count, take.qualified_repo, take.run_id)
+            self._check_same_take(unique_id, given, asked)
             return take.future
         done: Future = Future()
         previous = self._reservations.get(unique_id)
         if previous is not None:
-            self._check_same_take(unique_id, previous.profile, previous.count, profile_key, count)
+            given = (previous.profile, previous.count, previous.qualified_repo, previous.run_id)
+            self._check_same_take(unique_id, given, asked)
             # Runners gone since (their jobs ran) are left out; none left is `null`, as
             # `jq -e .` must not take an empty array for a runner.
             done.set_result(self._take_answer(previous.runner_ids) or None)
             return done
-        chosen = self._idle_runners(profile_key, count)
+        chosen = [] if self._stopping.is_set() else self._idle_runners(profile_key, count)
         if not chosen:
             done.set_result(None)
             return done
@@ -884,12 +904,14 @@ class Monitor:
 
     @staticmethod
     def _check_same_take(
-        unique_id: str, profile: str, count: int, profile_key: str, asked: int
+        unique_id: str, given: tuple[str, int, str, str], asked: tuple[str, int, str, str]
     ) -> None:
-        if (profile, count) != (profile_key, asked):
+        """A unique_id names one job: a retry must ask exactly what was asked before."""
+        if given != asked:
+            profile, count, repo, run = given
             raise MonitorError(
                 f"unique_id {unique_id} was already used to take {count} runner(s) of "
-                f"{profile}; it cannot take {asked} of {profile_key}",
+                f"{profile} for {repo} run {run}",
                 status=409,
             )
 
@@ -905,6 +927,8 @@ class Monitor:
                 continue
             if runner.id in self._reserving or runner.id in self._in_flight:
                 continue
+            if self._is_held(runner.id):
+                continue
             registration = self.registrations.get(runner.registration.id)
             if registration is None or registration.busy or registration.status != "online":
                 continue
@@ -914,6 +938,15 @@ class Monitor:
                 if len(idle) == limit:
                     break
         return idle
+
+    def _is_held(self, runner_id: int) -> bool:
+        held_since = self._held.get(runner_id)
+        if held_since is None:
+            return False
+        if self.registrations.stored_fetch_began > held_since:
+            del self._held[runner_id]  # the cache now shows GitHub's view after the failure
+            return False
+        return True
 
     def _take_answer(self, runner_ids: list[int]) -> list[dict[str, Any]]:
         observed = {r.id: r for r in self.observation.runners} if self.observation else {}
@@ -949,8 +982,12 @@ class Monitor:
         """Answer the client as soon as the label calls are back; bookkeeping follows on the
         monitor thread."""
         if take.errors:
-            for runner_id, registration in take.reserved.items():
-                self._unreserve(runner_id, registration.id, labels)
+            # Every chosen runner, not only those whose call succeeded: a call whose answer
+            # was lost may have added its labels all the same (a 404 here is fine).
+            for runner in take.runners:
+                assert runner.registration is not None
+                if not self._unreserve(runner.id, runner.registration.id, labels):
+                    take.unclear.append(runner.id)
         # Bookkeeping first, then the answer: whatever the client asks next is queued after it.
         self._post(lambda: self._take_done(take))
         if take.errors:
@@ -966,13 +1003,16 @@ class Monitor:
                 ]
             )
 
-    def _unreserve(self, runner_id: int, registration_id: int, labels: list[str]) -> None:
+    def _unreserve(self, runner_id: int, registration_id: int, labels: list[str]) -> bool:
+        """Remove a failed take's labels; False if that may not have worked."""
+        clean = True
         for label in labels:
             try:
                 self.github.remove_label(registration_id, label)
-            except MonitorError as error:
-                # The runner keeps a reservation for nobody; the reserve timeout ends it.
+            except Exception as error:  # noqa: BLE001 - reported; the runner is held
+                clean = False
                 log.error("rolling back runner %d's label %s failed: %s", runner_id, label, error)
+        return clean
 
     def _take_done(self, take: _Take) -> None:
         now = self.clock()
@@ -980,6 +1020,12 @@ class Monitor:
             del self._takes[take.unique_id]
         self._reserving.difference_update(runner.id for runner in take.runners)
         if take.errors:
+            # A runner whose rollback failed may still carry this take's labels: keep it from
+            # other jobs until GitHub has been asked again (the reserve timeout ends it).
+            for runner_id in take.unclear:
+                self._held[runner_id] = time.monotonic()
+            if take.unclear:
+                self.registrations.invalidate()
             models.record_event(
                 "take-failed",
                 f"{take.unique_id} for {take.qualified_repo} run {take.run_id}: "
@@ -991,7 +1037,9 @@ class Monitor:
             for registration in take.reserved.values():
                 self.registrations.upsert(registration)
             ids = sorted(take.reserved)
-            record = models.ReservationRecord(take.profile, take.count, ids, now)
+            record = models.ReservationRecord(
+                take.profile, take.count, ids, now, take.qualified_repo, take.run_id
+            )
             self._reservations[take.unique_id] = record
             self._unsaved.append(lambda: self._save_take(take, record, now))
             if self._last_prune is None or now - self._last_prune >= SWEEP_INTERVAL:
@@ -1022,10 +1070,14 @@ class Monitor:
         their answers (the in-memory reservations answer retries meanwhile)."""
         if not self._unsaved:
             return
-        writes, self._unsaved = self._unsaved, []
-        with models.db.atomic():
-            for write in writes:
-                write()
+        try:
+            with models.db.atomic():
+                for write in self._unsaved:
+                    write()
+        except Exception:  # noqa: BLE001 - kept for the next try; the answers were given
+            log.exception("writing %d take record(s) failed; will retry", len(self._unsaved))
+            return
+        self._unsaved = []
 
     def _request_view_refresh(self) -> None:
         """Write takes' records and show their runners as Reserved soon (upstream cleared
@@ -1093,15 +1145,35 @@ class Monitor:
         """The runner whose guest has `address` (looked up again on a miss: the DHCP lease
         may be newer than the last refresh). MonitorError(503) if there is none."""
         wanted = _ipv4(address)
+        moved = False
         for attempt in range(2):
-            addresses = self._addresses if attempt == 0 else self.refresh_addresses()
+            if attempt == 1:
+                # Anyone can ask: a full lookup (one libvirt call per guest) at most once a
+                # second for unknown addresses, at once when a known one has moved.
+                now = time.monotonic()
+                recent = now - self._last_address_refresh < ADDRESS_REFRESH_MIN_SECONDS
+                if recent and not moved:
+                    break
+                self._last_address_refresh = now
+                self.refresh_addresses()
             observation = self.observation
             if wanted is None or observation is None:
                 break
             for runner in observation.runners:
-                if runner.guest_name and addresses.get(runner.guest_name) == wanted:
-                    return runner
+                name = runner.guest_name
+                if name and self._addresses.get(name) == wanted:
+                    if self._still_at(name, wanted):
+                        return runner
+                    moved = True
         raise MonitorError(f"No runner found with IP address: {address}", status=503)
+
+    def _still_at(self, guest_name: str, address: str) -> bool:
+        """Ask libvirt again before trusting a remembered address: DHCP may have given a
+        destroyed guest's address to a new one since the last refresh."""
+        try:
+            return self.hypervisor.ipv4_address(guest_name) == address
+        except MonitorError:
+            return False
 
     def jit_config_for(self, address: str) -> str | None:
         """The JIT config of the runner at `address` (None if it has none)."""

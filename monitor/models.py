@@ -308,6 +308,8 @@ class ReservationRecord:
     count: int
     runner_ids: list[int]
     created_at: datetime
+    qualified_repo: str = ""
+    run_id: str = ""
 
 
 def get_reservation(unique_id: str) -> Reservation | None:
@@ -318,7 +320,9 @@ def load_reservations(since: datetime) -> dict[str, ReservationRecord]:
     """Reservations made since `since`, by unique_id."""
     query = Reservation.select().where(Reservation.created_at >= since)
     return {
-        row.unique_id: ReservationRecord(row.profile, row.count, row.ids, row.created_at)
+        row.unique_id: ReservationRecord(
+            row.profile, row.count, row.ids, row.created_at, row.qualified_repo, row.run_id
+        )
         for row in query
     }
 

@@ -53,6 +53,8 @@ PNG = "image/png"
 RETRY_AFTER_SECONDS = "5"
 _QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 _BROWSER_PATHS = ("/", "/dashboard.html")
+# More runners than any host holds; the override maths are linear in the counts.
+MAX_OVERRIDE_COUNT = 1000
 
 
 def _json(data: Any, status: int = 200) -> bottle.HTTPResponse:
@@ -281,8 +283,11 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         require_token()
         counts = {}
         for key, value in bottle.request.query.allitems():
-            if not value.isdigit() or not value.isascii():
-                raise MonitorError(f"{key}: expected a non-negative integer, got {value!r}", 422)
+            if not value.isdigit() or not value.isascii() or int(value) > MAX_OVERRIDE_COUNT:
+                raise MonitorError(
+                    f"{key}: expected an integer from 0 to {MAX_OVERRIDE_COUNT}, got {value!r}",
+                    422,
+                )
             counts[key] = int(value)
         override = monitor.call(lambda: monitor.set_override(counts), thread_timeout())
         return _json(override.to_json())
@@ -352,7 +357,10 @@ def _static(root: Path | None, path: str, mount: str) -> Any:
     if root is None:
         raise MonitorError(f"{mount} is not configured on this monitor", 404)
     base = root.resolve()
-    target = (base / path).resolve()
+    try:
+        target = (base / path).resolve()
+    except (ValueError, OSError):  # e.g. a NUL byte, or a symlink loop
+        raise MonitorError("Not found", 404) from None
     if target != base and base not in target.parents:
         raise MonitorError("Not found", 404)
     if target.is_dir():

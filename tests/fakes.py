@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -43,6 +44,7 @@ class FakeGitHub(Armable):
         super().__init__()
         self.runners: dict[int, Registration] = {}
         self._ids = itertools.count(1000)
+        self.label_delay = 0.0  # seconds each add_labels call takes
 
     def list_runners(self) -> list[Registration]:
         self._call("list_runners")
@@ -65,6 +67,7 @@ class FakeGitHub(Armable):
 
     def add_labels(self, registration_id: int, labels) -> tuple[str, ...]:
         self._call("add_labels", (registration_id, tuple(labels)))
+        time.sleep(self.label_delay)
         from dataclasses import replace
 
         with self._lock:

@@ -429,3 +429,85 @@ def test_taken_runners_show_as_reserved_on_the_dashboard_at_once(rig):
 
     # No reconcile pass is needed for this (the next one is seconds away).
     assert eventually(reserved_on_dashboard, timeout=5)
+
+
+# Found in review ----------------------------------------------------------------------------
+
+
+def test_runner_whose_rollback_failed_is_held_from_other_jobs(rig):
+    # One label call fails (its runner may or may not have the labels); the rollback of
+    # both fails too.
+    rig.github.fail_next("add_labels", MonitorError("GitHub: timed out", status=503))
+    rig.github.fail_next("remove_label", MonitorError("GitHub: 500", status=502), times=6)
+    assert_error(rig.client.post(rig.take_url(count=2), headers=AUTH, status=502), 502)
+    # Neither may go to another job before GitHub has been asked again.
+    taken = rig.client.post(rig.take_url(count=4), headers=AUTH).json
+    assert [entry["id"] for entry in taken] == [2]  # the one runner the take never touched
+    # A fresh look at GitHub releases them: the one still labelled shows as Reserved (the
+    # reserve timeout ends it), the clean one is Idle and can be taken.
+    rig.converge(1)
+    labelled = {
+        runner_id
+        for runner_id in (0, 1)
+        if any(
+            label.startswith("reserved-for:")
+            for label in rig.github.by_name(f"ci-runner-linux.{runner_id}@host").labels
+        )
+    }
+    assert len(labelled) == 1
+    again = rig.client.post(rig.take_url(count=4), headers=AUTH).json
+    assert [entry["id"] for entry in again] == sorted({0, 1} - labelled)
+
+
+def test_a_retry_must_ask_for_the_same_job(rig):
+    unique_id = str(uuid.uuid4())
+    rig.client.post(rig.take_url(unique_id=unique_id, run="1"), headers=AUTH)
+    other_run = rig.client.post(
+        rig.take_url(unique_id=unique_id, run="2"), headers=AUTH, status=409
+    )
+    assert "run 1" in assert_error(other_run, 409)
+    other_repo = rig.take_url(unique_id=unique_id, run="1", repo="test/other")
+    assert_error(rig.client.post(other_repo, headers=AUTH, status=409), 409)
+
+
+def test_a_take_in_progress_at_shutdown_is_answered_and_recorded(make_rig):
+    import threading
+
+    rig = make_rig(targets={"linux": 1})
+    rig.converge()
+    rig.all_online()
+    rig.github.label_delay = 0.5
+    unique_id = str(uuid.uuid4())
+    answers = []
+    client = threading.Thread(
+        target=lambda: answers.append(
+            rig.client.post(rig.take_url(unique_id=unique_id), headers=AUTH).json
+        )
+    )
+    client.start()
+    eventually(lambda: any(call[0] == "add_labels" for call in rig.github.calls))
+    rig.monitor.stop()  # while the label call is in flight
+    client.join(10)
+    assert answers and answers[0][0]["id"] == 0
+    assert models.get_reservation(unique_id).ids == [0]
+
+
+def test_static_path_with_a_nul_byte_is_404(trees):
+    for path in ("/image-deps/a%00b", "/cache/servo/%00", "/static/x%00.css"):
+        assert_error(trees.client.get(path, status=404), 404)
+
+
+def test_override_counts_are_bounded(rig):
+    response = rig.client.post("/policy/override?linux=1000000000", headers=AUTH, status=422)
+    assert "1000" in assert_error(response, 422)
+
+
+def test_a_remembered_address_is_checked_again_before_serving_a_jit_config(make_rig):
+    rig = guest_rig(make_rig)
+    guest = {"REMOTE_ADDR": "192.168.100.11"}
+    assert rig.client.get("/github-jitconfig", extra_environ=guest).json is not None
+    # Runner 1's address moved to runner 0 (DHCP), before the next periodic refresh.
+    rig.hypervisor.addresses["ci-runner-linux.0"] = "192.168.100.11"
+    rig.hypervisor.addresses["ci-runner-linux.1"] = "192.168.100.99"
+    response = rig.client.get("/github-jitconfig", extra_environ=guest)
+    assert response.json == models.get_runner(0).jit_config
