@@ -30,47 +30,13 @@ from monitor.loop import Monitor
 from monitor.main import tune_interpreter
 from monitor.scheduler import make_scheduler
 from monitor.serving import BackgroundServer
+from tests.conftest import NODE_XML
+from tests.conftest import TEST_GUEST_XML
 
 API_TOKEN = "bench-api-token"
 GITHUB_TOKEN = "bench-gh-token"
 PROFILE = "linux"
 SCOPE = "/repos/test/servo"
-
-# A private node for libvirt's test driver (as tests/test_integration.py).
-NODE_XML = """\
-<node>
-  <network>
-    <name>default</name>
-    <bridge name='virbr0'/>
-    <forward/>
-    <ip address='192.168.122.1' netmask='255.255.255.0'>
-      <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>
-    </ip>
-  </network>
-  <pool type='dir'>
-    <name>default-pool</name>
-    <target><path>/default-pool</path></target>
-  </pool>
-</node>
-"""
-
-GUEST_XML = """\
-<domain type='test'>
-  <name>{profile}.init</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='/dev/null'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='network'><source network='default'/><model type='virtio'/></interface>
-    <graphics type='vnc' autoport='yes'/>
-  </devices>
-</domain>
-"""
 
 
 class DiscardedConnections(logging.Filter):
@@ -104,7 +70,7 @@ def write_config(root: Path, github_api_url: str, libvirt_uri: str, runners: int
         image.truncate(16 * 1024 * 1024)
     profile_dir = root / "profiles" / PROFILE
     profile_dir.mkdir(parents=True, exist_ok=True)
-    (profile_dir / "guest.xml").write_text(GUEST_XML.format(profile=PROFILE))
+    (profile_dir / "guest.xml").write_text(TEST_GUEST_XML.format(profile=PROFILE))
     text = textwrap.dedent(
         f"""
         listen_on = ["127.0.0.1"]

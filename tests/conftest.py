@@ -32,6 +32,25 @@ TEST_GUEST_XML = """\
 """
 
 
+# A private libvirt test-driver node: the network and storage pool the test guests use.
+NODE_XML = """\
+<node>
+  <network>
+    <name>default</name>
+    <bridge name='virbr0'/>
+    <forward/>
+    <ip address='192.168.122.1' netmask='255.255.255.0'>
+      <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>
+    </ip>
+  </network>
+  <pool type='dir'>
+    <name>default-pool</name>
+    <target><path>/default-pool</path></target>
+  </pool>
+</node>
+"""
+
+
 def write_config(
     root: Path,
     *,

@@ -35,9 +35,9 @@ from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
+from tests.conftest import NODE_XML
 from tests.conftest import standin_fixtures
 from tests.conftest import write_config
-from tests.test_integration import NODE_XML
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECT_SCRIPT = ROOT / "tests" / "scripts" / "runner-select-queueless.sh"

@@ -15,27 +15,11 @@ from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import LibvirtHypervisor
 from monitor.scheduler import make_scheduler
+from tests.conftest import NODE_XML
 from tests.conftest import standin_fixtures
 from tests.conftest import write_config
 from tests.test_loop import Clock
 from tests.test_loop import settle
-
-NODE_XML = """\
-<node>
-  <network>
-    <name>default</name>
-    <bridge name='virbr0'/>
-    <forward/>
-    <ip address='192.168.122.1' netmask='255.255.255.0'>
-      <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>
-    </ip>
-  </network>
-  <pool type='dir'>
-    <name>default-pool</name>
-    <target><path>/default-pool</path></target>
-  </pool>
-</node>
-"""
 
 GITHUB_TOKEN = "test-gh-token"
 
