@@ -2,8 +2,8 @@
 process libvirt's test driver (a private node file), a real `Monitor` with its scheduler, and
 waitress servers on 127.0.0.1 that stop by themselves.
 
-`Rig(runners=50)` writes a config (the shape of tests/conftest.write_config, profile `linux`
-with target = runners), starts everything, and `bring_to_idle()` waits until every runner is
+`Rig(runners=50)` writes a config with tests/conftest.write_config (profile `linux` with
+target = runners), starts everything, and `bring_to_idle()` waits until every runner is
 Idle (the stand-in marks each JIT runner online shortly after its registration). Use it as a
 context manager; leaving it stops every thread and server it started and removes its files.
 """
@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -30,11 +29,11 @@ from monitor.loop import Monitor
 from monitor.main import tune_interpreter
 from monitor.scheduler import make_scheduler
 from monitor.serving import BackgroundServer
+from tests.conftest import API_TOKEN  # noqa: F401 - the benchmarks' clients use it
+from tests.conftest import GITHUB_TOKEN
 from tests.conftest import NODE_XML
-from tests.conftest import TEST_GUEST_XML
+from tests.conftest import write_config
 
-API_TOKEN = "bench-api-token"
-GITHUB_TOKEN = "bench-gh-token"
 PROFILE = "linux"
 SCOPE = "/repos/test/servo"
 
@@ -61,50 +60,6 @@ def quiet_logging() -> DiscardedConnections:
     discarded = DiscardedConnections()
     logging.getLogger("urllib3.connectionpool").addFilter(discarded)
     return discarded
-
-
-def write_config(root: Path, github_api_url: str, libvirt_uri: str, runners: int) -> Path:
-    """monitor.toml + .env + profiles/linux/guest.xml + base.img under `root`."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "base.img", "wb") as image:
-        image.truncate(16 * 1024 * 1024)
-    profile_dir = root / "profiles" / PROFILE
-    profile_dir.mkdir(parents=True, exist_ok=True)
-    (profile_dir / "guest.xml").write_text(TEST_GUEST_XML.format(profile=PROFILE))
-    text = textwrap.dedent(
-        f"""
-        listen_on = ["127.0.0.1"]
-        external_base_url = "http://127.0.0.1:8000/"
-        github_api_url = "{github_api_url}"
-        github_api_scope = "{SCOPE}"
-        github_api_suffix = "host"
-        allowed_qualified_repo_prefix = "test/"
-        libvirt_uri = "{libvirt_uri}"
-        libvirt_storage_pool = "default-pool"
-        data_path = "data"
-        profiles_path = "profiles"
-        monitor_poll_interval = 5
-        api_cache_timeout = 30
-        monitor_start_timeout = 120
-        monitor_reserve_timeout = 600
-        available_1g_hugepages = 0
-        available_normal_memory = "{2 * runners}G"
-
-        [profiles.{PROFILE}]
-        profile_name = "{PROFILE}"
-        github_runner_label = "self-hosted-image:{PROFILE}"
-        target_count = {runners}
-        requires_1g_hugepages = 0
-        requires_normal_memory = "1G"
-        base_image = "base.img"
-        """
-    )
-    path = root / "monitor.toml"
-    path.write_text(text)
-    (root / ".env").write_text(
-        f"SERVO_CI_MONITOR_API_TOKEN={API_TOKEN}\nGITHUB_TOKEN={GITHUB_TOKEN}\n"
-    )
-    return path
 
 
 class Server(BackgroundServer):
@@ -202,7 +157,13 @@ class Rig:
         self.standin.agent_online_after(0.2)
         node = self.root / "node.xml"
         node.write_text(NODE_XML)
-        path = write_config(self.root, self.standin.url, f"test://{node}", runners)
+        path = write_config(
+            self.root,
+            github_api_url=self.standin.url,
+            targets={PROFILE: runners},
+            libvirt_uri=f"test://{node}",
+            available_memory=f"{2 * runners}G",
+        )
         self.config = config_module.load(path, environ={})
         models.open_store(self.config.data_path)
         self.github = RestGitHub(

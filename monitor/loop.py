@@ -887,7 +887,7 @@ class Monitor:
             self._check_same_take(unique_id, given, asked)
             # Runners gone since (their jobs ran) are left out; none left is `null`, as
             # `jq -e .` must not take an empty array for a runner.
-            done.set_result(self._take_answer(previous.runner_ids) or None)
+            done.set_result(self._remembered_answer(previous.runner_ids) or None)
             return done
         chosen = [] if self._stopping.is_set() else self._idle_runners(profile_key, count)
         if not chosen:
@@ -948,15 +948,18 @@ class Monitor:
             return False
         return True
 
-    def _take_answer(self, runner_ids: list[int]) -> list[dict[str, Any]]:
+    def _take_answer(self, runners: list[policy.Runner]) -> list[dict[str, Any]]:
+        """Upstream's take answer: {"id", "runner"} per runner, in the order given."""
+        addresses = self._addresses
+        return [
+            {"id": r.id, "runner": dashboard.runner_json(r, addresses.get(r.guest_name or ""))}
+            for r in runners
+        ]
+
+    def _remembered_answer(self, runner_ids: list[int]) -> list[dict[str, Any]]:
+        """The answer for a reservation made earlier, leaving out runners gone since."""
         observed = {r.id: r for r in self.observation.runners} if self.observation else {}
-        answer = []
-        for runner_id in sorted(runner_ids):
-            runner = observed.get(runner_id)
-            if runner is not None:
-                entry = dashboard.runner_json(runner, self._addresses.get(runner.guest_name or ""))
-                answer.append({"id": runner_id, "runner": entry})
-        return answer
+        return self._take_answer([observed[i] for i in sorted(runner_ids) if i in observed])
 
     def _reserve_worker(self, take: _Take, runner: policy.Runner, labels: list[str]) -> None:
         """Add the reservation labels to one runner; the last of a take's workers answers."""
@@ -995,13 +998,7 @@ class Monitor:
             log.error("take %s for %s failed: %s", take.unique_id, take.profile, message)
             take.future.set_exception(MonitorError(message, status=502))
         else:
-            ips = self._addresses
-            take.future.set_result(
-                [
-                    {"id": r.id, "runner": dashboard.runner_json(r, ips.get(r.guest_name or ""))}
-                    for r in take.runners
-                ]
-            )
+            take.future.set_result(self._take_answer(take.runners))
 
     def _unreserve(self, runner_id: int, registration_id: int, labels: list[str]) -> bool:
         """Remove a failed take's labels; False if that may not have worked."""
@@ -1262,14 +1259,20 @@ def _reservation_labels(
     ]
 
 
-def _ipv4(address: str) -> str | None:
-    """An IPv4 address as text, unwrapping IPv4-mapped IPv6; None for anything else."""
+def parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, with an IPv4-mapped IPv6 one unwrapped to IPv4; None if not one."""
     try:
-        parsed = ipaddress.ip_address(address)
+        parsed = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        parsed = parsed.ipv4_mapped
+        return parsed.ipv4_mapped
+    return parsed
+
+
+def _ipv4(address: str) -> str | None:
+    """An IPv4 address as text (IPv4-mapped IPv6 unwrapped); None for anything else."""
+    parsed = parse_address(address)
     return str(parsed) if isinstance(parsed, ipaddress.IPv4Address) else None
 
 

@@ -24,9 +24,11 @@ from typing import Any
 import bottle
 
 from monitor import dashboard
+from monitor import models
 from monitor import tokenless
 from monitor.errors import MonitorError
 from monitor.loop import Monitor
+from monitor.loop import parse_address
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             observation=monitor.observation,
             profiles=dashboard.overview(monitor.observation, list(config.profiles), now),
             github_error=monitor.github_error,
-            events=_recent_events(),
+            events=models.recent_events(30),
             now=now,
         )
 
@@ -332,13 +334,8 @@ def _runner_id(text: str) -> int:
 
 
 def _in_networks(address: str, networks: Any) -> bool:
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        parsed = parsed.ipv4_mapped
-    return any(parsed in network for network in networks)
+    parsed = parse_address(address)
+    return parsed is not None and any(parsed in network for network in networks)
 
 
 def _png_file(path: Path) -> bottle.HTTPResponse:
@@ -371,9 +368,3 @@ def _static(root: Path | None, path: str, mount: str) -> Any:
     if isinstance(response, bottle.HTTPError):
         raise MonitorError(str(response.body), response.status_code)
     return response
-
-
-def _recent_events() -> list[Any]:
-    from monitor import models
-
-    return models.recent_events(30)

@@ -12,6 +12,9 @@ from monitor import models
 from monitor.github_standin import GitHubStandIn
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# The tokens write_config puts in .env.
+API_TOKEN = "test-api-token"
+GITHUB_TOKEN = "test-gh-token"
 
 TEST_GUEST_XML = """\
 <domain type='test'>
@@ -60,6 +63,7 @@ def write_config(
     guest_xml: str = TEST_GUEST_XML,
     libvirt_uri: str = "test:///default",
     storage_pool: str = "default-pool",
+    available_memory: str = "16G",
 ) -> Path:
     """A monitor.toml (+ .env, profiles, base image) for profiles linux and windows."""
     targets = {"linux": 2, "windows": 1} if targets is None else targets
@@ -103,13 +107,13 @@ def write_config(
         monitor_start_timeout = 120
         monitor_reserve_timeout = 60
         available_1g_hugepages = 0
-        available_normal_memory = "16G"
+        available_normal_memory = "{available_memory}"
         """
     )
     path = root / "monitor.toml"
     path.write_text(text + extra + "".join(profiles))
     (root / ".env").write_text(
-        "SERVO_CI_MONITOR_API_TOKEN=test-api-token\nGITHUB_TOKEN=test-gh-token\n"
+        f"SERVO_CI_MONITOR_API_TOKEN={API_TOKEN}\nGITHUB_TOKEN={GITHUB_TOKEN}\n"
     )
     return path
 
