@@ -320,7 +320,7 @@ class Monitor:
             max_workers=RESERVE_WORKERS, thread_name_prefix="monitor-reserve"
         )
         self._takes: dict[str, _Take] = {}
-        self._unsaved: list[Callable[[], None]] = []
+        self._unsaved: dict[str, models.ReservationRecord] = {}
         # Every remembered reservation, by unique_id: a take must not wait on the database.
         self._reservations = models.load_reservations(clock() - RESERVATION_MEMORY)
         self._reserving: set[int] = set()
@@ -347,6 +347,11 @@ class Monitor:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
         self._thread.start()
+        # Start every reserve worker now: the pool starts threads on demand, and each start
+        # would be paid by a take, on the monitor thread, in the middle of a burst.
+        started = threading.Barrier(RESERVE_WORKERS)
+        for _ in range(RESERVE_WORKERS):
+            self._reservers.submit(started.wait, 5.0)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Answer what is queued, let running work finish, and end the thread.
@@ -932,6 +937,8 @@ class Monitor:
             registration = self.registrations.get(runner.registration.id)
             if registration is None or registration.busy or registration.status != "online":
                 continue
+            if registration.label_value(policy.RESERVED_FOR) is not None:
+                continue  # Reserved: most runners a burst of takes scans past are
             runner = replace(runner, registration=registration)
             if runner.status is policy.Status.IDLE:
                 idle.append(runner)
@@ -1038,7 +1045,7 @@ class Monitor:
                 take.profile, take.count, ids, now, take.qualified_repo, take.run_id
             )
             self._reservations[take.unique_id] = record
-            self._unsaved.append(lambda: self._save_take(take, record, now))
+            self._unsaved[take.unique_id] = record
             if self._last_prune is None or now - self._last_prune >= SWEEP_INTERVAL:
                 self._last_prune = now
                 cutoff = now - RESERVATION_MEMORY
@@ -1050,31 +1057,17 @@ class Monitor:
                 }
             self._request_view_refresh()
 
-    @staticmethod
-    def _save_take(take: _Take, record: models.ReservationRecord, now: datetime) -> None:
-        models.save_reservation(take.unique_id, record, take.qualified_repo, take.run_id)
-        for runner_id in record.runner_ids:
-            models.record_event(
-                "reserve",
-                f"reserved for {take.unique_id} ({take.qualified_repo}/actions/runs/{take.run_id})",
-                runner_id=runner_id,
-                profile=take.profile,
-                at=now,
-            )
-
     def _save_unsaved(self) -> None:
         """Write a burst of takes' records in one transaction, after their clients have
         their answers (the in-memory reservations answer retries meanwhile)."""
         if not self._unsaved:
             return
         try:
-            with models.db.atomic():
-                for write in self._unsaved:
-                    write()
+            models.save_reservations(self._unsaved)
         except Exception:  # noqa: BLE001 - kept for the next try; the answers were given
             log.exception("writing %d take record(s) failed; will retry", len(self._unsaved))
             return
-        self._unsaved = []
+        self._unsaved = {}
 
     def _request_view_refresh(self) -> None:
         """Write takes' records and show their runners as Reserved soon (upstream cleared

@@ -19,6 +19,7 @@ from pathlib import Path
 from peewee import BooleanField
 from peewee import CharField
 from peewee import DoubleField
+from peewee import Field
 from peewee import IntegerField
 from peewee import Model
 from peewee import SqliteDatabase
@@ -327,18 +328,65 @@ def load_reservations(since: datetime) -> dict[str, ReservationRecord]:
     }
 
 
-def save_reservation(
-    unique_id: str, record: ReservationRecord, qualified_repo: str, run_id: str
-) -> None:
-    Reservation.insert(
-        unique_id=unique_id,
-        profile=record.profile,
-        count=record.count,
-        runner_ids=json.dumps(sorted(record.runner_ids)),
-        qualified_repo=qualified_repo,
-        run_id=run_id,
-        created_at=record.created_at,
-    ).on_conflict_replace().execute()
+def save_reservations(records: dict[str, ReservationRecord]) -> None:
+    """Store takes (by unique_id) and a `reserve` event per runner they gave, in one
+    transaction. A burst of takes is written at once, on the monitor thread, so each row
+    costs a bound tuple, not a statement compiled for it."""
+    reservations = [
+        (
+            unique_id,
+            record.profile,
+            record.count,
+            json.dumps(sorted(record.runner_ids)),
+            record.qualified_repo,
+            record.run_id,
+            record.created_at,
+        )
+        for unique_id, record in records.items()
+    ]
+    events = [
+        (
+            record.created_at,
+            "reserve",
+            f"reserved for {unique_id} ({record.qualified_repo}/actions/runs/{record.run_id})",
+            runner_id,
+            record.profile,
+        )
+        for unique_id, record in records.items()
+        for runner_id in sorted(record.runner_ids)
+    ]
+    reservation_fields = (
+        Reservation.unique_id,
+        Reservation.profile,
+        Reservation.count,
+        Reservation.runner_ids,
+        Reservation.qualified_repo,
+        Reservation.run_id,
+        Reservation.created_at,
+    )
+    event_fields = (Event.at, Event.kind, Event.message, Event.runner_id, Event.profile)
+    with db.atomic():
+        _insert_rows(reservation_fields, reservations, replace=True)
+        if events:
+            last_id = _insert_rows(event_fields, events)
+            _trim_events_if_crossed(last_id, len(events))
+
+
+def _insert_rows(fields: tuple[Field, ...], rows: list[tuple], *, replace: bool = False) -> int:
+    """INSERT (OR REPLACE) `rows` into the fields' table with one prepared statement, each
+    value converted by its field as Peewee would; returns the last row id."""
+    table = fields[0].model._meta.table_name
+    columns = ", ".join(f'"{field.column_name}"' for field in fields)
+    marks = ", ".join("?" for _ in fields)
+    verb = "INSERT OR REPLACE" if replace else "INSERT"
+    values = [
+        tuple(field.db_value(value) for field, value in zip(fields, row, strict=True))
+        for row in rows
+    ]
+    cursor = db.cursor()
+    cursor.executemany(f'{verb} INTO "{table}" ({columns}) VALUES ({marks})', values)
+    # (executemany leaves cursor.lastrowid alone; the connection knows.)
+    return cursor.execute("SELECT last_insert_rowid()").fetchone()[0]
 
 
 def prune_reservations(before: datetime) -> int:
@@ -384,12 +432,18 @@ def record_event(
             runner_id=runner_id,
             profile=profile,
         )
-        # Trim now and then, not on every insert (a COUNT(*) per event is not free).
-        if event.id % TRIM_EVERY == 0:
-            cutoff = Event.select(Event.id).order_by(Event.id.desc()).offset(MAX_EVENTS).limit(1)
-            Event.delete().where(Event.id <= cutoff).execute()
+        _trim_events_if_crossed(event.id, 1)
     except Exception:  # noqa: BLE001 - logging the failure is all we can do
         log.exception("could not record event %s: %s", kind, message)
+
+
+def _trim_events_if_crossed(last_id: int, inserted: int) -> None:
+    """Trim the log now and then, not on every insert (a COUNT(*) per event is not free):
+    when the ids just inserted reached a multiple of TRIM_EVERY."""
+    if last_id // TRIM_EVERY == (last_id - inserted) // TRIM_EVERY:
+        return
+    cutoff = Event.select(Event.id).order_by(Event.id.desc()).offset(MAX_EVENTS).limit(1)
+    Event.delete().where(Event.id <= cutoff).execute()
 
 
 def recent_events(limit: int = 50, runner_id: int | None = None) -> list[Event]:

@@ -75,3 +75,35 @@ def test_event_log_is_trimmed(store, monkeypatch):
     newest = models.recent_events(3)
     assert [e.message for e in newest] == ["event 1009", "event 1008", "event 1007"]
     assert [e.runner_id for e in models.recent_events(5, runner_id=1008)] == [1008]
+
+
+def test_takes_saved_in_one_batch_load_back_with_an_event_per_runner(store):
+    first = models.ReservationRecord("linux", 2, [7, 3], NOW, "servo/servo", "101")
+    second = models.ReservationRecord("windows", 1, [9], NOW, "servo/other", "202")
+    models.save_reservations({"id-1": first, "id-2": second})
+
+    loaded = models.load_reservations(NOW)
+    assert loaded["id-1"] == models.ReservationRecord("linux", 2, [3, 7], NOW, "servo/servo", "101")
+    assert loaded["id-2"] == second
+    assert models.load_reservations(datetime(2026, 11, 2, tzinfo=UTC)) == {}
+    events = [(e.kind, e.runner_id, e.profile, e.at) for e in models.recent_events(10)]
+    assert sorted(events) == [
+        ("reserve", 3, "linux", NOW),
+        ("reserve", 7, "linux", NOW),
+        ("reserve", 9, "windows", NOW),
+    ]
+    assert "servo/servo/actions/runs/101" in models.recent_events(1, runner_id=7)[0].message
+
+    # Saving a unique_id again replaces its row (a retry after a failed write).
+    models.save_reservations({"id-1": first})
+    assert len(models.load_reservations(NOW)) == 2
+
+
+def test_batched_events_trim_the_log_when_they_cross_the_mark(store, monkeypatch):
+    monkeypatch.setattr(models, "MAX_EVENTS", 5)
+    for number in range(models.TRIM_EVERY - 2):
+        models.record_event("test", f"event {number}")
+    record = models.ReservationRecord("linux", 4, [1, 2, 3, 4], NOW, "servo/servo", "1")
+    models.save_reservations({"id": record})  # ids TRIM_EVERY - 1 .. TRIM_EVERY + 2
+    assert models.Event.select().count() <= 5 + 3
+    assert [e.runner_id for e in models.recent_events(4)] == [4, 3, 2, 1]
