@@ -13,7 +13,8 @@ a call to a daemon that stopped answering fails after 15-20 s as a lost connecti
 connection has no keepalive, so it runs in a helper thread that callers wait on for at most
 `open_timeout` seconds.
 
-Imports only `errors`, libvirt and Pillow; never the loop, models or web layers.
+Imports only `errors`, `screenshots` (PNG conversion, with Pillow) and libvirt; never the loop,
+models or web layers.
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ from typing import Any
 from typing import Protocol
 
 import libvirt
-from PIL import Image
-from PIL import UnidentifiedImageError
 
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
+from monitor.screenshots import to_png
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ class Hypervisor(Protocol):
         """Return the names of the runner disks (`<guest>.qcow2`) in the runner storage pool
         whose name starts with `prefix`, sorted, whether or not their guest still exists.
         An orphan `<guest>.qcow2` is removed with `destroy_guest(<guest>)`."""
+        ...
+
+    def screenshot_raw(self, name: str) -> bytes:
+        """Return the guest's screen exactly as the hypervisor produced it (PNG or PPM). A
+        guest that is not running is an error (409)."""
         ...
 
     def screenshot_png(self, name: str) -> bytes:
@@ -385,28 +390,24 @@ class LibvirtHypervisor:
             return
         self._delete_volume(conn, volume, name)
 
-    def screenshot_png(self, name: str) -> bytes:
-        """Return a PNG of the guest's screen, converting whatever format libvirt produced.
+    def screenshot_raw(self, name: str) -> bytes:
+        """Return the guest's screen in whatever format libvirt produced (QEMU 7.1 and later
+        give PNG, older ones PPM; the test driver a fixed PNG), unconverted: the screenshot job
+        compares these bytes to skip unchanged screens without decoding them.
 
         A guest that is not running is a `MonitorError` with status 409 (libvirt's test driver
         would return a picture anyway).
         """
-        conn = self._connection()
-        dom = self._domain(conn, name)
-        with self._errors(conn, f"take a screenshot of guest {name}"):
-            if not dom.isActive():
-                raise MonitorError(f"cannot take a screenshot of guest {name}: not running", 409)
-            stream = conn.newStream(0)
-            chunks: list[bytes] = []
-            try:
-                mime = dom.screenshot(stream, 0, 0)
-                stream.recvAll(_collect, chunks)
-                stream.finish()
-            except BaseException:
-                _abort_quietly(stream)
-                raise
+        return self._screenshot(name)[1]
+
+    def screenshot_png(self, name: str) -> bytes:
+        """Return a PNG of the guest's screen, converting whatever format libvirt produced.
+
+        A guest that is not running is a `MonitorError` with status 409.
+        """
+        mime, data = self._screenshot(name)
         try:
-            return to_png(b"".join(chunks))
+            return to_png(data)
         except MonitorError as e:
             raise MonitorError(f"screenshot of guest {name} ({mime}): {e}", 503) from e
 
@@ -498,6 +499,24 @@ class LibvirtHypervisor:
             raise MonitorError(f"libvirt: cannot {action}: {e}", status=503) from e
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _screenshot(self, name: str) -> tuple[str, bytes]:
+        """(MIME type, bytes) of the running guest's screen, as libvirt streams it."""
+        conn = self._connection()
+        dom = self._domain(conn, name)
+        with self._errors(conn, f"take a screenshot of guest {name}"):
+            if not dom.isActive():
+                raise MonitorError(f"cannot take a screenshot of guest {name}: not running", 409)
+            stream = conn.newStream(0)
+            chunks: list[bytes] = []
+            try:
+                mime = dom.screenshot(stream, 0, 0)
+                stream.recvAll(_collect, chunks)
+                stream.finish()
+            except BaseException:
+                _abort_quietly(stream)
+                raise
+        return mime, b"".join(chunks)
 
     def _volume_names(self) -> list[str]:
         conn = self._connection()
@@ -641,19 +660,6 @@ def sniff_image(path: Path) -> tuple[str, int]:
         # qcow2 header: magic, version, backing file offset/size, cluster bits, then size.
         return "qcow2", struct.unpack(">Q", header[24:32])[0]
     return "raw", size
-
-
-def to_png(image_data: bytes) -> bytes:
-    """Return `image_data` (any format Pillow reads: QEMU gives PNG or PPM) as PNG bytes."""
-    try:
-        with Image.open(io.BytesIO(image_data)) as image:
-            if image.format == "PNG":
-                return image_data
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            return out.getvalue()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise MonitorError(f"unreadable image ({len(image_data)} bytes): {e}", 503) from e
 
 
 def _overlay_volume_xml(name: str, capacity: int, backing: str, backing_format: str) -> str:

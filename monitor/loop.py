@@ -12,7 +12,8 @@ The registrations list is refreshed off this thread (`refresh_registrations`, ca
 scheduler) into a write-through cache: the monitor's own creates and deletes are applied to it
 at once, so a decision never acts on a list that predates its own last change.
 
-Imports policy, models, errors, and the GitHub/Hypervisor *protocols* only.
+Imports policy, models, errors, screenshots (files on disk), and the GitHub/Hypervisor
+*protocols* only.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from monitor import models
 from monitor import policy
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
+from monitor.screenshots import ScreenshotStore
+from monitor.screenshots import to_png
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class Hypervisor(Protocol):
     def start_guest(self, name: str) -> None: ...
     def destroy_guest(self, name: str) -> None: ...
     def list_volumes(self, prefix: str) -> list[str]: ...
+    def screenshot_raw(self, name: str) -> bytes: ...
 
 
 class RegistrationCache:
@@ -305,6 +309,7 @@ class Monitor:
         self.registrations = RegistrationCache(config.api_cache_timeout)
         self.override: policy.Override | None = models.load_override()
         self.snapshots: dict[str, str] = {}
+        self.screenshots = ScreenshotStore(config.data_path)
         self.observation: Observation | None = None
         self.github_error: str | None = None
         self._requests: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
@@ -854,6 +859,12 @@ class Monitor:
             self.request_reconcile()
 
     @property
+    def addresses(self) -> dict[str, str]:
+        """Guest name -> IPv4 address, as the address job last found them (a read of a dict
+        the job replaces whole, safe from any thread)."""
+        return self._addresses
+
+    @property
     def in_flight(self) -> dict[int, str]:
         # Copying a dict is one C call under the GIL, so other threads may read this safely
         # while the monitor thread changes it.
@@ -1185,7 +1196,8 @@ class Monitor:
             raise MonitorError(f"cannot read {path}: {error.strerror}", status=503) from None
 
     def screenshot_now(self, runner_id: int) -> bytes:
-        """A fresh screenshot of a runner's guest, as PNG."""
+        """A fresh screenshot of a runner's guest, as PNG. It is saved too (unless unchanged),
+        so the page's thumbnail shows it at once."""
         observation = self.observation
         runner = (
             next((r for r in observation.runners if r.id == runner_id), None)
@@ -1196,27 +1208,31 @@ class Monitor:
             raise MonitorError(f"No runner with id: {runner_id}", status=404)
         if runner.guest_name is None:
             raise MonitorError(f"Runner {runner_id} has no libvirt guest", status=404)
-        return self.hypervisor.screenshot_png(runner.guest_name)
+        raw = self.hypervisor.screenshot_raw(runner.guest_name)
+        try:
+            self.screenshots.save(runner_id, raw)
+        except MonitorError as error:
+            # Not saved (say the disk is full), but the picture may be fine: the click gets it.
+            log.warning("cannot save the screenshot of runner %d: %s", runner_id, error)
+        # A PNG (what QEMU 7.1+ and the test driver give) is returned as it is, not encoded
+        # again; only a PPM pays a second encode, on a click.
+        return to_png(raw)
 
     def refresh_screenshots(self) -> int:
-        """Save a screenshot of every running runner guest under data/runners/<id>/."""
+        """One screenshot pass (scheduler thread; libvirt reads only): save the screen of every
+        runner guest under data/runners/<id>/ unless it is unchanged, and drop the files of
+        runners that are gone. A guest that fails is logged and skipped. Returns how many
+        screenshots were encoded (the pass's other counts are in `screenshots.last_pass`)."""
         observation = self.observation
-        saved = 0
-        for runner in observation.runners if observation else []:
-            if runner.guest_name is None:
-                continue
-            try:
-                png = self.hypervisor.screenshot_png(runner.guest_name)
-            except MonitorError as error:
-                log.debug("no screenshot of %s: %s", runner.guest_name, error)
-                continue
-            directory = self.config.data_path / "runners" / str(runner.id)
-            directory.mkdir(parents=True, exist_ok=True)
-            partial = directory / "screenshot.png.new"
-            partial.write_bytes(png)
-            partial.replace(directory / "screenshot.png")
-            saved += 1
-        return saved
+        if observation is None:
+            return 0  # Nothing observed yet: no runner is known to be gone either.
+        guests = {r.id: r.guest_name for r in observation.runners if r.guest_name is not None}
+        return self.screenshots.refresh(guests, self.hypervisor.screenshot_raw).encoded
+
+    def screenshot_version(self, runner_id: int) -> str | None:
+        """A short string that changes with the runner's saved screenshot (for cache-busting
+        thumbnail URLs), or None while it has none."""
+        return self.screenshots.version(runner_id)
 
     # Override (monitor thread; the web layer reaches these through `call`) -----------------
 

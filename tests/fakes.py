@@ -113,6 +113,9 @@ class FakeHypervisor(Armable):
         self.volumes: set[str] = set()
         self.addresses: dict[str, str] = {}
         self.destroyed: list[str] = []
+        # What each guest's screen shows (raw bytes, as a hypervisor gives them); a test
+        # changes an entry to change the screen. Guests not in it show `PNG`.
+        self.screens: dict[str, bytes] = {}
 
     def list_guests(self, prefix: str) -> list[FakeGuest]:
         self._call("list_guests", prefix)
@@ -150,6 +153,16 @@ class FakeHypervisor(Armable):
             if name not in self.guests:
                 raise MonitorError(f"guest {name} does not exist", status=404)
         return PNG
+
+    def screenshot_raw(self, name: str) -> bytes:
+        self._call("screenshot_raw", name)
+        with self._lock:
+            guest = self.guests.get(name)
+            if guest is None:
+                raise MonitorError(f"guest {name} does not exist", status=404)
+            if not guest.active:  # as LibvirtHypervisor (the test driver would answer)
+                raise MonitorError(f"cannot take a screenshot of guest {name}: not running", 409)
+            return self.screens.get(name, PNG)
 
     def list_volumes(self, prefix: str) -> list[str]:
         self._call("list_volumes", prefix)

@@ -43,3 +43,10 @@ def test_dashboard_benchmark_runs():
     )
     assert "ratio:" in output
     assert ", 0 errors" in output
+
+
+def test_screenshot_pass_benchmark_runs():
+    output = run("screenshot_pass.py", "--guests", "2", "--rounds", "1")
+    assert "PASS: first passes encoded every guest" in output
+    assert "| test driver PNG, first (all changed)   |   2   0   0 |" in output
+    assert "| QEMU-like PPM, second (unchanged)      |   0   2   0 |" in output

@@ -461,14 +461,28 @@ def test_create_with_missing_base_image_leaks_nothing(hv, tmp_path):
     assert hv.list_guests("") == []
 
 
-def test_screenshot_of_stopped_guest_is_an_error(hv, base):
+@pytest.mark.parametrize("method", ["screenshot_png", "screenshot_raw"])
+def test_screenshot_of_stopped_guest_is_an_error(hv, base, method):
     hv.create_guest("linux.1", TEMPLATE_XML, base)
 
     with pytest.raises(MonitorError) as info:
-        hv.screenshot_png("linux.1")
+        getattr(hv, method)("linux.1")
 
     assert info.value.status == 409
     assert "linux.1" in str(info.value) and "not running" in str(info.value)
+
+
+def test_screenshot_raw_is_the_drivers_picture_unconverted(hv, base):
+    hv.create_guest("linux.1", TEMPLATE_XML, base)
+    hv.start_guest("linux.1")
+
+    raw = hv.screenshot_raw("linux.1")
+
+    # The test driver gives a PNG, so the converted screenshot is the same bytes.
+    assert raw.startswith(b"\x89PNG\r\n\x1a\n")
+    assert hv.screenshot_png("linux.1") == raw
+    with Image.open(io.BytesIO(raw)) as image:
+        assert (image.size, image.mode) == ((1120, 832), "L")
 
 
 def test_ipv4_of_stopped_guest_is_none(hv, base):
@@ -565,7 +579,7 @@ def test_pick_ipv4_edge_cases(addresses, subnet, expected):
 
 
 def test_unknown_guest_is_a_monitor_error(hv):
-    for call in (hv.start_guest, hv.screenshot_png, hv.ipv4_address):
+    for call in (hv.start_guest, hv.screenshot_png, hv.screenshot_raw, hv.ipv4_address):
         with pytest.raises(MonitorError) as info:
             call("linux.404")
         assert info.value.status == 404
