@@ -11,6 +11,7 @@ traceback never reaches a client.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -57,6 +58,8 @@ _QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 _BROWSER_PATHS = ("/", "/dashboard.html")
 # More runners than any host holds; the override maths are linear in the counts.
 MAX_OVERRIDE_COUNT = 1000
+# Recent events on the dashboard.
+EVENTS_SHOWN = 20
 
 
 def _json(data: Any, status: int = 200) -> bottle.HTTPResponse:
@@ -170,31 +173,48 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     # Dashboard ----------------------------------------------------------------------------
 
+    def live_values() -> dict[str, Any]:
+        """What the dashboard's live part shows (index.tpl and fragment.tpl)."""
+        observation = monitor.observation
+        return {
+            "observation": observation,
+            "profiles": dashboard.overview(
+                observation,
+                list(config.profiles),
+                monitor.addresses,
+                monitor.screenshots.version,
+            ),
+            "health": dashboard.health(
+                observation,
+                registrations_at=monitor.registrations.fetched_at,
+                github_error=monitor.github_error,
+                rate_limit=getattr(monitor.github, "rate_limit", None),
+                now=monitor.clock(),
+                poll_interval=config.monitor_poll_interval,
+                cache_timeout=config.api_cache_timeout,
+            ),
+            "events": models.recent_events(EVENTS_SHOWN),
+        }
+
+    def render_live() -> tuple[str, str]:
+        """The live fragment and its ETag (a hash of its bytes: the same state, the same tag)."""
+        body = render("fragment", **live_values())
+        return body, '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
+
     @app.get("/")
     def index() -> str:
-        now = monitor.clock()
-        return render(
-            "index",
-            config=config,
-            observation=monitor.observation,
-            profiles=dashboard.overview(monitor.observation, list(config.profiles), now),
-            github_error=monitor.github_error,
-            events=models.recent_events(30),
-            now=now,
-        )
+        fragment, etag = render_live()
+        return render("index", config=config, fragment=fragment, etag=etag)
 
     @app.get("/dashboard.html")
     def dashboard_html() -> bottle.HTTPResponse:
-        observation = monitor.observation
-        if observation is None:
+        if monitor.observation is None:
             raise MonitorError(NOT_READY, 503)
-        now = monitor.clock()
-        body = render(
-            "fragment",
-            observation=observation,
-            profiles=dashboard.overview(observation, list(config.profiles), now),
-        )
-        return bottle.HTTPResponse(body, content_type=HTML)
+        body, etag = render_live()
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        if etag in _etags(bottle.request.get_header("If-None-Match", "")):
+            return bottle.HTTPResponse(status=304, headers=headers)
+        return bottle.HTTPResponse(body, content_type=HTML, headers=headers)
 
     @app.get("/dashboard.json")
     def dashboard_json() -> bottle.HTTPResponse:
@@ -267,6 +287,11 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     def runner_screenshot(runner_id: str) -> bottle.HTTPResponse:
         number = _runner_id(runner_id)
         return _png_file(config.data_path / "runners" / str(number) / "screenshot.png")
+
+    @app.get("/runner/<runner_id>/thumbnail.png")
+    def runner_thumbnail(runner_id: str) -> bottle.HTTPResponse:
+        number = _runner_id(runner_id)
+        return _png_file(config.data_path / "runners" / str(number) / "thumbnail.png")
 
     @app.get("/runner/<runner_id>/screenshot/now")
     def runner_screenshot_now(runner_id: str) -> bottle.HTTPResponse:
@@ -368,3 +393,9 @@ def _static(root: Path | None, path: str, mount: str) -> Any:
     if isinstance(response, bottle.HTTPError):
         raise MonitorError(str(response.body), response.status_code)
     return response
+
+
+def _etags(header: str) -> set[str]:
+    """The entity tags of an If-None-Match header (weak ones compared as strong: the page
+    only asks whether its copy is current)."""
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}

@@ -293,6 +293,15 @@ def test_runner_screenshots(rig):
     assert_error(rig.client.get("/runner/99/screenshot.png", status=404), 404)
 
 
+def test_runner_thumbnails(rig):
+    assert_error(rig.client.get("/runner/0/thumbnail.png", status=404), 404)
+    rig.monitor.refresh_screenshots()
+    response = rig.client.get("/runner/0/thumbnail.png?v=abc")  # the page's versioned URL
+    assert response.content_type == "image/png" and response.body.startswith(b"\x89PNG")
+    assert_error(rig.client.get("/runner/abc/thumbnail.png", status=422), 422)
+    assert_error(rig.client.get("/runner/99/thumbnail.png", status=404), 404)
+
+
 def test_profile_screenshots(rig):
     assert_error(rig.client.get("/profile/linux/screenshot.png", status=404), 404)
     assert_error(rig.client.get("/profile/..%2f..%2fetc/screenshot.png", status=404), 404)
@@ -351,6 +360,42 @@ def test_dashboard_html_is_the_live_fragment(rig):
     assert response.content_type == "text/html"
     assert "3/3 runners for linux" in response.text
     assert "<html" not in response.text
+
+
+def test_dashboard_html_answers_304_while_nothing_changes(rig):
+    first = rig.client.get("/dashboard.html")
+    etag = first.headers["ETag"]
+    assert first.headers["Cache-Control"] == "no-cache"
+    same = rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=304)
+    assert same.headers["ETag"] == etag and same.body == b""
+    # The page's first poll carries the tag the page was rendered with.
+    assert f'data-etag="{etag.replace(chr(34), "&quot;")}"' in rig.client.get("/").text
+
+    rig.clock.advance(30)  # time alone changes nothing on the page: it counts ages itself
+    rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=304)
+
+    rig.client.post(rig.take_url(), headers=AUTH)
+    changed = eventually(
+        lambda: (
+            (r := rig.client.get("/dashboard.html", headers={"If-None-Match": etag})).status_int
+            == 200
+            and r
+        )
+    )
+    assert changed.headers["ETag"] != etag
+    assert 'data-status="Reserved"' in changed.text
+
+
+def test_dashboard_shows_values_from_github_as_text(rig):
+    registration = rig.github.by_name("ci-runner-linux.0@host")
+    hostile = ("<script>alert(1)</script>", 'x:"><img src=x onerror=alert(2)>')
+    rig.github.set(registration.id, labels=registration.labels + hostile)
+    rig.converge(1)
+    for path in ("/", "/dashboard.html"):
+        page = rig.client.get(path).text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert "<script>alert" not in page and "<img src=x" not in page
+        assert "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in page
 
 
 def test_dashboard_endpoints_are_503_until_the_first_observation(make_rig):

@@ -83,7 +83,7 @@ def test_status_page_lists_profiles_runners_and_events(app):
     page = client.get("/")
     assert "2/2 runners for linux" in page.text
     assert "1/1 runners for windows" in page.text
-    assert page.text.count('data-runner-id="') == 3
+    assert page.text.count('<tr class="runner ') == 3
     assert "created and started ci-runner-linux.0" in page.text
 
 

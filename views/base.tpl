@@ -5,9 +5,7 @@
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{title}}</title>
 <link rel="stylesheet" href="/static/style.css">
-% if defined('refresh') and refresh:
-<meta http-equiv="refresh" content="{{refresh}}">
-% end
+<link rel="icon" href="data:,">
 </head>
 <body>
 {{!base}}

@@ -1,39 +1,121 @@
-% # The dashboard's live part: served alone at /dashboard.html, included by index.tpl.
+% # The dashboard's live part: served alone at /dashboard.html (polled by the page, with an
+% # ETag), included by index.tpl. Nothing here depends on the time of the request, so an
+% # unchanged state renders to the same bytes; the page's script counts the ages up.
+% import json
+% from monitor.dashboard import clock, epoch, event_css
+<section class="health" aria-label="monitor status">
+<p class="facts">
+% if health.observed_at is not None:
+<span>last reconcile <time datetime="{{health.observed_at.isoformat()}}">{{clock(health.observed_at)}}</time> (<span class="age" data-since="{{epoch(health.observed_at)}}"></span> ago)</span>
+% end
+% if health.registrations_at is not None:
+<span>GitHub's runner list fetched <time datetime="{{health.registrations_at.isoformat()}}">{{clock(health.registrations_at)}}</time></span>
+% end
+% rl = health.rate_limit
+% if rl is not None:
+<span class="rate-limit">GitHub API budget <b>{{rl.remaining}}</b>/{{rl.limit}}, resets {{clock(rl.reset_at)}}</span>
+% else:
+<span class="rate-limit">GitHub API budget: not known yet</span>
+% end
+</p>
+% for notice in health.notices:
+<p class="notice {{notice.kind}}" role="alert"><b>{{'fault' if notice.kind == 'error' else 'stale'}}:</b> {{notice.text}}</p>
+% end
+</section>
 % if observation is not None and observation.override is not None:
+% o = observation.override
+<section class="override">
 <h2>current policy override</h2>
-<pre>{{observation.override.to_json()}}</pre>
+<p>
+% for key, count in sorted(o.profile_override_counts.items()):
+<span class="chip">{{key}}: {{count}} (target {{o.profile_target_counts.get(key, '?')}})</span>
+% end
+</p>
+<details id="override-json"><summary>as JSON</summary><pre>{{json.dumps(o.to_json(), indent=2)}}</pre></details>
+</section>
 % end
 % for view in profiles:
-<section class="profile">
 % c = view.counts
-<h2>{{c.healthy if c else 0}}/{{c.target if c else '?'}} runners for {{view.key}}</h2>
+<section class="profile" data-profile="{{view.key}}" aria-labelledby="profile-{{view.key}}">
+<h2 id="profile-{{view.key}}">{{c.healthy if c else 0}}/{{c.target if c else "?"}} runners for {{view.key}}</h2>
+<ul class="summary">
 % if c:
-<p class="counts">idle {{c.idle}} · reserved {{c.reserved}} · busy {{c.busy}} · starting {{c.started_or_crashed}} · done {{c.done_or_unregistered}} · wanted {{c.wanted}} · excess {{c.excess_healthy}}</p>
+<li class="idle">● idle <b>{{c.idle}}</b></li>
+<li class="reserved">◆ reserved <b>{{c.reserved}}</b></li>
+<li class="busy">▶ busy <b>{{c.busy}}</b></li>
+<li class="starting">… starting <b>{{c.started_or_crashed}}</b></li>
+<li>✕ done <b>{{c.done_or_unregistered}}</b></li>
+<li>wanted <b>{{c.wanted}}</b></li>
+% if c.excess_healthy:
+<li>excess <b>{{c.excess_healthy}}</b></li>
 % end
-<table>
-<thead><tr><th>id</th><th>guest</th><th>status</th><th>age</th><th>reserved for</th><th>labels</th></tr></thead>
+% else:
+<li>not observed yet</li>
+% end
+<li>image age <b>{{view.image_age or 'unknown'}}</b></li>
+% if view.override_count is not None:
+<li class="override">override <b>{{view.override_count}}</b></li>
+% end
+</ul>
+<div class="table-wrap">
+<table class="runners">
+<caption class="visually-hidden">runners of {{view.key}}</caption>
+<thead><tr><th scope="col">screen</th><th scope="col">id</th><th scope="col">status</th><th scope="col">age</th><th scope="col">IPv4</th><th scope="col">reserved</th><th scope="col">labels</th></tr></thead>
 <tbody>
 % for row in view.runners:
-<tr class="{{row.css}}" data-runner-id="{{row.id}}">
-<td>{{row.id}}</td><td>{{row.guest_name or '–'}}</td>
-<td><span class="status {{row.css}}">{{row.status}}{{' …' if row.in_flight else ''}}</span></td>
-<td>{{row.age}}</td><td>{{row.reserved_for}}</td>
-<td>
-% for label in row.labels:
-<span class="label">{{label}}</span>
+<tr class="runner {{row.css}}" data-runner-id="{{row.id}}" data-status="{{row.status}}">
+<td class="screen" data-label="screen">
+% if row.screenshot_version:
+<button type="button" class="shot" data-runner-id="{{row.id}}" data-version="{{row.screenshot_version}}" aria-label="screenshot of runner {{row.id}}"><img class="thumb" src="/runner/{{row.id}}/thumbnail.png?v={{row.screenshot_version}}" alt="screen of runner {{row.id}}" width="160" height="120" loading="lazy"></button>
+% elif row.guest_name:
+<button type="button" class="shot none" data-runner-id="{{row.id}}" aria-label="screenshot of runner {{row.id}}">no screenshot yet</button>
+% else:
+<span class="muted">no guest</span>
+% end
+</td>
+<th scope="row" class="id" data-label="id">{{row.id}}<br><small class="guest">{{row.guest_name or 'no guest'}}</small></th>
+<td class="status" data-label="status"><span class="status {{row.css}}">{{row.symbol}} {{row.status}}</span>{{' (changing)' if row.in_flight else ''}}</td>
+<td class="age" data-label="age"><time datetime="{{row.created_at.isoformat()}}" class="age" data-since="{{epoch(row.created_at)}}">{{clock(row.created_at)}}</time></td>
+<td class="ipv4" data-label="IPv4">{{row.ipv4 or '–'}}</td>
+<td class="reserved" data-label="reserved">
+% if row.reserved_for:
+<span class="reserved-for" title="unique_id of the job">{{row.reserved_for}}</span>
+% if row.reserved_since:
+<br>for <span class="age" data-since="{{epoch(row.reserved_since)}}">{{clock(row.reserved_since)}}</span>
+% end
+% if row.reserved_by:
+<br>by
+% if row.reserved_by_url:
+<a class="run-link" href="{{row.reserved_by_url}}" target="_blank" rel="noopener noreferrer">{{row.reserved_by}}</a>
+% else:
+{{row.reserved_by}}
+% end
+% end
+% else:
+–
+% end
+</td>
+<td class="labels" data-label="labels">
+% for chip in row.labels:
+% if chip.key is None:
+<span class="label key-only">{{chip.text}}</span>
+% else:
+<span class="label key-value"><span class="key">{{chip.key}}</span><span class="value">{{chip.value}}</span></span>
+% end
 % end
 </td>
 </tr>
 % end
 % if not view.runners:
-<tr><td colspan="6" class="empty">no runners</td></tr>
+<tr class="empty"><td colspan="7">no runners</td></tr>
 % end
 </tbody>
 </table>
+</div>
 </section>
 % end
 % if observation is not None and observation.ignored:
-<section>
+<section class="ignored">
 <h2>in our namespace, not ours (left alone)</h2>
 <ul>
 % for item in observation.ignored:
@@ -42,3 +124,19 @@
 </ul>
 </section>
 % end
+<section class="events">
+<h2>recent events</h2>
+<div class="table-wrap">
+<table class="events">
+<thead><tr><th scope="col">time</th><th scope="col">what</th><th scope="col">runner</th><th scope="col">why</th></tr></thead>
+<tbody>
+% for event in events:
+<tr class="{{event_css(event.kind)}}"><td><time datetime="{{event.at.isoformat()}}">{{clock(event.at)}}</time></td><td class="kind">{{event.kind}}</td><td>{{event.runner_id if event.runner_id is not None else ''}}{{(' ' + event.profile) if event.profile else ''}}</td><td class="message">{{event.message}}</td></tr>
+% end
+% if not events:
+<tr><td colspan="4" class="muted">nothing yet</td></tr>
+% end
+</tbody>
+</table>
+</div>
+</section>

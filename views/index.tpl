@@ -1,24 +1,20 @@
-% rebase('base', title='monitor', refresh=2)
-<header>
+% rebase('base', title='monitor')
+<header class="top">
 <h1>monitor <small>{{config.github_api_suffix}} · {{config.github_api_scope}}</small></h1>
-% if github_error:
-<p class="notice error">GitHub: {{github_error}}</p>
-% end
-% if observation is not None and observation.error:
-<p class="notice error">libvirt: {{observation.error}}</p>
-% end
-% if observation is None:
-<p class="notice stale">Waiting for the first look at GitHub and libvirt…</p>
-% end
+<div id="notice" class="notice" role="status" hidden></div>
 </header>
-<main>
-% include('fragment', observation=observation, profiles=profiles)
-<section>
-<h2>recent events</h2>
-<table class="events">
-% for event in events:
-<tr><td>{{event.at.strftime('%H:%M:%S')}}</td><td>{{event.kind}}</td><td>{{event.runner_id if event.runner_id is not None else ''}}</td><td>{{event.message}}</td></tr>
-% end
-</table>
-</section>
+<main id="live" data-etag="{{etag}}">
+{{!fragment}}
 </main>
+<dialog id="screenshot" aria-labelledby="screenshot-title">
+<h2 id="screenshot-title">screenshot</h2>
+<img id="screenshot-image" alt="">
+<p class="actions">
+<button type="button" id="screenshot-now">take a fresh one</button>
+<a id="screenshot-open" href="#" target="_blank" rel="noopener">open full size</a>
+<button type="button" id="screenshot-close">close</button>
+</p>
+<p id="screenshot-status" role="status"></p>
+</dialog>
+<noscript><p class="notice stale">Without JavaScript this page does not update; reload it to see changes.</p></noscript>
+<script src="/static/dashboard.js" defer></script>
