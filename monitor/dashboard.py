@@ -170,6 +170,9 @@ class ProfileView:
     runners: list[RunnerRow]
     override_count: int | None
     image_age: str | None
+    # What the profile's image rebuild is doing. This monitor does not rebuild images yet,
+    # so it is "not configured" for every profile until it does.
+    rebuild: str = "not configured"
 
 
 @dataclass(frozen=True)

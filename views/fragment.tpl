@@ -53,6 +53,7 @@
 <li>not observed yet</li>
 % end
 <li>image age <b>{{view.image_age or 'unknown'}}</b></li>
+<li>rebuild <b>{{view.rebuild}}</b></li>
 % if view.override_count is not None:
 <li class="override">override <b>{{view.override_count}}</b></li>
 % end
