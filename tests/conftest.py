@@ -118,6 +118,23 @@ def write_config(
     return path
 
 
+def config_for_test_driver(
+    root: Path, github_api_url: str, targets: dict[str, int], extra: str = ""
+):
+    """A loaded config for the GitHub stand-in at `github_api_url` and libvirt's test driver on
+    a private node file under `root` (its own state: other tests' guests are not in it)."""
+    node = root / "node.xml"
+    node.write_text(NODE_XML)
+    path = write_config(
+        root,
+        github_api_url=github_api_url,
+        libvirt_uri=f"test://{node}",
+        targets=targets,
+        extra=extra,
+    )
+    return config_module.load(path, environ={})
+
+
 @pytest.fixture
 def make_config(tmp_path):
     def make(**kwargs):

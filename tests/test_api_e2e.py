@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 
-from monitor import config as config_module
 from monitor import loop
 from monitor import models
 from monitor import web
@@ -35,9 +34,8 @@ from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
-from tests.conftest import NODE_XML
+from tests.conftest import config_for_test_driver
 from tests.conftest import standin_fixtures
-from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECT_SCRIPT = ROOT / "tests" / "scripts" / "runner-select-queueless.sh"
@@ -202,16 +200,7 @@ def make_rig(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Callable[..., R
 
     def make(target: int, extra: str = "", *, online: bool = True) -> Rig:
         assert not rigs, "one rig per test"
-        node = tmp_path / "node.xml"
-        node.write_text(NODE_XML)
-        path = write_config(
-            tmp_path,
-            github_api_url=standin.base_url,
-            libvirt_uri=f"test://{node}",
-            targets={"linux": target},
-            extra=extra,
-        )
-        config = config_module.load(path, environ={})
+        config = config_for_test_driver(tmp_path, standin.base_url, {"linux": target}, extra)
         models.open_store(config.data_path)
         github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
         hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)

@@ -35,7 +35,6 @@ from playwright.sync_api import Page  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from monitor import config as config_module  # noqa: E402
 from monitor import loop  # noqa: E402
 from monitor import models  # noqa: E402
 from monitor import scheduler as scheduler_module  # noqa: E402
@@ -44,12 +43,11 @@ from monitor.github import RestGitHub  # noqa: E402
 from monitor.github_standin import GitHubStandIn  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.serving import BackgroundServer  # noqa: E402
+from tests import test_api_e2e as e2e  # noqa: E402
 from tests.conftest import API_TOKEN  # noqa: E402
 from tests.conftest import GITHUB_TOKEN  # noqa: E402
-from tests.conftest import NODE_XML  # noqa: E402
+from tests.conftest import config_for_test_driver  # noqa: E402
 from tests.conftest import standin_fixtures  # noqa: E402
-from tests.conftest import write_config  # noqa: E402
-from tests.test_api_e2e import bring_online  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path(os.environ.get("MONITOR_CHROMIUM", "/usr/bin/chromium"))
@@ -148,15 +146,10 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
 
 
 @dataclass
-class Rig:
+class Rig(e2e.Rig):
     """What make_rig in test_api_e2e builds, plus the scheduler's jobs, as `monitor run`."""
 
-    config: Any
-    standin: GitHubStandIn
-    hypervisor: LibvirtHypervisor
-    monitor: loop.Monitor
-    http: BackgroundServer
-    scheduler: Any
+    scheduler: Any = None
     serving: bool = True
 
     @property
@@ -176,15 +169,7 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Rig]:
-    node = tmp_path / "node.xml"
-    node.write_text(NODE_XML)
-    path = write_config(
-        tmp_path,
-        github_api_url=standin.base_url,
-        libvirt_uri=f"test://{node}",
-        targets=TARGETS,
-    )
-    config = config_module.load(path, environ={})
+    config = config_for_test_driver(tmp_path, standin.base_url, TARGETS)
     models.open_store(config.data_path)
     github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
     hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
@@ -195,7 +180,7 @@ def rig(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Rig]:
     http = BackgroundServer(web.make_app(config, monitor), name="monitor-browser-http")
     built = Rig(config, standin, hypervisor, monitor, http, scheduler)
     try:
-        bring_online(built, sum(TARGETS.values()))  # reads only .monitor and .standin
+        e2e.bring_online(built, sum(TARGETS.values()))  # reads only .monitor and .standin
         built.monitor.refresh_screenshots()  # what the screenshot job does every 5 s, at once
         yield built
     finally:
