@@ -24,6 +24,7 @@ from peewee import IntegerField
 from peewee import Model
 from peewee import SqliteDatabase
 from peewee import TextField
+from peewee import fn
 
 from monitor.errors import MonitorError
 from monitor.policy import Override
@@ -444,6 +445,11 @@ def _trim_events_if_crossed(last_id: int, inserted: int) -> None:
         return
     cutoff = Event.select(Event.id).order_by(Event.id.desc()).offset(MAX_EVENTS).limit(1)
     Event.delete().where(Event.id <= cutoff).execute()
+
+
+def last_event_id() -> int | None:
+    """The id of the newest event (a cheap check whether there are new ones)."""
+    return Event.select(fn.MAX(Event.id)).scalar()
 
 
 def recent_events(limit: int = 50, runner_id: int | None = None) -> list[Event]:

@@ -82,6 +82,8 @@ class ScreenshotStore:
         self.unchanged = 0
         self.failed = 0
         self.last_pass: PassResult | None = None
+        # Goes up whenever any runner's files change: the dashboard re-renders only then.
+        self.generation = 0
         self._lock = threading.Lock()
         # runner id -> hex digest of the raw screen last written for it.
         self._hashes: dict[int, str] = {}
@@ -204,6 +206,8 @@ class ScreenshotStore:
             for runner_id in gone:
                 self._on_disk.discard(runner_id)
                 self._hashes.pop(runner_id, None)
+            if gone:
+                self.generation += 1
         for runner_id in gone:
             self._remove_files(runner_id)
         return gone
@@ -225,6 +229,7 @@ class ScreenshotStore:
                 os.replace(temporaries[0], directory / SCREENSHOT_NAME)
                 os.replace(temporaries[1], directory / THUMBNAIL_NAME)
                 self._hashes[runner_id] = digest
+                self.generation += 1
         except OSError as error:
             raise MonitorError(
                 f"cannot write the screenshot of runner {runner_id}: {error}", 503

@@ -374,6 +374,16 @@ def test_dashboard_html_answers_304_while_nothing_changes(rig):
     rig.clock.advance(30)  # time alone changes nothing on the page: it counts ages itself
     rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=304)
 
+    # A new screenshot or a new event is a change.
+    rig.monitor.refresh_screenshots()
+    shot = rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=200)
+    assert shot.headers["ETag"] != etag and "/runner/0/thumbnail.png?v=" in shot.text
+    etag = shot.headers["ETag"]
+    models.record_event("test", "something the operator should see")
+    event = rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=200)
+    assert "something the operator should see" in event.text
+    etag = event.headers["ETag"]
+
     rig.client.post(rig.take_url(), headers=AUTH)
     changed = eventually(
         lambda: (
