@@ -44,6 +44,14 @@ class Profile:
     `requires_normal_memory` is in bytes. `base_image`, when set, is a prebuilt disk image
     used as-is and never rebuilt. `config_dir` is `profiles_path / profile_name` (always set
     by `load()`), holding the profile's `guest.xml` and boot script.
+
+    Without `base_image`, the monitor builds the image itself (spec §7): a rebuild guest made
+    from `guest.xml` boots on a fresh disk of `rebuild_disk_size` (a copy of
+    `rebuild_source_image` when set, with a cloud-init seed from `user-data`/`meta-data` in
+    `config_dir` when present), is served `boot-script` at `/boot`, and powers off within
+    `rebuild_timeout`. `rebuild_mode` "rolling" builds while the old image keeps serving and
+    then replaces Idle runners one at a time; "drain" is upstream's (target 0 until no runner
+    is left, then build).
     """
 
     profile_name: str
@@ -53,6 +61,10 @@ class Profile:
     requires_normal_memory: int
     image_type: str = "Rust"
     base_image: Path | None = None
+    rebuild_mode: str = "rolling"
+    rebuild_timeout: timedelta = timedelta(seconds=2000)
+    rebuild_disk_size: int = 20 * 2**30
+    rebuild_source_image: Path | None = None
     config_dir: Path = Path(".")
 
     @property
@@ -117,6 +129,7 @@ _Converter = Callable[[Any], Any]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SCOPE = re.compile(r"/repos/[^/\s]+/[^/\s]+|/orgs/[^/\s]+")
 _MEMORY = re.compile(r"([0-9]+) ?([BKMGTP])")
+REBUILD_MODES = ("rolling", "drain")
 _MEMORY_UNITS = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 _MAX_SECONDS = int(timedelta.max.total_seconds())
 
@@ -250,6 +263,18 @@ def _urls(value: Any) -> tuple[str, ...]:
     return tuple(_http_url(item) for item in value)
 
 
+def _rebuild_mode(value: Any) -> str:
+    if value not in REBUILD_MODES:
+        raise ValueError(f'expected "rolling" or "drain", got {value!r}')
+    return value
+
+
+def _positive_seconds(value: Any) -> timedelta:
+    if _seconds(value) == timedelta(0):
+        raise ValueError("expected a positive number of seconds, got 0")
+    return timedelta(seconds=value)
+
+
 def _image_type(value: Any) -> str:
     if value != "Rust":
         raise ValueError(f'expected "Rust" (the only image type), got {value!r}')
@@ -309,6 +334,10 @@ _PROFILE: dict[str, tuple[_Converter, bool]] = {
     "requires_normal_memory": (_memory, _REQUIRED),
     "image_type": (_image_type, _OPTIONAL),
     "base_image": (_path, _OPTIONAL),
+    "rebuild_mode": (_rebuild_mode, _OPTIONAL),
+    "rebuild_timeout": (_positive_seconds, _OPTIONAL),
+    "rebuild_disk_size": (_memory, _OPTIONAL),
+    "rebuild_source_image": (_path, _OPTIONAL),
 }
 
 
@@ -382,6 +411,16 @@ def file_warnings(config: Config) -> list[str]:
             )
         if profile.base_image is not None and not profile.base_image.is_file():
             warnings.append(f"{where} base_image: {profile.base_image} does not exist")
+        if profile.base_image is None:
+            boot_script = profile.config_dir / "boot-script"
+            if not boot_script.is_file():
+                warnings.append(
+                    f"{where} no boot-script at {boot_script}; the image rebuild guest has"
+                    " nothing to run"
+                )
+            source = profile.rebuild_source_image
+            if source is not None and not source.is_file():
+                warnings.append(f"{where} rebuild_source_image: {source} does not exist")
     return warnings
 
 
@@ -395,7 +434,11 @@ def summary(config: Config) -> str:
         f"{len(config.profiles)} profile(s), configured in {config.profiles_path}:",
     ]
     for profile in config.profiles.values():
-        image = f"base image {profile.base_image}" if profile.base_image else "image rebuilt"
+        image = (
+            f"base image {profile.base_image}"
+            if profile.base_image
+            else f"image rebuilt ({profile.rebuild_mode})"
+        )
         lines.append(
             f"  {profile.profile_name}: label {profile.github_runner_label}, target"
             f" {profile.target_count}, per runner {profile.requires_1g_hugepages} 1G hugepages"
@@ -470,8 +513,9 @@ def _profile(
             f"{path}: {table} profile_name: must equal the table key {key!r},"
             f" got {values['profile_name']!r}"
         )
-    if "base_image" in values:
-        values["base_image"] = config_dir / values["base_image"]
+    for key_name in ("base_image", "rebuild_source_image"):
+        if key_name in values:
+            values[key_name] = config_dir / values[key_name]
     return Profile(**values, config_dir=profiles_path / key)
 
 

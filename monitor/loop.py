@@ -34,6 +34,7 @@ from dataclasses import replace
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from typing import Protocol
 
@@ -42,6 +43,8 @@ from monitor import models
 from monitor import policy
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
+from monitor.rebuilds import Rebuilds
+from monitor.rebuilds import image_volume
 from monitor.screenshots import ScreenshotStore
 from monitor.screenshots import to_png
 
@@ -62,6 +65,9 @@ RESERVATION_MEMORY = timedelta(days=2)
 VIEW_MIN_INTERVAL = timedelta(milliseconds=250)
 # Housekeeping that need not run every pass.
 SWEEP_INTERVAL = timedelta(minutes=1)
+# A failed image rebuild is tried again after 30 s, 1 min, 2 min, … at most an hour apart.
+REBUILD_BACKOFF_BASE = timedelta(seconds=30)
+REBUILD_BACKOFF_CAP = timedelta(hours=1)
 # Back-off after a GitHub list failure with no Retry-After.
 DEFAULT_GITHUB_BACKOFF = timedelta(seconds=10)
 # Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen
@@ -308,7 +314,6 @@ class Monitor:
         self.clock = clock
         self.registrations = RegistrationCache(config.api_cache_timeout)
         self.override: policy.Override | None = models.load_override()
-        self.snapshots: dict[str, str] = {}
         self.screenshots = ScreenshotStore(config.data_path)
         self.observation: Observation | None = None
         self.github_error: str | None = None
@@ -342,6 +347,16 @@ class Monitor:
         self._reported_ignored: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.rebuilds = Rebuilds(
+            config,
+            hypervisor,
+            post=self._post,
+            backoff=Backoff(base=REBUILD_BACKOFF_BASE, cap=REBUILD_BACKOFF_CAP),
+            stopping=self._stopping,
+            clock=clock,
+        )
+        # Each profile's current image snapshot (the rebuilds keep it current).
+        self.snapshots: dict[str, str] = self.rebuilds.snapshots
 
     @property
     def runner_prefix(self) -> str:
@@ -366,6 +381,7 @@ class Monitor:
         queued before the stop request, so the monitor thread records them first."""
         self._stopping.set()
         self._reservers.shutdown(wait=True)
+        self.rebuilds.shutdown()
         self._workers.shutdown(wait=True, cancel_futures=True)
         self._enqueue(_LAST, _STOP)
         if self._thread is not None:
@@ -540,12 +556,14 @@ class Monitor:
             changes = None
         observation = Observation(now, runners, counts, ignored, changes, self.override)
         self._observe(observation)
+        self.rebuilds.start_due(inp, now)
         if changes is None or self._registrations_too_stale(now):
             return observation
         self._dispatch(changes, runners, now)
         if self._last_sweep is None or now - self._last_sweep >= SWEEP_INTERVAL:
             self._last_sweep = now
             self._sweep_orphan_volumes(guest_names, now)
+            self._sweep_rebuild_guests()
         return observation
 
     def _registrations_too_stale(self, now: datetime) -> bool:
@@ -558,6 +576,14 @@ class Monitor:
             models.record_event("stale", message, at=now)
         self._stale_reported = stale
         return stale
+
+    def _sweep_rebuild_guests(self) -> None:
+        try:
+            guests = self.hypervisor.list_guests(self.config.libvirt_rebuild_guest_prefix + "-")
+        except MonitorError as error:
+            log.warning("listing rebuild guests failed: %s", error)
+            return
+        self.rebuilds.sweep([guest.name for guest in guests])
 
     def _sweep_orphan_volumes(self, guest_names: list[str], now: datetime) -> None:
         """Remove runner overlay volumes whose guest is gone (a create or destroy that failed
@@ -714,20 +740,38 @@ class Monitor:
 
     def _start_create(self, profile_key: str, now: datetime) -> None:
         profile = self.config.profiles[profile_key]
+        image = None
         if getattr(profile, "base_image", None) is None:
-            log.error("cannot create a runner for %s: it has no base image yet", profile_key)
-            return
+            image = self.snapshots.get(profile_key)
+            if image is None:
+                log.error("cannot create a runner for %s: it has no image yet", profile_key)
+                return
         runner_id = models.allocate_runner_id()
         name = policy.guest_name(self.runner_prefix, profile_key, runner_id)
-        models.create_runner(runner_id, profile_key, name, now)
+        models.create_runner(runner_id, profile_key, name, now, image=image)
         models.record_event(
             "create", f"creating {name}", runner_id=runner_id, profile=profile_key, at=now
         )
         log.info("creating runner %d (%s)", runner_id, name)
         self._in_flight[runner_id] = "create"
-        self._workers.submit(self._create_worker, runner_id, profile, name)
+        self._workers.submit(self._create_worker, runner_id, profile, name, image)
 
-    def _create_worker(self, runner_id: int, profile: Any, name: str) -> None:
+    def _base_image(self, profile: Any, image: str | None) -> Path:
+        """The disk a runner's overlay goes on: the prebuilt `base_image`, or the rebuilt
+        image of snapshot `image` in the storage pool."""
+        if image is None:
+            return profile.base_image
+        volume = image_volume(
+            self.config.libvirt_template_guest_prefix, profile.profile_name, image
+        )
+        path = self.hypervisor.volume_path(volume)
+        if path is None:
+            raise MonitorError(f"the image {volume} of {profile.profile_name} is missing", 503)
+        return path
+
+    def _create_worker(
+        self, runner_id: int, profile: Any, name: str, image: str | None = None
+    ) -> None:
         """Register (JIT), create and start one guest. On failure, undo what was done.
         Always reports back to the monitor thread, whatever happens."""
         registration: policy.Registration | None = None
@@ -744,7 +788,7 @@ class Monitor:
                     runner_id, registration.id, jit.encoded_jit_config, self.clock()
                 )
             template = profile.guest_xml.read_text()
-            self.hypervisor.create_guest(name, template, profile.base_image)
+            self.hypervisor.create_guest(name, template, self._base_image(profile, image))
             self.hypervisor.start_guest(name)
             models.record_started(runner_id, self.clock())
         except Exception as failure:  # noqa: BLE001 - a worker must report, not vanish
@@ -1187,9 +1231,15 @@ class Monitor:
         return config
 
     def boot_script_for(self, address: str) -> str:
-        """The boot script of the profile of the runner at `address`."""
-        runner = self.runner_for_address(address)
-        path = self.config.profiles[runner.profile].config_dir / "boot-script"
+        """The boot script of the profile of the runner, or of the image rebuild guest, at
+        `address` (upstream recognised rebuild guests by their address too)."""
+        try:
+            profile = self.runner_for_address(address).profile
+        except MonitorError:
+            profile = self.rebuilds.image_address_owner(_ipv4(address) or "")
+            if profile is None:
+                raise
+        path = self.config.profiles[profile].config_dir / "boot-script"
         try:
             return path.read_text()
         except OSError as error:

@@ -32,7 +32,7 @@ from monitor.policy import RunnerRecord
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_FILENAME = "monitor.sqlite3"
 # Keep the event log bounded: a busy host writes a few events a minute.
 MAX_EVENTS = 20_000
@@ -79,6 +79,9 @@ class Runner(BaseModel):
     started_at = TimestampField(null=True)
     destroyed_at = TimestampField(null=True, index=True)
     adopted = BooleanField(default=False)
+    # The snapshot of the rebuilt base image the runner was made from (None: a prebuilt
+    # `base_image`, or adopted): rolling rebuilds replace runners of older snapshots.
+    image = CharField(null=True)
 
     def __repr__(self) -> str:  # keep the secret out of debug output
         return f"<Runner {self.id} {self.guest_name}>"
@@ -171,7 +174,14 @@ def _migration_2() -> None:
     db.create_tables((Reservation,))
 
 
-_MIGRATIONS = {1: _migration_1, 2: _migration_2}
+def _migration_3() -> None:
+    # Stores made by version 1 lack the column; version 1's create_tables of a new store
+    # already has it (it creates the current model).
+    if "image" not in {column.name for column in db.get_columns(Runner._meta.table_name)}:
+        db.execute_sql(f'ALTER TABLE "{Runner._meta.table_name}" ADD COLUMN "image" VARCHAR(255)')
+
+
+_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
 
 
 def _get(key: str) -> str | None:
@@ -236,7 +246,12 @@ def _import_upstream_runner_id(data_path: Path) -> None:
 
 
 def create_runner(
-    runner_id: int, profile: str, guest_name: str, created_at: datetime, adopted: bool = False
+    runner_id: int,
+    profile: str,
+    guest_name: str,
+    created_at: datetime,
+    adopted: bool = False,
+    image: str | None = None,
 ) -> Runner:
     return Runner.create(
         id=runner_id,
@@ -244,6 +259,7 @@ def create_runner(
         guest_name=guest_name,
         created_at=created_at,
         adopted=adopted,
+        image=image,
     )
 
 
@@ -266,13 +282,13 @@ def live_runners() -> list[Runner]:
 def live_records() -> dict[int, RunnerRecord]:
     """What each live runner's pairing needs (every pass reads this: plain tuples, fast)."""
     query = (
-        Runner.select(Runner.id, Runner.profile, Runner.created_at)
+        Runner.select(Runner.id, Runner.profile, Runner.created_at, Runner.image)
         .where(Runner.destroyed_at.is_null())
         .tuples()
     )
     return {
-        runner_id: RunnerRecord(profile=profile, created_at=created_at)
-        for runner_id, profile, created_at in query
+        runner_id: RunnerRecord(profile=profile, created_at=created_at, image=image)
+        for runner_id, profile, created_at, image in query
     }
 
 

@@ -16,6 +16,7 @@ import enum
 import functools
 import re
 from collections.abc import Collection
+from collections.abc import Container
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import MutableMapping
@@ -74,10 +75,12 @@ class Registration:
 
 @dataclass(frozen=True)
 class RunnerRecord:
-    """What the store knows about a runner id: its profile and when it was created."""
+    """What the store knows about a runner id: its profile, when it was created, and the
+    snapshot of the rebuilt image it was made from (None for a prebuilt image)."""
 
     profile: str
     created_at: datetime
+    image: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Runner:
     registration: Registration | None
     guest_name: str | None
     in_flight: bool = False
+    image: str | None = None  # the rebuilt image's snapshot it was made from
 
     @functools.cached_property
     def status(self) -> Status:
@@ -261,6 +265,7 @@ def build_runners(
             registration=by_id_registration.get(runner_id),
             guest_name=by_id_guest.get(runner_id),
             in_flight=runner_id in flying,
+            image=records[runner_id].image,
         )
         for runner_id in sorted(ids)
     ]
@@ -283,6 +288,8 @@ class ProfileLike(Protocol):
     def requires_normal_memory(self) -> int: ...
     @property
     def base_image(self) -> object | None: ...
+    @property
+    def rebuild_mode(self) -> str: ...
 
 
 class SettingsLike(Protocol):
@@ -492,11 +499,68 @@ def effective_target(key: str, inp: PolicyInput, now: datetime) -> int:
     """The number of healthy runners the profile should have right now.
 
     0 when creating is switched off or the image needs (or may need) a rebuild, so an expiring
-    image drains its profile before the rebuild starts; else `target_with_override`.
+    image drains its profile before the rebuild starts (upstream, `rebuild_mode = "drain"`);
+    else `target_with_override`. In "rolling" mode an aged image keeps serving while its
+    successor is built: only a profile with no usable image at all has target 0.
     """
-    if inp.settings.dont_create_runners or image_needs_rebuild(key, inp, now) is not False:
+    if inp.settings.dont_create_runners:
         return 0
-    return target_with_override(key, inp)
+    needs = image_needs_rebuild(key, inp, now)
+    if needs is False or (needs is True and _keeps_serving(key, inp)):
+        return target_with_override(key, inp)
+    return 0
+
+
+def _keeps_serving(key: str, inp: PolicyInput) -> bool:
+    """Whether an aged image of a rolling profile may still make runners (it has one)."""
+    return inp.profiles[key].rebuild_mode == "rolling" and key in inp.snapshots
+
+
+def rebuilds_to_start(inp: PolicyInput, now: datetime, building: Container[str]) -> list[str]:
+    """Profiles whose image rebuild should start now (spec §7.2 step 3), in config order.
+
+    A profile needs one (`image_needs_rebuild` is True: not unknown) and has none in progress.
+    In "drain" mode it must also have no runner left at all, whatever its status; in
+    "rolling" mode its runners keep serving meanwhile.
+    """
+    runners = inp.runners
+    if runners is None:
+        return []
+    started = []
+    for key, profile in inp.profiles.items():
+        if key in building or image_needs_rebuild(key, inp, now) is not True:
+            continue
+        if profile.rebuild_mode == "drain" and any(r.profile == key for r in runners):
+            continue
+        started.append(key)
+    return started
+
+
+def outdated_to_replace(inp: PolicyInput, now: datetime) -> list[int]:
+    """Runners of rolling profiles to destroy now because a newer image exists: at most one
+    per profile, and only while nothing of the profile is starting or in flight, so Idle
+    runners are replaced one at a time (each replacement comes from the new image) and busy
+    or reserved ones are never touched."""
+    if inp.runners is None:
+        return []
+    chosen = []
+    for key, profile in inp.profiles.items():
+        current = inp.snapshots.get(key)
+        if profile.rebuild_mode != "rolling" or current is None:
+            continue
+        if image_needs_rebuild(key, inp, now) is not False:
+            continue  # the newest image is aged too: a rebuild comes first
+        mine = [r for r in inp.runners if r.profile == key]
+        if any(r.in_flight or r.status is Status.STARTED_OR_CRASHED for r in mine):
+            continue
+        outdated = [
+            r.id
+            for r in mine
+            if r.status is Status.IDLE and r.image is not None and r.image != current
+        ]
+        if outdated:
+            chosen.append(min(outdated))
+    return chosen
 
 
 def _count_statuses(runners: Iterable[Runner], key: str) -> dict[Status, int]:
@@ -612,7 +676,11 @@ def decide(inp: PolicyInput, now: datetime) -> RunnerChanges:
     """The changes for this pass: `compute_runner_changes`, unless the operator asked to
     destroy every runner that is not Busy (§5.9), which ignores targets and timeouts."""
     if not inp.settings.destroy_all_non_busy_runners:
-        return compute_runner_changes(inp, now)
+        changes = compute_runner_changes(inp, now)
+        replace = [i for i in outdated_to_replace(inp, now) if i not in changes.destroy]
+        if replace:
+            return RunnerChanges(destroy=changes.destroy + replace, create=changes.create)
+        return changes
     if inp.runners is None:
         raise MonitorError("Policy has no Runners!")
     destroy = sorted(r.id for r in inp.runners if r.status != Status.BUSY and not r.in_flight)

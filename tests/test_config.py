@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import textwrap
 from datetime import timedelta
 from pathlib import Path
 
@@ -656,7 +657,7 @@ requires_normal_memory = "1536M"
     ) in lines
     assert (
         "  windows: label self-hosted-image:windows, target 1, per runner 48 1G hugepages"
-        " (48 GiB) and 1.5 GiB normal memory, image rebuilt"
+        " (48 GiB) and 1.5 GiB normal memory, image rebuilt (rolling)"
     ) in lines
     # 2×24 + 1×48 = 96 of 96; 2×1 GiB + 1.5 GiB = 3.5 GiB of 16 GiB.
     assert "  1G hugepages: 96 of 96 (fits)" in lines
@@ -719,3 +720,46 @@ def test_bad_new_api_keys_are_named(tmp_path, line, key):
     path = write_config(tmp_path, extra=line + "\n")
     with pytest.raises(ConfigError, match=key):
         config.load(path, environ={})
+
+
+def test_rebuild_keys_of_a_profile(tmp_path):
+    from tests.conftest import write_config
+
+    extra_profile = textwrap.dedent(
+        """
+        [profiles.built]
+        profile_name = "built"
+        github_runner_label = "self-hosted-image:built"
+        target_count = 1
+        requires_1g_hugepages = 0
+        requires_normal_memory = "1G"
+        rebuild_mode = "drain"
+        rebuild_timeout = 90
+        rebuild_disk_size = "2G"
+        rebuild_source_image = "cloud.img"
+        """
+    )
+    path = write_config(tmp_path, targets={"linux": 1}, extra=extra_profile)
+    built = config.load(path, environ={}).profiles["built"]
+    assert built.base_image is None
+    assert (built.rebuild_mode, built.rebuild_timeout) == ("drain", timedelta(seconds=90))
+    assert built.rebuild_disk_size == 2 * 2**30
+    assert built.rebuild_source_image == tmp_path / "cloud.img"
+    linux = config.load(path, environ={}).profiles["linux"]
+    assert (linux.rebuild_mode, linux.rebuild_timeout) == ("rolling", timedelta(seconds=2000))
+    warnings = config.file_warnings(config.load(path, environ={}))
+    assert any("[profiles.built] no boot-script" in w for w in warnings)
+    assert any("rebuild_source_image" in w and "does not exist" in w for w in warnings)
+
+    for bad, message in (
+        ('rebuild_mode = "sometimes"', 'expected "rolling" or "drain"'),
+        ("rebuild_timeout = 0", "positive number of seconds"),
+        ('rebuild_disk_size = "lots"', "memory size"),
+    ):
+        line = bad.split(" =")[0]
+        text = path.read_text()
+        broken = "\n".join(bad if row.startswith(line) else row for row in text.splitlines())
+        path.write_text(broken)
+        with pytest.raises(ConfigError, match=f"\\[profiles.built\\] {line}: .*{message}"):
+            config.load(path, environ={})
+        path.write_text(text)

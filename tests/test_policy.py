@@ -50,6 +50,7 @@ class Profile:
     requires_1g_hugepages: int
     requires_normal_memory: int
     base_image: object | None = None
+    rebuild_mode: str = "drain"  # upstream's only behaviour, which its scenarios describe
 
 
 @dataclass(frozen=True)
@@ -916,6 +917,83 @@ def test_image_needs_rebuild(
     assert policy.image_needs_rebuild("linux", inp, NOW) is needs_rebuild
     assert policy.effective_target("linux", inp, NOW) == effective
     assert policy.compute_runner_changes(inp, NOW) == changes([], {"linux": effective})
+
+
+# --- Rebuilds: drain (upstream) and rolling (ours) -----------------------------------------------
+
+
+def rebuilt(mode: str, target: int = 2) -> dict[str, Profile]:
+    return {"linux": Profile("linux", target, 0, 0, None, mode)}
+
+
+def with_images(fakes: Sequence[Fake], images: Sequence[str | None]) -> list[Runner]:
+    return [replace(r, image=image) for r, image in zip(install(fakes), images, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "snapshot", "effective"),
+    [
+        pytest.param("drain", TOO_OLD, 0, id="drain-aged: drains first"),
+        pytest.param("rolling", TOO_OLD, 2, id="rolling-aged: keeps serving"),
+        pytest.param("rolling", None, 0, id="rolling-no-image: nothing to serve"),
+        pytest.param("rolling", "garbage", 0, id="rolling-unknown: as upstream"),
+        pytest.param("rolling", FRESH, 2, id="rolling-fresh"),
+    ],
+)
+def test_effective_target_by_rebuild_mode(mode: str, snapshot: str | None, effective: int):
+    snapshots = {} if snapshot is None else {"linux": snapshot}
+    inp = PolicyInput(rebuilt(mode), Settings(), [], snapshots)
+    assert policy.effective_target("linux", inp, NOW) == effective
+
+
+def test_drain_rebuilds_only_once_no_runner_is_left() -> None:
+    aged = {"linux": TOO_OLD}
+    busy_left = PolicyInput(rebuilt("drain"), Settings(), install([busy("linux")]), aged)
+    assert policy.rebuilds_to_start(busy_left, NOW, building=set()) == []
+    done_left = PolicyInput(rebuilt("drain"), Settings(), install([done("linux")]), aged)
+    assert policy.rebuilds_to_start(done_left, NOW, building=set()) == []
+    empty = PolicyInput(rebuilt("drain"), Settings(), [], aged)
+    assert policy.rebuilds_to_start(empty, NOW, building=set()) == ["linux"]
+    assert policy.rebuilds_to_start(empty, NOW, building={"linux"}) == []
+    assert policy.rebuilds_to_start(replace(empty, runners=None), NOW, building=set()) == []
+
+
+def test_rolling_rebuilds_while_runners_serve() -> None:
+    runners = install([busy("linux"), idle("linux")])
+    aged = PolicyInput(rebuilt("rolling"), Settings(), runners, {"linux": TOO_OLD})
+    assert policy.rebuilds_to_start(aged, NOW, building=set()) == ["linux"]
+    fresh = replace(aged, snapshots={"linux": FRESH})
+    assert policy.rebuilds_to_start(fresh, NOW, building=set()) == []
+    unknown = replace(aged, snapshots={"linux": "garbage"})
+    assert policy.rebuilds_to_start(unknown, NOW, building=set()) == []
+    prebuilt = {"linux": Profile("linux", 2, 0, 0, Path("/images/base.qcow2"), "rolling")}
+    assert policy.rebuilds_to_start(replace(aged, profiles=prebuilt), NOW, set()) == []
+
+
+def test_rolling_replaces_outdated_idle_runners_one_at_a_time() -> None:
+    old = TOO_OLD
+    runners = with_images(
+        [busy("linux"), reserved("linux"), idle("linux"), idle("linux"), idle("linux")],
+        [old, old, old, old, FRESH],
+    )
+    inp = PolicyInput(rebuilt("rolling", target=5), Settings(), runners, {"linux": FRESH})
+    # The lowest outdated Idle runner goes; busy and reserved ones are never touched.
+    assert policy.outdated_to_replace(inp, NOW) == [2]
+    assert policy.decide(inp, NOW) == changes([2], {"linux": 0})
+
+    # While a replacement is starting (or anything is in flight), nothing more goes.
+    starting = with_images([idle("linux"), Fake("linux", STARTED)], [old, FRESH])
+    assert policy.outdated_to_replace(replace(inp, runners=starting), NOW) == []
+    flying = [replace(r, in_flight=(r.id == 1)) for r in with_images(
+        [idle("linux"), idle("linux")], [old, FRESH]
+    )]  # fmt: skip
+    assert policy.outdated_to_replace(replace(inp, runners=flying), NOW) == []
+
+    # Runners of a prebuilt image (no snapshot) and drain profiles are left alone.
+    prebuilt = with_images([idle("linux")], [None])
+    assert policy.outdated_to_replace(replace(inp, runners=prebuilt), NOW) == []
+    drain = replace(inp, profiles=rebuilt("drain", target=5))
+    assert policy.outdated_to_replace(drain, NOW) == []
 
 
 def test_target_with_override() -> None:
