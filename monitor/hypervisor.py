@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from string import ascii_lowercase
 from typing import Any
 from typing import Protocol
 
@@ -53,6 +54,13 @@ ADDRESS_SOURCES = (
     ("agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
     ("arp", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP),
 )
+# DHCP leases outlive their guests (dnsmasq keeps them for the lease time, 1 h by default), so
+# a guest started with a MAC that had one reports that old address at once, before it has
+# even booted. `start_guest` therefore notes, in the domain's metadata, the leases its MACs
+# had just before the start; `ipv4_address` ignores a lease that is still exactly one of
+# those (same MAC, address and expiry time: a new lease or a renewal changes the expiry).
+STALE_LEASES_URI = "urn:monitor:leases-before-start"
+STALE_LEASES_KEY = "monitor"
 
 # Errors that mean the connection to libvirtd is gone (measured on libvirt 9.0 after killing
 # libvirtd: "Cannot write data: Broken pipe" is SYSTEM_ERROR from RPC, the next call gives
@@ -72,6 +80,17 @@ EVENT_LOOP_THREAD_NAME = "libvirt-event-loop"
 
 _event_loop_lock = threading.Lock()
 _event_loop_thread: threading.Thread | None = None
+
+# Transient `dir` pools opened over a source image's directory, for the time of one copy.
+SOURCE_POOL_PREFIX = "monitor-source-"
+
+# libvirt's domain states as `guest_state` reports them; any other state is "other".
+_GUEST_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+}
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,44 @@ class Hypervisor(Protocol):
         """Return the names of the runner disks (`<guest>.qcow2`) in the runner storage pool
         whose name starts with `prefix`, sorted, whether or not their guest still exists.
         An orphan `<guest>.qcow2` is removed with `destroy_guest(<guest>)`."""
+        ...
+
+    def create_image_guest(
+        self,
+        name: str,
+        template_xml: str,
+        volume: str,
+        size: int,
+        source: Path | None = None,
+        seed_iso: Path | None = None,
+    ) -> Path:
+        """Create base-image volume `volume` (qcow2, `size` bytes: a standalone copy of
+        `source`, or empty) and define rebuild guest `name` whose first disk is that volume,
+        with `seed_iso` as a read-only CD-ROM. Not started. Return the volume's path.
+        An existing guest or volume of that name is a 409."""
+        ...
+
+    def guest_state(self, name: str) -> str | None:
+        """Return "running", "shutoff", "paused" or "other"; None when there is no such guest."""
+        ...
+
+    def remove_image_guest(self, name: str) -> None:
+        """Stop and undefine a rebuild guest, keeping its disk volume (the product).
+        Idempotent."""
+        ...
+
+    def volume_path(self, volume: str) -> Path | None:
+        """Return the path of `volume` in the storage pool, or None if there is none."""
+        ...
+
+    def list_image_volumes(self, prefix: str) -> list[str]:
+        """Return the names of the volumes in the storage pool starting with `prefix`
+        (any suffix), sorted."""
+        ...
+
+    def delete_volume(self, volume: str) -> None:
+        """Delete `volume` from the storage pool. Idempotent. A volume that backs another
+        volume (a runner's overlay) is refused with a 409."""
         ...
 
     def screenshot_raw(self, name: str) -> bytes:
@@ -364,9 +421,11 @@ class LibvirtHypervisor:
         log.info("defined guest %s on %s (%s)", name, base, base_format)
 
     def start_guest(self, name: str) -> None:
-        """Start a defined guest."""
+        """Start a defined guest, first noting the DHCP leases its MACs already have (see
+        `STALE_LEASES_URI`)."""
         conn = self._connection()
         dom = self._domain(conn, name)
+        self._note_leases_before_start(conn, dom, name)
         with self._errors(conn, f"start guest {name}"):
             dom.create()
 
@@ -413,13 +472,23 @@ class LibvirtHypervisor:
 
     def ipv4_address(self, name: str) -> str | None:
         """Return the guest's first usable IPv4 address from its DHCP lease, guest agent or
-        ARP entry (in that order), or None. A source that fails is skipped."""
+        ARP entry (in that order), or None. A source that fails is skipped, and so is a
+        lease the guest's MAC already had before `start_guest` started it (a destroyed
+        guest's, not this one's). When there was such a lease, the host's ARP table is not
+        asked either: it may still map that MAC to the destroyed guest's address."""
         conn = self._connection()
         dom = self._domain(conn, name)
+        stale = False
         for source_name, source in ADDRESS_SOURCES:
+            if stale and source == libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP:
+                continue
             try:
                 with self._errors(conn, f"get the {source_name} addresses of guest {name}"):
                     addresses = dom.interfaceAddresses(source, 0)
+                if source == libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE and addresses:
+                    current = self._without_stale_leases(conn, dom, name, addresses)
+                    stale = current != addresses
+                    addresses = current
             except TransientError:
                 raise
             except MonitorError as e:
@@ -430,6 +499,122 @@ class LibvirtHypervisor:
                 return address
         return None
 
+    def _note_leases_before_start(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, name: str
+    ) -> None:
+        """Record the leases the guest's MACs have now in its (persistent) metadata, which
+        the start copies to the running domain: a monitor restarted later still knows them.
+        Drivers without DHCP leases (the test driver) record nothing."""
+        try:
+            leases = self._current_leases(conn, dom, name)
+        except TransientError:
+            raise
+        except MonitorError as e:
+            log.debug("%s; not noting its leases", e)
+            return
+        element = ET.Element("leases")
+        for mac, address, expiry in sorted(leases):
+            ET.SubElement(element, "lease", mac=mac, ip=address, expiry=str(expiry))
+        try:
+            with self._errors(conn, f"note the leases of guest {name}"):
+                dom.setMetadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                    ET.tostring(element, encoding="unicode"),
+                    STALE_LEASES_KEY,
+                    STALE_LEASES_URI,
+                    libvirt.VIR_DOMAIN_AFFECT_CURRENT,
+                )
+        except TransientError:
+            raise
+        except MonitorError as e:
+            # Not worth failing the start for: its addresses are then believed as before.
+            log.warning("%s", e)
+
+    def _without_stale_leases(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, name: str, addresses: Any
+    ) -> dict[str, Any]:
+        """`addresses` (a lease-source `interfaceAddresses` result) without the leases noted
+        before the guest's start that nothing has renewed since."""
+        before = self._leases_before_start(conn, dom, name)
+        suspects = {
+            (str(interface.get("hwaddr", "")).lower(), entry.get("addr"))
+            for interface in addresses.values()
+            for entry in (interface or {}).get("addrs") or []
+        } & {(mac, address) for mac, address, _expiry in before}
+        if not suspects:
+            return dict(addresses)  # The usual case: fresh MACs, no lease before the start.
+        try:
+            stale = before & self._current_leases(conn, dom, name)
+        except MonitorError as e:
+            # The lease it had before cannot be told from a new one: not trusted.
+            log.debug("%s; ignoring its leases from before its start", e)
+            stale = before
+        stale_pairs = {(mac, address) for mac, address, _expiry in stale}
+        kept: dict[str, Any] = {}
+        for interface_name, interface in addresses.items():
+            mac = str((interface or {}).get("hwaddr", "")).lower()
+            entries = [
+                entry
+                for entry in (interface or {}).get("addrs") or []
+                if (mac, entry.get("addr")) not in stale_pairs
+            ]
+            kept[interface_name] = {**(interface or {}), "addrs": entries}
+        if stale_pairs:
+            log.debug("guest %s: ignoring leases from before its start: %s", name, stale_pairs)
+        return kept
+
+    def _leases_before_start(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, name: str
+    ) -> set[tuple[str, str, int]]:
+        """(MAC, address, expiry time) of the leases `start_guest` noted; empty if none were
+        (a guest started some other way: every lease is believed, as before)."""
+        try:
+            with self._errors(conn, f"read the metadata of guest {name}"):
+                text = dom.metadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                    STALE_LEASES_URI,
+                    libvirt.VIR_DOMAIN_AFFECT_CURRENT,
+                )
+        except TransientError:
+            raise
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_DOMAIN_METADATA):
+                raise
+            return set()
+        try:
+            element = ET.fromstring(text)
+            return {
+                (lease.get("mac", "").lower(), lease.get("ip", ""), int(lease.get("expiry", "")))
+                for lease in element.iter("lease")
+            }
+        except (ET.ParseError, ValueError) as e:
+            log.warning("guest %s: unreadable lease metadata, ignored: %s", name, e)
+            return set()
+
+    def _current_leases(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, name: str
+    ) -> set[tuple[str, str, int]]:
+        """(MAC, address, expiry time) of the DHCP leases that libvirt's networks hold now
+        for the MACs of the guest's network interfaces."""
+        with self._errors(conn, f"read the interfaces of guest {name}"):
+            devices = ET.fromstring(dom.XMLDesc(0)).find("devices")
+        macs_by_network: dict[str, set[str]] = {}
+        interfaces = [] if devices is None else devices.findall("interface[@type='network']")
+        for interface in interfaces:
+            source, mac = interface.find("source"), interface.find("mac")
+            if source is not None and mac is not None and source.get("network"):
+                macs = macs_by_network.setdefault(source.get("network", ""), set())
+                macs.add(mac.get("address", "").lower())
+        leases: set[tuple[str, str, int]] = set()
+        for network_name, macs in sorted(macs_by_network.items()):
+            with self._errors(conn, f"read the DHCP leases of network {network_name}"):
+                found = conn.networkLookupByName(network_name).DHCPLeases(None, 0)
+            for lease in found:
+                mac = str(lease.get("mac", "")).lower()
+                if mac in macs and lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                    leases.add((mac, str(lease.get("ipaddr")), int(lease.get("expirytime", 0))))
+        return leases
+
     def close(self) -> None:
         """Close the connection (and give up an open in progress); the next call opens a new
         one."""
@@ -439,6 +624,153 @@ class LibvirtHypervisor:
         if opening is not None:
             opening.abandon()
         _close_quietly(conn)
+
+    # -- base-image volumes and rebuild guests -----------------------------------------------
+
+    def create_image_guest(
+        self,
+        name: str,
+        template_xml: str,
+        volume: str,
+        size: int,
+        source: Path | None = None,
+        seed_iso: Path | None = None,
+    ) -> Path:
+        """Create base-image volume `volume` and define rebuild guest `name` writing into it.
+
+        The volume is qcow2 in the storage pool and stands alone (no backing file), so runner
+        overlays on it survive the source being replaced or deleted:
+        - without `source`, an empty disk of `size` bytes (upstream's windows10 kind);
+        - with `source`, libvirt's `createXMLFrom` (`qemu-img convert` into qcow2, which also
+          flattens any backing chain) from the pool volume that is that file, or, when no
+          active pool holds it, from a transient `dir` pool over its directory that exists
+          only for the copy. The format is libvirt's probe of the file, so any image format
+          qemu-img reads will do; the monitor never streams the bytes itself. The copy is
+          then grown to `size`; a source larger than `size` is refused (400), as upstream.
+
+        The guest is `image_guest_domain_xml(template_xml, ...)`: the profile's domain with a
+        fresh name, UUID and MACs, its first disk the volume itself (not an overlay) and
+        `seed_iso`, if given, as a read-only CD-ROM. It is defined, not started.
+
+        Returns the volume's path. A guest `name` or a volume `volume` that exists already is
+        a 409 and nothing is touched; any later failure deletes the new volume again.
+        """
+        for kind, value in (("guest", name), ("volume", volume)):
+            if not value or "/" in value:
+                raise MonitorError(f"invalid {kind} name {value!r}", 400)
+        if size <= 0:
+            raise MonitorError(f"image volume {volume}: invalid size {size!r}", 400)
+        seed = None if seed_iso is None else os.path.abspath(seed_iso)
+        if seed is not None and not os.path.isfile(seed):
+            raise MonitorError(f"cannot create guest {name}: no seed ISO {seed}", 404)
+        source_path = None if source is None else os.path.abspath(source)
+
+        conn = self._connection()
+        if self._lookup(conn, name) is not None:
+            raise MonitorError(f"cannot create guest {name}: it already exists", 409)
+        pool = self._pool(conn)
+        self._refresh(conn, pool)
+        if self._find_volume(conn, pool, volume) is not None:
+            raise MonitorError(f"cannot create image volume {volume}: it already exists", 409)
+
+        volume_xml = _image_volume_xml(volume, size)
+        if source_path is None:
+            with self._errors(conn, f"create image volume {volume}"):
+                image = pool.createXML(volume_xml, 0)
+        else:
+            image = self._copy_into_new_volume(conn, pool, volume_xml, volume, size, source_path)
+        try:
+            with self._errors(conn, f"grow image volume {volume} to {size} bytes"):
+                if image.info()[1] < size:  # qemu-img convert keeps the source's size
+                    image.resize(size, 0)
+                path = image.path()
+            with self._errors(conn, f"define guest {name}"):
+                conn.defineXML(image_guest_domain_xml(template_xml, name, path, seed))
+        except BaseException:
+            self._delete_new_volume(conn, image, volume)
+            raise
+        log.info(
+            "defined rebuild guest %s on image volume %s (%s)",
+            name,
+            volume,
+            f"copy of {source_path}" if source_path else f"empty, {size} bytes",
+        )
+        return Path(path)
+
+    def guest_state(self, name: str) -> str | None:
+        """Return the guest's state as "running" (also libvirt's "blocked", a running guest
+        waiting for I/O), "shutoff", "paused" or "other" (shutting down, crashed,
+        suspended to RAM), or None when there is no such guest: enough to wait for a rebuild
+        guest to power itself off."""
+        conn = self._connection()
+        dom = self._lookup(conn, name)
+        if dom is None:
+            return None
+        try:
+            with self._errors(conn, f"get the state of guest {name}"):
+                state = dom.state(0)[0]
+        except MonitorError as e:
+            if _is_no_domain(e.__cause__):
+                return None  # undefined meanwhile
+            raise
+        return _GUEST_STATES.get(state, "other")
+
+    def remove_image_guest(self, name: str) -> None:
+        """Stop (if running) and undefine rebuild guest `name`, with its NVRAM but without
+        any storage: its disk is the base-image volume, the product of the rebuild, and
+        `delete_volume` removes it when that is wanted. Idempotent."""
+        conn = self._connection()
+        dom = self._lookup(conn, name)
+        if dom is not None:
+            self._stop_and_undefine(conn, dom, name)
+
+    def volume_path(self, volume: str) -> Path | None:
+        """Return the path of `volume` in the storage pool, or None if the pool has no such
+        volume (as libvirt knows it: no refresh, so this is cheap)."""
+        conn = self._connection()
+        pool = self._pool(conn)
+        found = self._find_volume(conn, pool, volume)
+        if found is None:
+            return None
+        with self._errors(conn, f"get the path of volume {volume}"):
+            return Path(found.path())
+
+    def list_image_volumes(self, prefix: str) -> list[str]:
+        """Names of the volumes in the storage pool (refreshed first) that start with
+        `prefix`, whatever their suffix, sorted."""
+        return [n for n in self._volume_names() if n.startswith(prefix)]
+
+    def delete_volume(self, volume: str) -> None:
+        """Delete `volume` from the storage pool; one that is gone already is fine.
+
+        Refused (409, nothing deleted) while `volume` is the backing file of another volume
+        in the pool, as every runner overlay is of its base image: deleting it would break
+        those runners' disks. The check reads each volume's `<backingStore><path>` after a
+        pool refresh; the caller (the monitor thread) must not create overlays on `volume`
+        meanwhile.
+        """
+        conn = self._connection()
+        pool = self._pool(conn)
+        self._refresh(conn, pool)
+        found = self._find_volume(conn, pool, volume)
+        if found is None:
+            return
+        with self._errors(conn, f"get the path of volume {volume}"):
+            path = os.path.normpath(found.path())
+        users = self._volumes_backed_by(conn, pool, path)
+        if users:
+            shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+            raise MonitorError(
+                f"cannot delete volume {volume}: it is the backing file of {shown}", 409
+            )
+        try:
+            with self._errors(conn, f"delete volume {volume}"):
+                found.delete(0)
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                raise
+            return
+        log.info("deleted volume %s", volume)
 
     # -- connection and error handling ----------------------------------------------------
 
@@ -476,15 +808,15 @@ class LibvirtHypervisor:
             # took it away meanwhile: then go round and open another.
 
     def _drop(self, conn: libvirt.virConnect) -> None:
-        """Forget a lost connection, unless another thread already replaced it."""
+        """Forget a lost connection, unless another thread already replaced it.
+
+        It is not closed here: another thread may be inside a libvirt call on it, and
+        closing frees what that call is using (a segfault, seen while libvirtd was stopped
+        under a screenshot pass). The binding closes it when the last thread lets go of it.
+        """
         with self._lock:
-            if self._conn is not conn:
-                return
-            self._conn = None
-        try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass  # It is gone already.
+            if self._conn is conn:
+                self._conn = None
 
     @contextmanager
     def _errors(self, conn: libvirt.virConnect, action: str) -> Iterator[None]:
@@ -521,8 +853,8 @@ class LibvirtHypervisor:
     def _volume_names(self) -> list[str]:
         conn = self._connection()
         pool = self._pool(conn)
+        self._refresh(conn, pool)
         with self._errors(conn, f"list volumes of {self.storage_pool}"):
-            pool.refresh(0)
             return sorted(pool.listVolumes())
 
     def _lookup(self, conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
@@ -646,6 +978,193 @@ class LibvirtHypervisor:
                 # Drivers without NVRAM or snapshot support reject the flags.
                 log.debug("%s; retrying without flags", e)
 
+    def _refresh(self, conn: libvirt.virConnect, pool: libvirt.virStoragePool) -> None:
+        """Refresh the pool, so that files made or removed behind libvirt's back count.
+
+        libvirt refuses while a volume is being built in the pool ("has asynchronous jobs
+        running"), and a base-image copy takes as long as `qemu-img convert` does; then the
+        volumes libvirt knows are used as they are, rather than failing every listing.
+        """
+        try:
+            with self._errors(conn, f"refresh storage pool {pool.name()}"):
+                pool.refresh(0)
+        except TransientError:
+            raise
+        except MonitorError as e:
+            if not _is_busy_pool(e.__cause__):
+                raise
+            log.debug("%s; using the volumes libvirt knows", e)
+
+    def _find_volume(
+        self, conn: libvirt.virConnect, pool: libvirt.virStoragePool, volume: str
+    ) -> libvirt.virStorageVol | None:
+        try:
+            with self._errors(conn, f"look up volume {volume}"):
+                return pool.storageVolLookupByName(volume)
+        except MonitorError as e:
+            if _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                return None
+            raise
+
+    def _copy_into_new_volume(
+        self,
+        conn: libvirt.virConnect,
+        pool: libvirt.virStoragePool,
+        volume_xml: str,
+        volume: str,
+        size: int,
+        source: str,
+    ) -> libvirt.virStorageVol:
+        """Create the volume of `volume_xml` in `pool` as a copy of the image file `source`
+        (converted to the volume's format by libvirt), refusing a source larger than `size`;
+        return it as a volume of `conn`.
+
+        The copy runs on a connection of its own. Measured on libvirt 9.0: while one call
+        on a connection runs `createXMLFrom`, other calls on that connection can wait until
+        it returns (a pool lookup waited 0.15 s of a 0.17 s copy); a multi-GB copy would so
+        stall the monitor thread and the screenshot job for minutes. On a second connection
+        they took milliseconds throughout. (The test driver keeps each connection's state
+        apart, so there the copy stays on `conn`.)
+        """
+        copier = self._copy_connection(conn)
+        try:
+            copy_pool = pool if copier is conn else self._pool(copier)
+            with self._source_volume(copier, source) as original:
+                with self._errors(copier, f"read source image {source}"):
+                    capacity = original.info()[1]
+                if capacity > size:
+                    raise MonitorError(
+                        f"cannot create image volume {volume}: source image {source} is "
+                        f"{capacity} bytes, more than the image size of {size} bytes",
+                        400,
+                    )
+                with self._errors(copier, f"copy {source} into image volume {volume}"):
+                    copy = copy_pool.createXMLFrom(volume_xml, original, 0)
+            if copier is conn:
+                return copy
+            try:
+                with self._errors(conn, f"look up the new image volume {volume}"):
+                    return pool.storageVolLookupByName(volume)
+            except BaseException:
+                self._delete_new_volume(copier, copy, volume)
+                raise
+        finally:
+            if copier is not conn:
+                _close_quietly(copier)
+
+    def _copy_connection(self, conn: libvirt.virConnect) -> libvirt.virConnect:
+        """A new connection to the same libvirt for one long call (see
+        `_copy_into_new_volume`), or `conn` itself on the test driver. The caller closes it."""
+        with self._errors(conn, "get the libvirt driver's name"):
+            if conn.getType() == "TEST":
+                return conn
+        opening = _PendingOpen(self.uri)
+        if not opening.wait(self.open_timeout):
+            opening.abandon()
+            raise TransientError(
+                f"cannot connect to libvirt at {_uri_name(self.uri)} for a copy: no answer "
+                f"within {self.open_timeout:g} s (is libvirtd hung?)"
+            )
+        if opening.conn is None:
+            raise TransientError(
+                f"cannot connect to libvirt at {_uri_name(self.uri)} for a copy: {opening.error}"
+            ) from opening.error
+        return opening.conn
+
+    @contextmanager
+    def _source_volume(
+        self, conn: libvirt.virConnect, source: str
+    ) -> Iterator[libvirt.virStorageVol]:
+        """The storage volume that is the file `source`, for `createXMLFrom`.
+
+        From the active pool that has it, else from a transient `dir` pool over its directory
+        (`SOURCE_POOL_PREFIX`...), destroyed again when the caller is done; destroying a dir
+        pool leaves its files alone. A monitor killed meanwhile leaves that pool behind until
+        libvirtd restarts; the next copy from the same directory then uses it.
+        """
+        found = None
+        try:
+            with self._errors(conn, f"look up source image {source}"):
+                found = conn.storageVolLookupByPath(source)
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                raise
+        if found is not None:
+            yield found
+            return
+        if not os.path.isfile(source):
+            raise MonitorError(f"no source image {source}", 404)
+        directory, filename = os.path.split(source)
+        holder = self._active_dir_pool(conn, directory)
+        transient = None
+        if holder is None:
+            pool_xml = _dir_pool_xml(f"{SOURCE_POOL_PREFIX}{uuid.uuid4().hex[:12]}", directory)
+            with self._errors(conn, f"open the directory of source image {source} as a pool"):
+                transient = holder = conn.storagePoolCreateXML(pool_xml, 0)
+        else:
+            self._refresh(conn, holder)
+        try:
+            try:
+                with self._errors(conn, f"look up source image {source}"):
+                    found = holder.storageVolLookupByName(filename)
+            except MonitorError as e:
+                if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                    raise
+                raise MonitorError(
+                    f"libvirt does not see source image {source} as a disk image", 404
+                ) from e
+            yield found
+        finally:
+            if transient is not None:
+                try:
+                    with self._errors(conn, f"destroy transient storage pool for {source}"):
+                        transient.destroy()
+                except MonitorError as e:
+                    log.warning("%s", e)
+
+    def _active_dir_pool(
+        self, conn: libvirt.virConnect, directory: str
+    ) -> libvirt.virStoragePool | None:
+        """The active pool whose target is `directory`, if any: libvirt refuses a second
+        `dir` pool on the same directory."""
+        wanted = os.path.normpath(directory)
+        with self._errors(conn, "list storage pools"):
+            for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+                if path and os.path.normpath(path) == wanted:
+                    return pool
+        return None
+
+    def _volumes_backed_by(
+        self, conn: libvirt.virConnect, pool: libvirt.virStoragePool, path: str
+    ) -> list[str]:
+        """Names of the pool's volumes whose backing file is `path`, sorted."""
+        with self._errors(conn, f"list volumes of {self.storage_pool}"):
+            volumes = pool.listAllVolumes(0)
+        users = []
+        for other in volumes:
+            try:
+                with self._errors(conn, f"read volume {other.name()}"):
+                    backing = ET.fromstring(other.XMLDesc(0)).findtext("backingStore/path")
+            except MonitorError as e:
+                if _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                    continue  # deleted meanwhile
+                raise
+            if backing and os.path.normpath(backing) == path:
+                users.append(other.name())
+        return sorted(users)
+
+    def _delete_new_volume(
+        self, conn: libvirt.virConnect, volume: libvirt.virStorageVol, name: str
+    ) -> None:
+        """Undo a volume this call created, logging (not raising) when that fails."""
+        try:
+            with self._errors(conn, f"delete the new image volume {name}"):
+                volume.delete(0)
+        except MonitorError as e:
+            if not _has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                log.warning("%s", e)
+
 
 def sniff_image(path: Path) -> tuple[str, int]:
     """Return (format, virtual size) of a disk image file: qcow2 (size from its header) or
@@ -674,6 +1193,68 @@ def _overlay_volume_xml(name: str, capacity: int, backing: str, backing_format: 
     ET.SubElement(backing_store, "path").text = backing
     ET.SubElement(backing_store, "format", type=backing_format)
     return ET.tostring(volume, encoding="unicode")
+
+
+def image_guest_domain_xml(
+    template_xml: str, name: str, disk_path: str, seed_iso: str | None = None
+) -> str:
+    """Return the domain XML of rebuild guest `name`, cloned from a profile's domain XML.
+
+    As `runner_domain_xml` (fresh name, UUID and MACs; the first `<disk device='disk'>` is
+    the qcow2 file `disk_path`, here the base-image volume itself), plus, when `seed_iso` is
+    given, that file as a read-only CD-ROM: upstream's `virsh change-media <guest> sda
+    <config.iso>` into the template's first `<disk device='cdrom'>`, or, when the template
+    has none, a new SATA CD-ROM on the first free `sdX` target (SATA works on both the `pc`
+    and `q35` machines; `q35` has no IDE).
+    """
+    domain_xml = runner_domain_xml(template_xml, name, disk_path)
+    if seed_iso is None:
+        return domain_xml
+    root = ET.fromstring(domain_xml, parser=_comment_keeping_parser())
+    devices = root.find("devices")
+    assert devices is not None  # runner_domain_xml insists on a disk
+    cdrom = devices.find("disk[@device='cdrom']")
+    if cdrom is None:
+        disks = devices.findall("disk")
+        taken = {target.get("dev") for target in devices.findall("disk/target")}
+        target = next((f"sd{c}" for c in ascii_lowercase if f"sd{c}" not in taken), None)
+        if target is None:
+            raise MonitorError(f"guest template for {name} has no free sdX target for a CD-ROM")
+        cdrom = ET.Element("disk", device="cdrom")
+        ET.SubElement(cdrom, "target", dev=target, bus="sata")
+        devices.insert(list(devices).index(disks[-1]) + 1, cdrom)
+    cdrom.set("type", "file")
+    driver = cdrom.find("driver")
+    if driver is None:
+        driver = ET.Element("driver", name="qemu")
+        cdrom.insert(0, driver)
+    driver.set("type", "raw")
+    source = ET.Element("source", {"file": seed_iso})
+    old_source = cdrom.find("source")
+    if old_source is None:
+        cdrom.insert(list(cdrom).index(driver) + 1, source)
+    else:
+        cdrom[list(cdrom).index(old_source)] = source
+    if cdrom.find("readonly") is None:
+        ET.SubElement(cdrom, "readonly")
+    return ET.tostring(root, encoding="unicode")
+
+
+def _image_volume_xml(name: str, capacity: int) -> str:
+    volume = ET.Element("volume")
+    ET.SubElement(volume, "name").text = name
+    ET.SubElement(volume, "capacity", unit="bytes").text = str(capacity)
+    target = ET.SubElement(volume, "target")
+    ET.SubElement(target, "format", type="qcow2")
+    ET.SubElement(target, "compat").text = "1.1"  # as _overlay_volume_xml
+    return ET.tostring(volume, encoding="unicode")
+
+
+def _dir_pool_xml(name: str, directory: str) -> str:
+    pool = ET.Element("pool", type="dir")
+    ET.SubElement(pool, "name").text = name
+    ET.SubElement(ET.SubElement(pool, "target"), "path").text = directory
+    return ET.tostring(pool, encoding="unicode")
 
 
 def _comment_keeping_parser() -> ET.XMLParser:
@@ -714,6 +1295,11 @@ def _has_code(error: BaseException | None, *codes: int) -> bool:
 
 def _is_no_domain(error: BaseException | None) -> bool:
     return _has_code(error, libvirt.VIR_ERR_NO_DOMAIN)
+
+
+def _is_busy_pool(error: BaseException | None) -> bool:
+    # "internal error: pool 'x' has asynchronous jobs running." (libvirt 9.0 storage driver)
+    return _has_code(error, libvirt.VIR_ERR_INTERNAL_ERROR) and "asynchronous jobs" in str(error)
 
 
 def _is_lost(conn: libvirt.virConnect, error: libvirt.libvirtError) -> bool:

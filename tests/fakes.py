@@ -104,13 +104,30 @@ class FakeGitHub(Armable):
 class FakeGuest:
     name: str
     active: bool
+    # A rebuild guest's disk (the image volume it writes) and seed ISO.
+    image_volume: str | None = None
+    seed_iso: Path | None = None
+
+
+@dataclass(frozen=True)
+class FakeImageVolume:
+    size: int
+    source: Path | None = None
+
+
+# Where the fake storage pool keeps its volumes.
+FAKE_POOL = Path("/fake-pool")
 
 
 class FakeHypervisor(Armable):
     def __init__(self) -> None:
         super().__init__()
         self.guests: dict[str, FakeGuest] = {}
-        self.volumes: set[str] = set()
+        self.volumes: set[str] = set()  # runner overlays, `<guest>.qcow2`
+        self.backing: dict[str, Path] = {}  # runner overlay -> its base image
+        self.image_volumes: dict[str, FakeImageVolume] = {}
+        # Volumes a test declares to back some runner's overlay: delete_volume refuses them.
+        self.in_use: set[str] = set()
         self.addresses: dict[str, str] = {}
         self.destroyed: list[str] = []
         # What each guest's screen shows (raw bytes, as a hypervisor gives them); a test
@@ -129,6 +146,7 @@ class FakeHypervisor(Armable):
                 raise MonitorError(f"domain {name} already exists", status=503)
             self.guests[name] = FakeGuest(name, False)
             self.volumes.add(f"{name}.qcow2")
+            self.backing[f"{name}.qcow2"] = Path(base_image)
 
     def start_guest(self, name: str) -> None:
         self._call("start_guest", name)
@@ -140,6 +158,7 @@ class FakeHypervisor(Armable):
         with self._lock:
             self.guests.pop(name, None)
             self.volumes.discard(f"{name}.qcow2")
+            self.backing.pop(f"{name}.qcow2", None)
             self.destroyed.append(name)
 
     def ipv4_address(self, name: str) -> str | None:
@@ -168,6 +187,70 @@ class FakeHypervisor(Armable):
         self._call("list_volumes", prefix)
         with self._lock:
             return sorted(v for v in self.volumes if v.startswith(prefix))
+
+    def create_image_guest(
+        self,
+        name: str,
+        template_xml: str,
+        volume: str,
+        size: int,
+        source: Path | None = None,
+        seed_iso: Path | None = None,
+    ) -> Path:
+        self._call("create_image_guest", name)
+        with self._lock:
+            if name in self.guests:
+                raise MonitorError(f"cannot create guest {name}: it already exists", 409)
+            if volume in self.image_volumes or volume in self.volumes:
+                raise MonitorError(f"cannot create image volume {volume}: it already exists", 409)
+            self.image_volumes[volume] = FakeImageVolume(size, source)
+            self.guests[name] = FakeGuest(name, False, image_volume=volume, seed_iso=seed_iso)
+            return FAKE_POOL / volume
+
+    def guest_state(self, name: str) -> str | None:
+        self._call("guest_state", name)
+        with self._lock:
+            guest = self.guests.get(name)
+            if guest is None:
+                return None
+            return "running" if guest.active else "shutoff"
+
+    def power_off(self, name: str) -> None:
+        """Test hook: the guest shuts itself down, as a finished rebuild guest does."""
+        with self._lock:
+            self.guests[name].active = False
+
+    def remove_image_guest(self, name: str) -> None:
+        self._call("remove_image_guest", name)
+        with self._lock:
+            self.guests.pop(name, None)
+
+    def volume_path(self, volume: str) -> Path | None:
+        self._call("volume_path", volume)
+        with self._lock:
+            if volume in self.image_volumes or volume in self.volumes:
+                return FAKE_POOL / volume
+            return None
+
+    def list_image_volumes(self, prefix: str) -> list[str]:
+        self._call("list_image_volumes", prefix)
+        with self._lock:
+            return sorted(v for v in {*self.image_volumes, *self.volumes} if v.startswith(prefix))
+
+    def delete_volume(self, volume: str) -> None:
+        self._call("delete_volume", volume)
+        with self._lock:
+            users = sorted(o for o, base in self.backing.items() if base == FAKE_POOL / volume)
+            if volume in self.in_use:
+                users.append("a runner's overlay")
+            if users:
+                raise MonitorError(
+                    f"cannot delete volume {volume}: it is the backing file of {', '.join(users)}",
+                    409,
+                )
+            self.image_volumes.pop(volume, None)
+            self.volumes.discard(volume)
+            self.backing.pop(volume, None)
 
     def close(self) -> None:
         pass

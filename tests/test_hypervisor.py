@@ -43,6 +43,7 @@ from monitor.errors import TransientError  # noqa: E402
 from monitor.hypervisor import EVENT_LOOP_THREAD_NAME  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.hypervisor import image_guest_domain_xml  # noqa: E402
 from monitor.hypervisor import pick_ipv4  # noqa: E402
 from monitor.hypervisor import runner_domain_xml  # noqa: E402
 from monitor.hypervisor import sniff_image  # noqa: E402
@@ -787,3 +788,357 @@ def test_open_of_hung_libvirtd_is_transient_not_blocking(silent_libvirtd):
     assert "no answer" not in str(info.value)
     assert isinstance(info.value.__cause__, libvirt.libvirtError)
     hv.close()
+
+
+# -- base-image volumes and rebuild guests -----------------------------------------------------
+
+IMAGE = "image-linux@2024-05-01T00:00:00Z.qcow2"
+GiB = 1024**3
+
+
+def _volume_xml(hv: LibvirtHypervisor, volume: str) -> ET.Element:
+    pool = _conn(hv).storagePoolLookupByName(POOL)
+    return ET.fromstring(pool.storageVolLookupByName(volume).XMLDesc())
+
+
+def _pools(hv: LibvirtHypervisor) -> list[str]:
+    return sorted(p.name() for p in _conn(hv).listAllStoragePools(0))
+
+
+def test_create_image_guest_with_an_empty_disk(hv, pool_dir):
+    path = hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, 2 * GiB)
+
+    assert path == pool_dir / IMAGE
+    assert _volumes(hv) == ["base.qcow2", IMAGE]
+    volume = _volume_xml(hv, IMAGE)
+    assert volume.find("target/format").get("type") == "qcow2"
+    assert volume.findtext("capacity") == str(2 * GiB)
+    assert volume.find("backingStore") is None
+    domain = _domain_xml(hv, "rebuild-linux")
+    disk = domain.find("devices/disk[@device='disk']")
+    assert disk.get("type") == "file"
+    assert disk.find("source").attrib == {"file": str(path)}
+    assert disk.find("driver").get("type") == "qcow2"
+    assert domain.find("devices/disk[@device='cdrom']") is None
+    template = ET.fromstring(TEMPLATE_XML)
+    assert domain.findtext("uuid") != template.findtext("uuid")
+    assert MAC_RE.match(domain.find("devices/interface/mac").get("address"))
+    assert hv.list_guests("rebuild-") == [Guest("rebuild-linux", active=False)]
+    assert hv.guest_state("rebuild-linux") == "shutoff"
+
+
+def test_create_image_guest_copies_a_pool_volume_without_backing_it(hv, base):
+    path = hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB, source=base)
+
+    volume = _volume_xml(hv, IMAGE)
+    assert volume.findtext("target/path") == str(path)
+    assert volume.find("target/format").get("type") == "qcow2"
+    assert volume.findtext("capacity") == str(GiB)  # grown from the source's 64 MiB
+    assert volume.find("backingStore") is None  # a copy that stands alone
+    assert _volumes(hv) == ["base.qcow2", IMAGE]
+
+
+def test_create_image_guest_of_the_source_size(hv, base):
+    hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, 64 * 1024**2, source=base)
+
+    assert _volume_xml(hv, IMAGE).findtext("capacity") == str(64 * 1024**2)
+
+
+def test_create_image_guest_refuses_a_source_larger_than_the_size(hv, base):
+    with pytest.raises(MonitorError) as info:
+        hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, 1024**2, source=base)
+
+    assert info.value.status == 400
+    assert str(base) in str(info.value) and IMAGE in str(info.value)
+    assert _volumes(hv) == ["base.qcow2"]
+    assert hv.list_guests("") == []
+
+
+def test_create_image_guest_from_a_file_outside_the_pools(hv, tmp_path):
+    # The test driver's transient pool lists no files (real libvirtd: test_hypervisor_qemu).
+    source = tmp_path / "images" / "jammy-server-cloudimg-amd64.raw"
+    source.parent.mkdir()
+    source.write_bytes(bytes(1024**2))
+
+    with pytest.raises(MonitorError) as info:
+        hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB, source=source)
+
+    assert info.value.status == 404
+    assert str(source) in str(info.value)
+    assert _pools(hv) == [POOL]  # the transient pool is gone again
+    assert _volumes(hv) == ["base.qcow2"]
+    assert hv.list_guests("") == []
+
+
+@pytest.mark.parametrize("missing", ["source", "seed_iso"])
+def test_create_image_guest_with_a_missing_file_is_404(hv, tmp_path, missing):
+    with pytest.raises(MonitorError) as info:
+        hv.create_image_guest(
+            "rebuild-linux", TEMPLATE_XML, IMAGE, GiB, **{missing: tmp_path / "nope"}
+        )
+
+    assert info.value.status == 404
+    assert str(tmp_path / "nope") in str(info.value)
+    assert _volumes(hv) == ["base.qcow2"]
+    assert hv.list_guests("") == []
+
+
+def test_create_image_guest_adds_the_seed_iso_as_a_cdrom(hv, tmp_path):
+    seed = tmp_path / "config.iso"
+    seed.write_bytes(b"CD001")
+
+    path = hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB, seed_iso=seed)
+
+    devices = _domain_xml(hv, "rebuild-linux").find("devices")
+    [cdrom] = devices.findall("disk[@device='cdrom']")
+    assert cdrom.get("type") == "file"
+    assert cdrom.find("source").attrib == {"file": str(seed)}
+    assert cdrom.find("driver").get("type") == "raw"
+    assert cdrom.find("readonly") is not None
+    assert cdrom.find("target").attrib == {"dev": "sda", "bus": "sata"}
+    assert devices.find("disk[@device='disk']/source").get("file") == str(path)
+
+
+def test_image_guest_domain_xml_puts_the_seed_into_the_templates_cdrom():
+    # Upstream's guest.xml has an empty SATA CD-ROM `sda`; upstream's change-media fills it.
+    template = UPSTREAM_GUEST_XML.read_text()
+
+    new = ET.fromstring(
+        image_guest_domain_xml(template, "rebuild", "/pool/image.qcow2", "/data/config.iso")
+    )
+
+    [cdrom] = new.findall("devices/disk[@device='cdrom']")
+    assert cdrom.get("type") == "file"
+    assert cdrom.find("source").attrib == {"file": "/data/config.iso"}
+    assert cdrom.find("target").attrib == {"dev": "sda", "bus": "sata"}
+    assert cdrom.find("driver").attrib == {"name": "qemu", "type": "raw"}
+    assert len(cdrom.findall("readonly")) == 1
+    assert cdrom.find("boot").get("order") == "2"  # the rest of it is the template's
+    assert new.find("devices/disk[@device='disk']/source").get("file") == "/pool/image.qcow2"
+    # Without a seed, it is the runner's clone.
+    plain = ET.fromstring(image_guest_domain_xml(template, "rebuild", "/pool/image.qcow2"))
+    assert plain.find("devices/disk[@device='cdrom']/source") is None
+
+
+def test_image_guest_domain_xml_replaces_an_existing_seed_and_picks_free_targets():
+    template = """<domain type='kvm'><devices>
+      <disk type='file' device='disk'><source file='/x.img'/><target dev='sda' bus='sata'/></disk>
+      <disk type='block' device='cdrom'><source dev='/dev/sr0'/><target dev='hdc' bus='ide'/>
+        <readonly/></disk>
+    </devices></domain>"""
+
+    new = ET.fromstring(image_guest_domain_xml(template, "g", "/p/i.qcow2", "/new.iso"))
+    [cdrom] = new.findall("devices/disk[@device='cdrom']")
+    assert cdrom.get("type") == "file"
+    assert cdrom.find("source").attrib == {"file": "/new.iso"}
+    assert cdrom.find("target").attrib == {"dev": "hdc", "bus": "ide"}
+
+    no_cdrom = template.replace("device='cdrom'", "device='floppy'")
+    new = ET.fromstring(image_guest_domain_xml(no_cdrom, "g", "/p/i.qcow2", "/new.iso"))
+    cdrom = new.find("devices/disk[@device='cdrom']")
+    assert cdrom.find("target").attrib == {"dev": "sdb", "bus": "sata"}  # sda is taken
+    disks = [d.get("device") for d in new.findall("devices/disk")]
+    assert disks == ["disk", "floppy", "cdrom"]
+
+
+def test_image_guest_domain_xml_with_every_sata_target_taken():
+    disks = "".join(
+        f"<disk type='file' device='disk'><target dev='sd{c}' bus='sata'/></disk>"
+        for c in "abcdefghijklmnopqrstuvwxyz"
+    )
+
+    with pytest.raises(MonitorError) as info:
+        image_guest_domain_xml(f"<domain><devices>{disks}</devices></domain>", "g", "/i", "/s")
+
+    assert "no free sdX target" in str(info.value) and "g" in str(info.value)
+
+
+def test_create_image_guest_refuses_an_existing_guest(hv, base):
+    hv.create_guest("rebuild-linux", TEMPLATE_XML, base)
+
+    with pytest.raises(MonitorError) as info:
+        hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB)
+
+    assert info.value.status == 409
+    assert "rebuild-linux" in str(info.value)
+    assert _volumes(hv) == ["base.qcow2", "rebuild-linux.qcow2"]
+
+
+def test_create_image_guest_refuses_an_existing_volume(hv, base):
+    hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB)
+    hv.remove_image_guest("rebuild-linux")
+
+    with pytest.raises(MonitorError) as info:
+        hv.create_image_guest("rebuild-linux.2", TEMPLATE_XML, IMAGE, 2 * GiB, source=base)
+
+    assert info.value.status == 409
+    assert IMAGE in str(info.value)
+    assert _volume_xml(hv, IMAGE).findtext("capacity") == str(GiB)  # untouched
+    assert hv.list_guests("") == []
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param("<domain><name>x</name", id="not-xml"),
+        pytest.param("<domain type='test'><name>x</name></domain>", id="no-disk"),
+        pytest.param(UPSTREAM_GUEST_XML.read_text(), id="define-fails"),
+    ],
+)
+@pytest.mark.parametrize("with_source", [False, True], ids=["empty", "copy"])
+def test_failed_create_image_guest_leaves_nothing(hv, base, template, with_source):
+    source = base if with_source else None
+
+    with pytest.raises(MonitorError) as info:
+        hv.create_image_guest("rebuild-linux", template, IMAGE, GiB, source=source)
+
+    assert "rebuild-linux" in str(info.value)
+    assert _volumes(hv) == ["base.qcow2"]
+    assert hv.list_guests("") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "volume", "size"),
+    [("", IMAGE, GiB), ("a/b", IMAGE, GiB), ("g", "", GiB), ("g", "../x", GiB), ("g", IMAGE, 0)],
+)
+def test_create_image_guest_rejects_bad_arguments(hv, name, volume, size):
+    with pytest.raises(MonitorError) as info:
+        hv.create_image_guest(name, TEMPLATE_XML, volume, size)
+
+    assert info.value.status == 400
+    assert _volumes(hv) == ["base.qcow2"]
+
+
+def test_guest_state_follows_the_guest(hv):
+    assert hv.guest_state("rebuild-linux") is None
+    hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB)
+    assert hv.guest_state("rebuild-linux") == "shutoff"
+
+    hv.start_guest("rebuild-linux")
+    assert hv.guest_state("rebuild-linux") == "running"
+    dom = _conn(hv).lookupByName("rebuild-linux")
+    dom.suspend()
+    assert hv.guest_state("rebuild-linux") == "paused"
+    dom.resume()
+    assert hv.guest_state("rebuild-linux") == "running"
+    dom.destroy()  # as a guest that powers itself off ends up
+    assert hv.guest_state("rebuild-linux") == "shutoff"
+
+    hv.remove_image_guest("rebuild-linux")
+    assert hv.guest_state("rebuild-linux") is None
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["defined", "running"])
+def test_remove_image_guest_keeps_the_volume(hv, started):
+    path = hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB)
+    if started:
+        hv.start_guest("rebuild-linux")
+
+    hv.remove_image_guest("rebuild-linux")
+
+    assert hv.list_guests("") == []
+    assert _volumes(hv) == ["base.qcow2", IMAGE]
+    assert hv.volume_path(IMAGE) == path
+    hv.remove_image_guest("rebuild-linux")  # again: nothing left, still fine
+    hv.remove_image_guest("never-was")
+
+
+def test_volume_path(hv, pool_dir):
+    assert hv.volume_path("base.qcow2") == pool_dir / "base.qcow2"
+    assert hv.volume_path(IMAGE) is None
+
+    path = hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB)
+
+    assert hv.volume_path(IMAGE) == path == pool_dir / IMAGE
+
+
+def test_list_image_volumes(hv, base):
+    for when in ("2024-05-02T00:00:00Z", "2024-05-01T00:00:00Z"):
+        hv.create_image_guest(f"rebuild-linux@{when}", TEMPLATE_XML, f"image-linux@{when}", GiB)
+    hv.create_image_guest("rebuild-mac", TEMPLATE_XML, "image-mac@1.img", GiB)
+    hv.create_guest("ci-runner-linux.1", TEMPLATE_XML, base)
+
+    assert hv.list_image_volumes("image-linux@") == [
+        "image-linux@2024-05-01T00:00:00Z",
+        "image-linux@2024-05-02T00:00:00Z",
+    ]
+    assert hv.list_image_volumes("image-") == [
+        "image-linux@2024-05-01T00:00:00Z",
+        "image-linux@2024-05-02T00:00:00Z",
+        "image-mac@1.img",
+    ]
+    assert hv.list_image_volumes("nothing") == []
+    assert hv.list_image_volumes("") == hv.volume_names()
+    assert hv.list_volumes("") == ["base.qcow2", "ci-runner-linux.1.qcow2"]  # unchanged
+
+
+def test_delete_volume_refuses_a_base_image_of_runners(hv):
+    path = hv.create_image_guest("rebuild-linux", TEMPLATE_XML, IMAGE, GiB)
+    hv.remove_image_guest("rebuild-linux")
+    hv.create_guest("ci-runner-linux.1", TEMPLATE_XML, path)
+    hv.create_guest("ci-runner-linux.2", TEMPLATE_XML, path)
+
+    with pytest.raises(MonitorError) as info:
+        hv.delete_volume(IMAGE)
+
+    assert info.value.status == 409
+    message = str(info.value)
+    assert IMAGE in message
+    assert "ci-runner-linux.1.qcow2" in message and "ci-runner-linux.2.qcow2" in message
+    assert IMAGE in _volumes(hv)
+
+    hv.destroy_guest("ci-runner-linux.1")
+    with pytest.raises(MonitorError):
+        hv.delete_volume(IMAGE)  # one runner is left
+    hv.destroy_guest("ci-runner-linux.2")
+
+    hv.delete_volume(IMAGE)
+
+    assert _volumes(hv) == ["base.qcow2"]
+    assert hv.volume_path(IMAGE) is None
+    hv.delete_volume(IMAGE)  # again: gone already, still fine
+
+
+def test_delete_volume_of_runner_overlay_and_unused_base(hv, base):
+    hv.create_guest("ci-runner-linux.1", TEMPLATE_XML, base)
+
+    with pytest.raises(MonitorError) as info:
+        hv.delete_volume("base.qcow2")
+    assert info.value.status == 409
+
+    hv.destroy_guest("ci-runner-linux.1")
+    hv.delete_volume("base.qcow2")
+    assert _volumes(hv) == []
+
+
+def _libvirt_error(code: int, message: str) -> libvirt.libvirtError:
+    error = libvirt.libvirtError(message)
+    error.args = (message,)
+    error.err = (code, libvirt.VIR_FROM_STORAGE, message, 2, None, None, None, 0, 0)
+    return error
+
+
+def test_listings_use_the_known_volumes_while_libvirt_refuses_a_refresh(hv, base, monkeypatch):
+    # libvirt 9.0 refuses while a volume is built in the pool (test_hypervisor_qemu makes it).
+    hv.create_guest("ci-runner-linux.1", TEMPLATE_XML, base)
+    refused = "internal error: pool 'runners' has asynchronous jobs running."
+
+    def busy(_pool, _flags=0):
+        raise _libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, refused)
+
+    monkeypatch.setattr(libvirt.virStoragePool, "refresh", busy)
+
+    assert hv.list_volumes("ci-") == ["ci-runner-linux.1.qcow2"]
+    assert hv.list_image_volumes("") == ["base.qcow2", "ci-runner-linux.1.qcow2"]
+    with pytest.raises(MonitorError) as info:
+        hv.delete_volume("base.qcow2")
+    assert info.value.status == 409
+
+    def broken(_pool, _flags=0):
+        raise _libvirt_error(libvirt.VIR_ERR_INTERNAL_ERROR, "internal error: something else")
+
+    monkeypatch.setattr(libvirt.virStoragePool, "refresh", broken)
+    for call in (hv.list_volumes, hv.list_image_volumes, hv.delete_volume):
+        with pytest.raises(MonitorError) as info:
+            call("x")
+        assert info.value.status == 503 and "something else" in str(info.value)

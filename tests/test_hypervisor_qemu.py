@@ -27,9 +27,12 @@ libvirt = pytest.importorskip("libvirt")
 
 from PIL import Image  # noqa: E402
 
+from monitor.errors import MonitorError  # noqa: E402
 from monitor.errors import TransientError  # noqa: E402
+from monitor.hypervisor import SOURCE_POOL_PREFIX  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.images import make_seed_iso  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 
@@ -187,6 +190,205 @@ def test_runner_guest_on_real_qemu(conn, hv, base_image):
         log.warning("qemu timings: %s", {k: round(v, 3) for k, v in timings.items()})
         hv.destroy_guest(name)
         (base_image.parent / f"{name}.qcow2").unlink(missing_ok=True)  # if create failed
+
+
+def _qemu_img_info(path: Path) -> dict:
+    result = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], check=True, capture_output=True, text=True
+    )
+    return json.loads(result.stdout)
+
+
+def test_rebuild_guest_on_real_qemu(conn, hv, tmp_path):
+    """A rebuild guest as the rebuild worker drives it, on its timeout path: the iPXE guest
+    never powers off. Its image is a copy of a raw file outside every pool, with a seed ISO."""
+    tag = uuid.uuid4().hex[:8]
+    guest, runner = f"monitor-pytest-rebuild-{tag}", f"monitor-pytest-{tag}.1"
+    prefix = f"monitor-pytest-image-{tag}@"
+    volume = f"{prefix}2024-05-01T00:00:00Z.qcow2"
+    source = tmp_path / "image-deps" / "disk.raw"
+    source.parent.mkdir()
+    source.write_bytes(os.urandom(1024 * 1024) + bytes(15 * 1024 * 1024))
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "user-data").write_text("#cloud-config\n")
+    (profile / "meta-data").write_text("instance-id: rebuild\n")
+    if shutil.which("genisoimage") is None:
+        _require_libvirtd("genisoimage is missing")
+    seed = make_seed_iso(profile, tmp_path / "config.iso")
+    timings: dict[str, float] = {}
+    try:
+        path = _timed(
+            timings,
+            "create",
+            hv.create_image_guest,
+            guest,
+            TEMPLATE_XML,
+            volume,
+            64 * 1024 * 1024,
+            source,
+            seed,
+        )
+
+        assert path.exists() and hv.volume_path(volume) == path
+        info = _qemu_img_info(path)
+        assert info["format"] == "qcow2"
+        assert info["virtual-size"] == 64 * 1024 * 1024  # grown from the source's 16 MiB
+        assert "backing-filename" not in info  # a copy that stands alone
+        compare = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(source), str(path)],
+            capture_output=True,
+            text=True,
+        )
+        assert compare.returncode == 0, compare.stdout + compare.stderr
+        assert not [p for p in conn.listStoragePools() if p.startswith(SOURCE_POOL_PREFIX)]
+        devices = ET.fromstring(conn.lookupByName(guest).XMLDesc()).find("devices")
+        assert devices.find("disk[@device='disk']/source").get("file") == str(path)
+        assert devices.find("disk[@device='cdrom']/source").get("file") == str(seed)
+        assert hv.guest_state(guest) == "shutoff"
+
+        _timed(timings, "start", hv.start_guest, guest)
+        deadline = time.monotonic() + 2  # the rebuild's timeout, shortened
+        while time.monotonic() < deadline:
+            assert hv.guest_state(guest) == "running"
+            time.sleep(0.5)
+        _timed(timings, "remove", hv.remove_image_guest, guest)
+
+        assert hv.guest_state(guest) is None
+        with pytest.raises(libvirt.libvirtError):
+            conn.lookupByName(guest)
+        assert path.exists()  # the product stays
+        assert hv.list_image_volumes(prefix) == [volume]
+        hv.remove_image_guest(guest)
+
+        # A runner on the new image: its base image cannot be deleted under it.
+        hv.create_guest(runner, TEMPLATE_XML, path)
+        assert _qemu_img_info(Path(hv.volume_path(f"{runner}.qcow2")))["backing-filename"] == str(
+            path
+        )
+        with pytest.raises(MonitorError) as refused:
+            hv.delete_volume(volume)
+        assert refused.value.status == 409
+        assert f"{runner}.qcow2" in str(refused.value)
+        assert path.exists()
+
+        hv.destroy_guest(runner)
+        _timed(timings, "delete", hv.delete_volume, volume)
+        assert not path.exists() and hv.volume_path(volume) is None
+        hv.delete_volume(volume)  # gone already: fine
+    finally:
+        log.warning("rebuild timings: %s", {k: round(v, 3) for k, v in timings.items()})
+        hv.remove_image_guest(guest)
+        hv.destroy_guest(runner)
+        try:
+            hv.delete_volume(volume)
+        except MonitorError as e:
+            log.warning("cleanup: %s", e)
+
+
+def test_image_from_a_qcow2_overlay_in_a_directory_another_pool_covers(conn, hv, tmp_path):
+    """A pool (here: one a killed monitor's copy left behind) already covers the source's
+    directory: the copy uses it, refreshed, and leaves it alone. The source is an overlay;
+    the image gets its whole chain's content and no backing file."""
+    tag = uuid.uuid4().hex[:8]
+    guest, volume = f"monitor-pytest-rebuild-{tag}", f"monitor-pytest-image-{tag}@1.qcow2"
+    directory = tmp_path / "image-deps"
+    directory.mkdir()
+    pool_xml = (
+        f"<pool type='dir'><name>monitor-pytest-deps-{tag}</name>"
+        f"<target><path>{directory}</path></target></pool>"
+    )
+    other_pool = conn.storagePoolCreateXML(pool_xml, 0)
+    try:
+        base = directory / "base.raw"
+        base.write_bytes(os.urandom(1024 * 1024) + bytes(7 * 1024 * 1024))
+        source = directory / "overlay.qcow2"  # made after the pool's last refresh
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(source)],
+            check=True,
+        )
+
+        path = hv.create_image_guest(guest, TEMPLATE_XML, volume, 16 * 1024 * 1024, source)
+
+        info = _qemu_img_info(path)
+        assert (info["format"], info["virtual-size"]) == ("qcow2", 16 * 1024 * 1024)
+        assert "backing-filename" not in info
+        compare = subprocess.run(
+            ["qemu-img", "compare", "-F", "qcow2", str(source), str(path)],
+            capture_output=True,
+            text=True,
+        )
+        assert compare.returncode == 0, compare.stdout + compare.stderr
+        assert other_pool.isActive()
+        assert not [p for p in conn.listStoragePools() if p.startswith(SOURCE_POOL_PREFIX)]
+    finally:
+        hv.remove_image_guest(guest)
+        hv.delete_volume(volume)
+        other_pool.destroy()
+
+
+def _sparse_image_with_data(path: Path, size: int) -> None:
+    """A raw image with one non-zero byte in every 64 KiB: cheap to write, but qemu-img must
+    copy every cluster of it."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in range(0, size, 65536):
+            f.seek(offset)
+            f.write(b"\x01")
+
+
+def test_calls_go_on_while_an_image_is_copied(conn, hv, tmp_path, base_image, caplog):
+    """The copy runs on its own connection, so the hypervisor's other calls do not wait for
+    it; and libvirt refuses to refresh a pool while a volume is built in it, so listings
+    then use what libvirt knows instead of failing."""
+    tag = uuid.uuid4().hex[:8]
+    guest, volume = f"monitor-pytest-rebuild-{tag}", f"monitor-pytest-image-{tag}@1.qcow2"
+    runner = f"monitor-pytest-{tag}.1"
+    source = tmp_path / "source.raw"
+    _sparse_image_with_data(source, 1024**3)
+    outcome: list[object] = []
+
+    def create() -> None:
+        try:
+            outcome.append(hv.create_image_guest(guest, TEMPLATE_XML, volume, 1024**3, source))
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    copier = threading.Thread(target=create, daemon=True)
+    latencies: list[float] = []
+    try:
+        with caplog.at_level(logging.DEBUG, logger="monitor.hypervisor"):
+            start = time.monotonic()
+            copier.start()
+            while copier.is_alive():
+                call_start = time.monotonic()
+                hv.list_volumes("monitor-pytest-")
+                hv.list_image_volumes("monitor-pytest-image-")
+                hv.list_guests("monitor-pytest-")
+                if not latencies:  # a runner comes and goes meanwhile
+                    hv.create_guest(runner, TEMPLATE_XML, base_image)
+                    hv.destroy_guest(runner)
+                latencies.append(time.monotonic() - call_start)
+            copier.join()
+            copy_seconds = time.monotonic() - start
+        assert isinstance(outcome[0], Path), outcome[0]
+        busy = [r for r in caplog.records if "asynchronous jobs" in r.getMessage()]
+        log.warning(
+            "copy %.2f s; %d rounds of calls meanwhile, the slowest %.3f s; %d refreshes refused",
+            copy_seconds,
+            len(latencies),
+            max(latencies),
+            len(busy),
+        )
+        assert busy, "no listing ran during the copy"
+        # Calls that waited for the copy would make one or two rounds in all (measured: 1).
+        assert len(latencies) >= 10
+        assert volume in hv.list_image_volumes("monitor-pytest-image-")
+    finally:
+        copier.join(120)
+        hv.destroy_guest(runner)
+        hv.remove_image_guest(guest)
+        hv.delete_volume(volume)
 
 
 def _libvirtd_pid() -> int:
