@@ -161,6 +161,7 @@ class RunnerRow:
     labels: list[LabelChip]
     in_flight: bool
     screenshot_version: str | None
+    boot_log: bool = False  # the guest uploaded some of its boot log (GET /runner/<id>/boot.log)
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,8 @@ class ProfileView:
     runners: list[RunnerRow]
     override_count: int | None
     image_age: str | None
-    # What the profile's image rebuild is doing. This monitor does not rebuild images yet,
-    # so it is "not configured" for every profile until it does.
-    rebuild: str = "not configured"
+    # What the profile's image rebuild is doing (building, failed and when it retries, …).
+    rebuild: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,9 @@ def label_chip(label: str) -> LabelChip:
     return LabelChip(label, key, value, url)
 
 
-def _runner_row(runner: Runner, ipv4: str | None, screenshot_version: str | None) -> RunnerRow:
+def _runner_row(
+    runner: Runner, ipv4: str | None, screenshot_version: str | None, boot_log: bool = False
+) -> RunnerRow:
     status = runner.status.value
     registration = runner.registration
     labels = registration.labels if registration else ()
@@ -225,6 +227,7 @@ def _runner_row(runner: Runner, ipv4: str | None, screenshot_version: str | None
         labels=[label_chip(label) for label in labels],
         in_flight=runner.in_flight,
         screenshot_version=screenshot_version,
+        boot_log=boot_log,
     )
 
 
@@ -243,6 +246,8 @@ def overview(
     profile_keys: list[str],
     addresses: Mapping[str, str] | None = None,
     screenshot_version: Callable[[int], str | None] = lambda runner_id: None,
+    rebuild_state: Mapping[str, str] | None = None,
+    has_boot_log: Callable[[int], bool] = lambda runner_id: False,
 ) -> list[ProfileView]:
     """Profiles in config order with their runners (ascending id). Nothing here depends on
     the time of the request, so an unchanged state renders to the same bytes (the page's
@@ -252,14 +257,17 @@ def overview(
     views = []
     for key in profile_keys:
         rows = [
-            _runner_row(r, addresses.get(r.guest_name or ""), screenshot_version(r.id))
+            _runner_row(
+                r, addresses.get(r.guest_name or ""), screenshot_version(r.id), has_boot_log(r.id)
+            )
             for r in (observation.runners if observation is not None else [])
             if r.profile == key
         ]
         counts = observation.counts.get(key) if observation is not None else None
         image_age = format_age(counts.image_age) if counts and counts.image_age else None
         granted = override.profile_override_counts.get(key) if override is not None else None
-        views.append(ProfileView(key, counts, rows, granted, image_age))
+        rebuild = (rebuild_state or {}).get(key, "")
+        views.append(ProfileView(key, counts, rows, granted, image_age, rebuild))
     return views
 
 

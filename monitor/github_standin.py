@@ -6,8 +6,10 @@ rate limit, and answers the way api.github.com does (shapes from GitHub's OpenAP
 description, `Link` pagination, `ETag`/304, `x-ratelimit-*` headers, JSON errors). Tests and
 `monitor demo` drive it through Python methods or the equivalent `/_standin/...` HTTP
 endpoints: change runner state, add artifacts, inject faults, and let it play the runner agent
-and the jobs. It is a test and demo peer: production code never imports it, and it imports
-no other monitor module.
+and the jobs. A real agent (the end-to-end tests' guests run one, `tests/guest/agent.sh`) uses
+the `/_standin/agent/*` endpoints instead, identified by its JIT config as GitHub knows a
+runner by its credentials. It is a test and demo peer: production code never imports it, and
+it imports no other monitor module.
 
 Run it alone with `python -m monitor.github_standin --port 9000 [--token T] [--demo]`.
 """
@@ -53,6 +55,8 @@ RATE_LIMIT_WINDOW = 3600
 # The signed blob URL GitHub redirects to expires after a minute.
 BLOB_URL_LIFETIME = 60.0
 MAX_LABELS = 100
+# An encoded JIT config is about 1 KB; an agent call with a much longer body is something else.
+MAX_JIT_CONFIG_BYTES = 16 * 1024
 
 
 class RecordedRequest(NamedTuple):
@@ -61,6 +65,16 @@ class RecordedRequest(NamedTuple):
     method: str
     path: str
     status: int
+
+
+class AgentCall(NamedTuple):
+    """One successful call of a runner agent: which runner (by its JIT config), what it did
+    (`online`, `job` when it was given one, `finish`), and the client address it came from."""
+
+    runner_id: int
+    runner_name: str
+    call: str
+    address: str | None
 
 
 @dataclass
@@ -87,6 +101,8 @@ class _Runner:
     version: str | None = None
     online_at: float | None = None  # monotonic; the simulated agent connects then
     done_at: float | None = None  # monotonic; the simulated job ends then
+    jit_token: str | None = None  # the credential in its JIT config (a real agent's proof)
+    job: dict[str, Any] | None = None  # the job a real agent was given
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,6 +160,12 @@ class _Reply:
     etag: bool = False
 
 
+class _AgentError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _ApiError(Exception):
     def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
@@ -158,12 +180,16 @@ class GitHubStandIn:
     `token`: if set, requests must carry `Authorization: Bearer <token>` (or `token <token>`);
     if None, any credentials are accepted but some must be sent. All control methods are
     thread-safe. `agent_online_after` (seconds or None) makes each new JIT runner go online
-    that long after its config was generated.
+    that long after its config was generated. `agent_job_seconds` is how long a real agent
+    is told to run the job it is given; while `hold_jobs` is set, no agent is given one (the
+    jobs wait in GitHub's queue), so a test can see a runner Reserved before it is Busy.
     """
 
     def __init__(self, token: str | None = None, *, rate_limit: int = 5000) -> None:
         self.token = token
         self.agent_online_after: float | None = None
+        self.agent_job_seconds = 5.0
+        self.hold_jobs = False
         self.rate_limit_limit = rate_limit
         self._lock = threading.RLock()
         self._stopping = threading.Event()
@@ -176,6 +202,7 @@ class GitHubStandIn:
         self._next_runner_id = 41_000_000
         self._next_artifact_id = 2_900_000_000
         self._next_run_id = 14_000_000_000
+        self._next_job_id = 7_000_000
         self._clear_state()
         self.app = self._make_app()
 
@@ -189,6 +216,7 @@ class GitHubStandIn:
         self._jit_names: list[str] = []
         self._label_ids: dict[str, int] = {}
         self._blob_auth: list[str] = []
+        self._agent_calls: list[AgentCall] = []
         self._rl_used = 0
         self._rl_reset = int(time.time()) + RATE_LIMIT_WINDOW
 
@@ -286,6 +314,66 @@ class GitHubStandIn:
         with self._lock:
             runner = self._runner(runner_id)
             del self._runners[runner.id]
+
+    # A real runner agent, known by the encoded JIT config it was started with. Each raises
+    # KeyError for a config of no current runner, PermissionError for one whose credentials
+    # are not the runner's, ValueError for one that is not a JIT config.
+
+    def agent_online(self, jit_config: str, address: str | None = None) -> dict[str, Any]:
+        """The agent connected: its runner goes online. Returns the runner's JSON."""
+        with self._lock:
+            runner = self._agent_runner(jit_config)
+            runner.status, runner.online_at = "online", None
+            runner.version = RUNNER_VERSION
+            self._agent_calls.append(AgentCall(runner.id, runner.name, "online", address))
+            return runner.to_json()
+
+    def agent_job(self, jit_config: str, address: str | None = None) -> dict[str, Any] | None:
+        """The agent asks for work: the job it was given, or a new one if the runner is
+        online and carries a `reserved-for:` label (the job that reserved it is waiting for
+        it, `runs-on: reserved-for:<id>`), which makes it busy; else None."""
+        with self._lock:
+            runner = self._agent_runner(jit_config)
+            ready = runner.status == "online" and not runner.busy and not self.hold_jobs
+            if runner.job is None and ready:
+                reserved_for = next(
+                    (
+                        label["name"].partition(":")[2]
+                        for label in runner.labels
+                        if label["name"].startswith("reserved-for:")
+                    ),
+                    None,
+                )
+                if reserved_for is not None:
+                    self._next_job_id += 1
+                    runner.job = {
+                        "id": self._next_job_id,
+                        "reserved_for": reserved_for,
+                        "seconds": self.agent_job_seconds,
+                    }
+                    runner.busy = True
+                    self._agent_calls.append(AgentCall(runner.id, runner.name, "job", address))
+                    log.info("job %d assigned to %s", self._next_job_id, runner.name)
+            return None if runner.job is None else dict(runner.job)
+
+    def agent_finish(self, jit_config: str, address: str | None = None) -> None:
+        """The agent finished its job: an ephemeral runner's registration is removed, as
+        GitHub does; another becomes idle again. RuntimeError if it had no job."""
+        with self._lock:
+            runner = self._agent_runner(jit_config)
+            if runner.job is None:
+                raise RuntimeError(f"runner {runner.name} has no job to finish")
+            self._agent_calls.append(AgentCall(runner.id, runner.name, "finish", address))
+            if runner.ephemeral:
+                del self._runners[runner.id]
+            else:
+                runner.busy, runner.job = False, None
+
+    @property
+    def agent_calls(self) -> list[AgentCall]:
+        """Every successful agent call so far, oldest first."""
+        with self._lock:
+            return list(self._agent_calls)
 
     def add_artifact(
         self,
@@ -461,6 +549,15 @@ class GitHubStandIn:
             raise KeyError(runner_id)
         return runner
 
+    def _agent_runner(self, jit_config: str) -> _Runner:
+        agent_id, token = _jit_identity(jit_config)
+        runner = self._runner(agent_id)  # KeyError: no such runner (any more)
+        if runner.jit_token is None or not secrets.compare_digest(
+            token.encode(), runner.jit_token.encode()
+        ):
+            raise PermissionError(f"credentials of runner {runner.name} do not match")
+        return runner
+
     def _label(self, name: str) -> dict[str, Any]:
         label_id = self._label_ids.setdefault(name.lower(), len(self._label_ids) + 1)
         kind = "read-only" if name.lower() in READ_ONLY_LABELS else "custom"
@@ -532,6 +629,9 @@ class GitHubStandIn:
         app.route("/_standin/agent", "POST", ctl(self._ctl_agent))
         app.route("/_standin/job-simulation", "POST", ctl(self._ctl_start_jobs))
         app.route("/_standin/job-simulation", "DELETE", ctl(lambda b: self.stop_job_simulation()))
+        app.route("/_standin/agent/online", "POST", self._agent_route(self.agent_online))
+        app.route("/_standin/agent/job", "POST", self._agent_route(self.agent_job))
+        app.route("/_standin/agent/finish", "POST", self._agent_route(self.agent_finish))
 
         def not_found(error: bottle.HTTPError) -> str:
             bottle.response.content_type = "application/json; charset=utf-8"
@@ -696,6 +796,7 @@ class GitHubStandIn:
             raise _ApiError(409, f"Already exists - A runner with the name {name} already exists.")
         runner = self._new_runner(scope, name, labels, ephemeral=True)
         runner.runner_group_id = group
+        runner.jit_token = secrets.token_hex()
         if self.agent_online_after is not None:
             runner.online_at = time.monotonic() + self.agent_online_after
         self._jit_names.append(name)
@@ -830,6 +931,35 @@ class GitHubStandIn:
 
         return route
 
+    def _agent_route(self, call: Callable[[str, str | None], Any]) -> Callable[..., Any]:
+        """An agent endpoint: the body is the encoded JIT config as the agent got it. 200 with
+        the result as JSON, or 204 when it is None."""
+
+        def route() -> Any:
+            raw = bottle.request.body.read(MAX_JIT_CONFIG_BYTES + 1)
+            try:
+                if len(raw) > MAX_JIT_CONFIG_BYTES:
+                    raise _AgentError(413, "that is no JIT config: too long")
+                if not raw.isascii():
+                    raise _AgentError(422, "that is no JIT config: not ASCII")
+                try:
+                    result = call(raw.decode().strip(), bottle.request.remote_addr)
+                except ValueError as e:
+                    raise _AgentError(422, str(e)) from e
+                except PermissionError as e:
+                    raise _AgentError(401, str(e)) from e
+                except RuntimeError as e:
+                    raise _AgentError(409, str(e)) from e
+                except KeyError:
+                    raise _AgentError(404, "no runner has this JIT config") from None
+            except _AgentError as e:
+                return _control_reply(e.status, {"error": str(e)})
+            if result is None:
+                return bottle.HTTPResponse(status=204)
+            return _control_reply(200, result)
+
+        return route
+
     def _ctl_add_runner(self, body: dict[str, Any]) -> dict[str, int]:
         runner_id = self.add_runner(
             body["scope"],
@@ -881,6 +1011,10 @@ class GitHubStandIn:
     def _ctl_agent(self, body: dict[str, Any]) -> None:
         value = body.get("online_after")
         self.agent_online_after = None if value is None else float(value)
+        if "job_seconds" in body:
+            self.agent_job_seconds = float(body["job_seconds"])
+        if "hold_jobs" in body:
+            self.hold_jobs = bool(body["hold_jobs"])
 
     def _ctl_start_jobs(self, body: dict[str, Any]) -> None:
         self.start_job_simulation(float(body["every"]), float(body["duration"]))
@@ -1028,10 +1162,25 @@ def _jit_config(runner: _Runner) -> str:
                 "Ephemeral": "true",
             }
         ),
-        ".credentials": b64({"Scheme": "OAuthAccessToken", "Data": {"token": secrets.token_hex()}}),
+        ".credentials": b64({"Scheme": "OAuthAccessToken", "Data": {"token": runner.jit_token}}),
         ".credentials_rsaparams": b64({"d": secrets.token_urlsafe(32)}),
     }
     return b64(files)
+
+
+def _jit_identity(encoded: str) -> tuple[int, str]:
+    """(runner id, credential token) of an encoded JIT config as `_jit_config` makes them;
+    ValueError if it is not one."""
+    try:
+        files = json.loads(base64.b64decode(encoded, validate=True))
+        runner = json.loads(base64.b64decode(files[".runner"], validate=True))
+        credentials = json.loads(base64.b64decode(files[".credentials"], validate=True))
+        agent_id, token = int(runner["AgentId"]), credentials["Data"]["token"]
+    except (ValueError, TypeError, KeyError) as e:  # binascii.Error is a ValueError
+        raise ValueError(f"that is no JIT config: {type(e).__name__}") from None
+    if not isinstance(token, str):
+        raise ValueError("that is no JIT config: no credential token")
+    return agent_id, token
 
 
 def _iso(when: datetime) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import bottle
 
+from monitor import bootlog
 from monitor import dashboard
 from monitor import models
 from monitor import tokenless
@@ -69,6 +70,7 @@ def _json(data: Any, status: int = 200) -> bottle.HTTPResponse:
 def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     app = bottle.Bottle()
     lookup = [str(VIEWS)]
+    boot_logs = bootlog.BootLogStore(config.data_path)
     expected_authorization = f"Bearer {config.api_token}".encode()
 
     def render(name: str, **values: Any) -> str:
@@ -193,12 +195,16 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         )
         # The monitor replaces the observation and the address map whole when they change,
         # so an unchanged one is the same object and compares at once.
+        now = monitor.clock()
+        rebuilds = {key: monitor.rebuilds.state(key, now) for key in config.profiles}
         shown = (
             observation,
             monitor.addresses,
             monitor.screenshots.generation,
             health,
             models.last_event_id(),
+            rebuilds,
+            boot_logs.generation,
         )
         memo = last_render
         if memo is not None and _same(memo[0], shown):
@@ -207,7 +213,12 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             "fragment",
             observation=observation,
             profiles=dashboard.overview(
-                observation, list(config.profiles), monitor.addresses, monitor.screenshots.version
+                observation,
+                list(config.profiles),
+                monitor.addresses,
+                monitor.screenshots.version,
+                rebuilds,
+                has_boot_log=boot_logs.exists,
             ),
             health=health,
             events=models.recent_events(EVENTS_SHOWN),
@@ -289,6 +300,22 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     @app.get("/boot")
     def boot() -> bottle.HTTPResponse:
         return bottle.HTTPResponse(monitor.boot_script_for(client_address()), content_type=TEXT)
+
+    @app.post("/boot-log")
+    def boot_log_upload() -> bottle.HTTPResponse:
+        runner = monitor.runner_for_address(client_address())
+        length = bottle.request.content_length
+        if length > boot_logs.max_bytes:  # refused before reading it
+            raise MonitorError(f"a boot log chunk of {length} bytes is too big", 413)
+        chunk = bottle.request.body.read(boot_logs.max_bytes + 1)
+        return _json({"bytes": boot_logs.append(runner.id, chunk)})
+
+    @app.get("/runner/<runner_id>/boot.log")
+    def runner_boot_log(runner_id: str) -> bottle.HTTPResponse:
+        text = boot_logs.read(_runner_id(runner_id))
+        # A guest wrote it: never let a browser take it for HTML.
+        headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+        return bottle.HTTPResponse(text, content_type=TEXT, headers=headers)
 
     # Screenshots --------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 # Bring up a real libvirtd + QEMU (TCG) without systemd for tests/test_hypervisor_qemu.py.
 #
 #   bash tests/libvirtd.sh          # install, start daemons, define+start pool and network (idempotent)
-#   bash tests/libvirtd.sh stop     # stop pool, network and daemons
+#   bash tests/libvirtd.sh stop     # stop pool, network and daemons, and undo what they
+#                                   # left: empty LIBVIRT_* iptables chains, ip_forward
 #
 # Run as root on Debian 12. Follows the measured recipe in real-components.md §3:
 #   * Debian 12 has no modular daemons; libvirtd loads every driver (qemu, network, storage).
@@ -12,6 +13,9 @@
 #     start the QEMU driver; qemu.conf user=root avoids a 4 s capability re-probe per call.
 #   * the network is isolated (no <forward>): guests reach only the host's bridge IP, and
 #     dnsmasq's ping check is off so fresh MACs get a lease at once.
+#   * net-destroy removes the network's firewall rules but leaves libvirt's LIBVIRT_* chains
+#     and the jumps to them, and never resets net.ipv4.ip_forward (a NAT network sets it);
+#     `stop` removes the chains that are empty and restores ip_forward as it was first found.
 # Names: pool "monitor-test" (/var/lib/libvirt/images/monitor-test), network "monitor-test"
 # (bridge virbr151, 192.168.151.0/24, DHCP .100-.200).
 set -euo pipefail
@@ -21,6 +25,8 @@ POOL=monitor-test
 POOL_DIR=/var/lib/libvirt/images/monitor-test
 NET=monitor-test
 BRIDGE=virbr151
+# What the machine was like before this script first started anything (tmpfs: gone on reboot).
+STATE_DIR=/run/monitor-test-libvirtd
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
           dnsmasq-base iptables busybox-static)
 
@@ -45,6 +51,26 @@ ensure() {  # ensure IS_UP START_CMD NAME: libvirtd autostarts pools and network
     return 1
 }
 
+remove_empty_libvirt_chains() {
+    # Only empty ones: a chain still holding rules belongs to another active libvirt network.
+    local cmd table chain rule
+    for cmd in iptables ip6tables; do
+        command -v "$cmd" >/dev/null || continue
+        for table in filter nat mangle; do
+            for chain in $("$cmd" -t "$table" -S 2>/dev/null \
+                    | awk '$1 == "-N" && $2 ~ /^LIBVIRT_/ {print $2}'); do
+                [ "$("$cmd" -t "$table" -S "$chain" | wc -l)" = 1 ] || continue
+                { "$cmd" -t "$table" -S | grep -E -- "^-A [^ ]+ (.* )?-j $chain\$" || true; } \
+                    | while read -r rule; do
+                        # shellcheck disable=SC2086 # the rule's words, as iptables -S wrote them
+                        "$cmd" -t "$table" -D ${rule#-A }
+                    done
+                "$cmd" -t "$table" -X "$chain"
+            done
+        done
+    done
+}
+
 if [ "$(id -u)" != 0 ]; then
     echo "libvirtd.sh: must run as root" >&2
     exit 1
@@ -62,6 +88,12 @@ if [ "${1:-start}" = stop ]; then
         sleep 0.05
     done
     step "stopped"
+    remove_empty_libvirt_chains
+    if [ -f "$STATE_DIR/ip_forward" ]; then
+        cat "$STATE_DIR/ip_forward" > /proc/sys/net/ipv4/ip_forward
+        rm -f "$STATE_DIR/ip_forward"
+    fi
+    step "firewall chains and ip_forward"
     exit 0
 fi
 
@@ -83,6 +115,8 @@ touch /etc/libvirt/qemu.conf
 grep -qE '^\s*user\s*=' /etc/libvirt/qemu.conf || echo 'user = "root"' >> /etc/libvirt/qemu.conf
 grep -qE '^\s*group\s*=' /etc/libvirt/qemu.conf || echo 'group = "root"' >> /etc/libvirt/qemu.conf
 
+mkdir -p "$STATE_DIR"
+[ -f "$STATE_DIR/ip_forward" ] || cat /proc/sys/net/ipv4/ip_forward > "$STATE_DIR/ip_forward"
 alive /run/virtlogd.pid || virtlogd -d
 alive /run/libvirtd.pid || LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/libvirtd.log" libvirtd -d
 for i in $(seq 1 1200); do

@@ -277,6 +277,65 @@ def test_runner_without_jit_config_gets_null(make_rig):
     assert response.content_type == JSON and response.json is None
 
 
+# Boot logs --------------------------------------------------------------------------------
+
+GUEST_1 = {"REMOTE_ADDR": "192.168.100.11"}  # runner 1's guest in guest_rig
+
+
+def upload(rig: Rig, chunk: bytes, environ: dict[str, str], status: int = 200):
+    """POST a chunk of console text as the test guest's busybox wget --post-file does."""
+    return rig.client.post(
+        "/boot-log",
+        params=chunk,
+        content_type="application/x-www-form-urlencoded",
+        extra_environ=environ,
+        status=status,
+    )
+
+
+def test_guest_uploads_its_boot_log_in_chunks(make_rig):
+    rig = guest_rig(make_rig)
+    assert_error(rig.client.get("/runner/1/boot.log", status=404), 404)
+    etag = rig.client.get("/dashboard.html").headers["ETag"]
+
+    first = upload(rig, b"[    0.000000] Linux version 6.1.0\n", GUEST_1)
+    assert first.content_type == JSON and first.json == {"bytes": 35}
+    assert upload(rig, b"monitor-guest: booted 192.168.100.11\n", GUEST_1).json == {"bytes": 72}
+
+    log = rig.client.get("/runner/1/boot.log")
+    assert log.content_type == "text/plain"
+    assert log.headers["X-Content-Type-Options"] == "nosniff"
+    assert log.body == b"[    0.000000] Linux version 6.1.0\nmonitor-guest: booted 192.168.100.11\n"
+    # The dashboard links to the logs that exist (a change of the page: a new ETag).
+    page = rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=200)
+    assert 'href="/runner/1/boot.log"' in page.text
+    assert 'href="/runner/0/boot.log"' not in page.text
+
+
+def test_boot_log_from_an_unknown_address_is_503(make_rig):
+    rig = guest_rig(make_rig)
+    response = upload(rig, b"hello\n", {"REMOTE_ADDR": "10.9.9.9"}, status=503)
+    assert "10.9.9.9" in assert_error(response, 503)
+    assert not list((rig.config.data_path / "runners").glob("*/boot.log"))
+
+
+def test_boot_log_past_one_mib_is_413_and_keeps_what_was_stored(make_rig):
+    rig = guest_rig(make_rig)
+    half = b"x" * (512 * 1024)
+    upload(rig, half, GUEST_1)
+    upload(rig, half, GUEST_1)  # exactly 1 MiB: still fine
+    assert "exceed" in assert_error(upload(rig, b"y", GUEST_1, status=413), 413)
+    # A chunk bigger than the cap is refused before it is read.
+    too_big = assert_error(upload(rig, b"z" * (1024 * 1024 + 1), GUEST_1, status=413), 413)
+    assert "too big" in too_big
+    assert rig.client.get("/runner/1/boot.log").body == half + half
+
+
+def test_boot_log_of_a_malformed_runner_id_is_422(rig):
+    assert_error(rig.client.get("/runner/abc/boot.log", status=422), 422)
+    assert_error(rig.client.get("/runner/-1/boot.log", status=422), 422)
+
+
 # Screenshots ------------------------------------------------------------------------------
 
 

@@ -123,7 +123,10 @@ def test_profiles_show_their_override_and_image_age():
     linux, windows = dashboard.overview(obs, ["linux", "windows"])
     assert (linux.override_count, linux.image_age, linux.counts) == (2, "5h03m", counts)
     assert (windows.override_count, windows.image_age, windows.counts) == (None, None, None)
-    assert linux.rebuild == "not configured"
+    assert linux.rebuild == ""
+    states = {"linux": "building since 12:00:00 UTC (ci-rebuild-linux@x)"}
+    (rebuilding,) = dashboard.overview(obs, ["linux"], rebuild_state=states)
+    assert rebuilding.rebuild == states["linux"]
     assert dashboard.overview(None, ["linux"])[0].runners == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -507,8 +508,10 @@ def test_control_over_http(standin: GitHubStandIn, api: Client):
     }
     assert control("GET", "/jit-names") == ["ci-runner-a.1@ci0"]
 
-    control("POST", "/agent", {"online_after": 0.1})
+    control("POST", "/agent", {"online_after": 0.1, "job_seconds": 2, "hold_jobs": True})
     assert standin.agent_online_after == 0.1
+    assert (standin.agent_job_seconds, standin.hold_jobs) == (2.0, True)
+    control("POST", "/agent", {"job_seconds": 5, "hold_jobs": False})  # settings outlive reset
     control("POST", "/job-simulation", {"every": 0.05, "duration": 0.1})
     control("DELETE", "/job-simulation")
     control("POST", "/reset")
@@ -572,6 +575,107 @@ def test_job_simulation_can_serve_only_runners_the_monitor_reserved(
     time.sleep(0.3)  # several ticks: the unreserved runner gets no job
     assert not busy(free)
     standin.stop_job_simulation()
+
+
+# -- a real runner agent (tests/guest/agent.sh) ----------------------------------------------
+
+
+def agent(api: Client, call: str, body: str | bytes) -> urllib3.BaseHTTPResponse:
+    """POST an encoded JIT config to an agent endpoint, as busybox wget --post-data does."""
+    data = body.encode() if isinstance(body, str) else body
+    return api.http.request(
+        "POST",
+        f"{api.base_url}/_standin/agent/{call}",
+        body=data,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+
+
+def b64json(value: Any) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+def test_agent_goes_online_takes_the_reserved_job_and_finishes(standin: GitHubStandIn, api: Client):
+    created = jit(api)
+    runner_id, config = created["runner"]["id"], created["encoded_jit_config"]
+    bystander = jit(api, name="ci-runner-a.2@ci0")["runner"]["id"]
+    standin.agent_job_seconds = 2.5
+
+    def registration(number: int) -> urllib3.BaseHTTPResponse:
+        return api("GET", f"{REPO}/actions/runners/{number}")
+
+    online = agent(api, "online", config)
+    assert online.status == 200 and online.json()["id"] == runner_id
+    assert registration(runner_id).json()["status"] == "online"
+    # The config names one runner: the other one's agent never connected.
+    assert registration(bystander).json()["status"] == "offline"
+
+    # Nobody reserved it: no job for it yet.
+    assert agent(api, "job", config).status == 204
+    assert not registration(runner_id).json()["busy"]
+
+    labels = {"labels": ["reserved-for:job-1", "reserved-by:servo/servo/actions/runs/7"]}
+    api.json("POST", f"{REPO}/actions/runners/{runner_id}/labels", labels)
+    standin.hold_jobs = True  # the job waits in GitHub's queue
+    assert agent(api, "job", config).status == 204
+    standin.hold_jobs = False
+    job = agent(api, "job", config)
+    assert job.status == 200
+    assert job.json() == {"id": job.json()["id"], "reserved_for": "job-1", "seconds": 2.5}
+    assert registration(runner_id).json()["busy"]
+    assert agent(api, "job", config).json() == job.json()  # asking again: the same job
+
+    assert agent(api, "finish", config).status == 204
+    # An ephemeral runner's registration goes when its job is done, as on GitHub.
+    assert registration(runner_id).status == 404
+    assert agent(api, "job", config).status == 404
+    name = "ci-runner-a.1@ci0"
+    assert standin.agent_calls == [
+        (runner_id, name, "online", "127.0.0.1"),
+        (runner_id, name, "job", "127.0.0.1"),
+        (runner_id, name, "finish", "127.0.0.1"),
+    ]
+
+
+def test_agent_with_a_config_of_no_runner_is_refused(standin: GitHubStandIn, api: Client):
+    created = jit(api)
+    runner_id, config = created["runner"]["id"], created["encoded_jit_config"]
+    files = json.loads(base64.b64decode(config))
+    forged = b64json(
+        {
+            **files,
+            ".credentials": b64json({"Scheme": "OAuthAccessToken", "Data": {"token": "guess"}}),
+        }
+    )
+
+    # Right runner, wrong credentials (a guest that made up another runner's config).
+    assert agent(api, "online", forged).status == 401
+    # Not finished before it has a job.
+    assert agent(api, "finish", config).status == 409
+    api("DELETE", f"{REPO}/actions/runners/{runner_id}")
+    # The runner is gone (unregistered by the monitor).
+    assert agent(api, "online", config).status == 404
+    assert agent(api, "online", "x" * 20_000).status == 413
+    assert standin.agent_calls == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "",
+        "not base64!",
+        b"\xff\xfe",
+        b64json(["a list"]),
+        b64json({".runner": b64json({"AgentId": "1"})}),  # no credentials
+        b64json({".runner": "%%%", ".credentials": b64json({"Data": {"token": "t"}})}),
+        b64json({".runner": b64json({}), ".credentials": b64json({"Data": {"token": "t"}})}),
+    ],
+)
+@pytest.mark.parametrize("call", ["online", "job", "finish"])
+def test_agent_with_a_garbled_config_is_422(api: Client, call: str, body: str | bytes):
+    response = agent(api, call, body)
+    assert response.status == 422, response.data
+    assert "no JIT config" in response.json()["error"]
 
 
 # -- lifecycle -------------------------------------------------------------------------------

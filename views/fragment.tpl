@@ -53,7 +53,13 @@
 <li>not observed yet</li>
 % end
 <li>image age <b>{{view.image_age or 'unknown'}}</b></li>
-<li>rebuild <b>{{view.rebuild}}</b></li>
+% if view.rebuild:
+<li class="rebuild{{' error' if view.rebuild.startswith('failed') else ''}}">image <b>{{view.rebuild}}</b>
+% if view.rebuild.startswith('building'):
+<a href="/profile/{{view.key}}/screenshot.png" target="_blank" rel="noopener">rebuild screen</a>
+% end
+</li>
+% end
 % if view.override_count is not None:
 <li class="override">override <b>{{view.override_count}}</b></li>
 % end
@@ -72,6 +78,9 @@
 <button type="button" class="shot none" data-runner-id="{{row.id}}" aria-label="screenshot of runner {{row.id}}">no screenshot yet</button>
 % else:
 <span class="muted">no guest</span>
+% end
+% if row.boot_log:
+<br><a class="boot-log" href="/runner/{{row.id}}/boot.log" target="_blank" rel="noopener" aria-label="boot log of runner {{row.id}}">boot log</a>
 % end
 </td>
 <th scope="row" class="id" data-label="id">{{row.id}}<br><small class="guest">{{row.guest_name or 'no guest'}}</small></th>
