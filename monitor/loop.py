@@ -534,6 +534,7 @@ class Monitor:
             runner_prefix=self.runner_prefix,
             suffix=self.config.github_api_suffix,
             in_flight=self._in_flight.keys() | self._reserving | self._held.keys(),
+            destroying={i for i, kind in self._in_flight.items() if kind == "destroy"},
         )
         self._report_ignored(ignored, now)
         present = {runner.id for runner in runners}

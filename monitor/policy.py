@@ -98,15 +98,20 @@ class Runner:
     guest_name: str | None
     in_flight: bool = False
     image: str | None = None  # the rebuilt image's snapshot it was made from
+    destroying: bool = False  # in flight because a destroy worker is removing it
 
     @functools.cached_property
     def status(self) -> Status:
         """The status by the exact precedence of spec §4.4 (computed once: the fields are
-        frozen, and a pass asks each runner many times)."""
-        if self.in_flight and self.guest_name is None:
-            # Being created: upstream cannot see this state. A registration with no guest yet
-            # would otherwise read as Invalid and be unregistered under the create worker's feet.
-            return Status.STARTED_OR_CRASHED
+        frozen, and a pass asks each runner many times), with what upstream cannot see: a
+        runner half-way through its create or destroy."""
+        if self.destroying and (self.guest_name is None or self.registration is None):
+            return Status.DONE_OR_UNREGISTERED  # on its way out, whichever half went first
+        if self.in_flight and not self.destroying:
+            if self.guest_name is None or self.registration is None:
+                # Being created: its registration and guest appear one after the other. Read
+                # as Invalid, it would be unregistered under the create worker's feet.
+                return Status.STARTED_OR_CRASHED
         if self.guest_name is None:
             return Status.INVALID
         if self.registration is None:
@@ -196,6 +201,7 @@ def build_runners(
     runner_prefix: str,
     suffix: str,
     in_flight: Collection[int] = (),
+    destroying: Collection[int] = (),
 ) -> tuple[list[Runner], list[str]]:
     """Pair registrations and guests into runners by id; return `(runners, problems)`.
 
@@ -266,6 +272,7 @@ def build_runners(
             guest_name=by_id_guest.get(runner_id),
             in_flight=runner_id in flying,
             image=records[runner_id].image,
+            destroying=runner_id in destroying,
         )
         for runner_id in sorted(ids)
     ]

@@ -528,7 +528,8 @@ def reg(status: str = "", busy: bool = False, labels: tuple[str, ...] = ()) -> R
         pytest.param(reg(""), True, False, STARTED, id="no-status"),
         pytest.param(None, False, True, STARTED, id="in-flight-nothing-yet"),
         pytest.param(reg(), False, True, STARTED, id="in-flight-registered-no-guest"),
-        pytest.param(None, True, True, DONE, id="in-flight-guest-only"),
+        # Being created: the guest may be listed before GitHub's list has the registration.
+        pytest.param(None, True, True, STARTED, id="in-flight-guest-only"),
         pytest.param(reg("online"), True, True, IDLE, id="in-flight-idle"),
     ],
 )
@@ -536,6 +537,21 @@ def test_status(
     registration: Registration | None, guest: bool, in_flight: bool, status: Status
 ) -> None:
     assert runner(registration, guest, in_flight).status is status
+
+
+@pytest.mark.parametrize(
+    ("registration", "guest", "status"),
+    [
+        pytest.param(None, True, DONE, id="unregistered-guest-left"),
+        pytest.param(reg("online"), False, DONE, id="guest-gone-first"),
+        pytest.param(None, False, DONE, id="both-gone"),
+        pytest.param(reg("online", True), True, BUSY, id="not-started-yet"),
+    ],
+)
+def test_status_of_a_runner_being_destroyed(
+    registration: Registration | None, guest: bool, status: Status
+) -> None:
+    assert replace(runner(registration, guest, True), destroying=True).status is status
 
 
 def test_label_value_takes_the_first_match() -> None:
