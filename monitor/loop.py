@@ -722,7 +722,9 @@ class Monitor:
                 continue
             if not self._destroy_backoff.ready(runner_id, now):
                 continue
-            reason = _destroy_reason(runner, self.config.destroy_all_non_busy_runners)
+            reason = _destroy_reason(
+                runner, self.config.destroy_all_non_busy_runners, self.snapshots.get(runner.profile)
+            )
             log.info("destroying runner %d (%s): %s", runner_id, runner.profile, reason)
             models.record_event(
                 "destroy", reason, runner_id=runner_id, profile=runner.profile, at=now
@@ -1340,9 +1342,12 @@ def _retry_after(error: BaseException) -> float | None:
     return error.retry_after if isinstance(error, TransientError) else None
 
 
-def _destroy_reason(runner: policy.Runner, destroy_all: bool) -> str:
+def _destroy_reason(runner: policy.Runner, destroy_all: bool, image: str | None = None) -> str:
     if destroy_all:
         return f"destroy_all_non_busy_runners is set (runner is {runner.status.value})"
+    if runner.status is policy.Status.IDLE and image and runner.image and runner.image != image:
+        # policy.outdated_to_replace: a rolling rebuild replaces Idle runners of older images.
+        return f"its image {runner.image} is outdated (the profile's is {image})"
     return {
         policy.Status.INVALID: "its guest is gone; unregistering",
         policy.Status.DONE_OR_UNREGISTERED: "its job is done (no registration)",

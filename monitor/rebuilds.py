@@ -230,25 +230,22 @@ class Rebuilds:
 
     def _worker(self, build: Build) -> None:
         error: BaseException | None = None
+        profile_data = self.config.data_path / "profiles" / build.profile
+        seed = profile_data / f"seed@{_compact(build.snapshot)}.iso"
         try:
-            self._build(build)
+            self._build(build, seed)
         except Exception as failure:  # noqa: BLE001 - reported, never lost
             if not isinstance(failure, (MonitorError, OSError)):
                 log.exception("rebuild worker for %s crashed", build.guest)
             error = failure
             self._remove(build.guest, build.volume)
         finally:
+            seed.unlink(missing_ok=True)  # only its rebuild guest used it, and it is gone
             self._post(lambda: self._done(build, error))
 
-    def _build(self, build: Build) -> None:
+    def _build(self, build: Build, seed_path: Path) -> None:
         profile = self.config.profiles[build.profile]
-        seed = images.make_seed_iso(
-            profile.config_dir,
-            self.config.data_path
-            / "profiles"
-            / build.profile
-            / f"seed@{_compact(build.snapshot)}.iso",
-        )
+        seed = images.make_seed_iso(profile.config_dir, seed_path)
         self.hypervisor.create_image_guest(
             build.guest,
             profile.guest_xml.read_text(),

@@ -17,7 +17,7 @@
 #     and the jumps to them, and never resets net.ipv4.ip_forward (a NAT network sets it);
 #     `stop` removes the chains that are empty and restores ip_forward as it was first found.
 # Names: pool "monitor-test" (/var/lib/libvirt/images/monitor-test), network "monitor-test"
-# (bridge virbr151, 192.168.151.0/24, DHCP .100-.200).
+# (bridge virbr151, 192.168.151.0/24, DHCP .20-.250, 10-minute leases).
 set -euo pipefail
 
 URI=qemu:///system
@@ -137,6 +137,15 @@ pool_up() { virsh -c "$URI" pool-info "$POOL" | grep -q 'State:.*running'; }
 ensure pool_up pool-start "$POOL"
 step "storage pool $POOL"
 
+# Every test guest gets a fresh MAC, so each takes a new lease: leases of 10 minutes over a
+# wide range keep repeated test runs from exhausting it (the test guests never renew theirs, so
+# a lease must outlive the longest test guest). A network defined with other leases (an older
+# version of this script gave hour-long ones) is defined again.
+if virsh -c "$URI" net-dumpxml "$NET" >/dev/null 2>&1 \
+        && ! virsh -c "$URI" net-dumpxml "$NET" | grep -q "<lease expiry='10'"; then
+    virsh_q net-destroy "$NET" >/dev/null 2>&1 || true
+    virsh_q net-undefine "$NET" >/dev/null
+fi
 if ! virsh -c "$URI" net-info "$NET" >/dev/null 2>&1; then
     NET_XML=$(mktemp)
     cat > "$NET_XML" <<EOF
@@ -144,7 +153,9 @@ if ! virsh -c "$URI" net-info "$NET" >/dev/null 2>&1; then
   <name>$NET</name>
   <bridge name='$BRIDGE' stp='off' delay='0'/>
   <ip address='192.168.151.1' netmask='255.255.255.0'>
-    <dhcp><range start='192.168.151.100' end='192.168.151.200'/></dhcp>
+    <dhcp>
+      <range start='192.168.151.20' end='192.168.151.250'><lease expiry='10' unit='minutes'/></range>
+    </dhcp>
   </ip>
   <dnsmasq:options><dnsmasq:option value='no-ping'/></dnsmasq:options>
 </network>

@@ -29,6 +29,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -71,10 +72,14 @@ WAIT = 30.0
 JOB_SECONDS = 6
 CREATING = "(being created)"
 DESTROYING = "(being destroyed)"
+# Fewer free addresses in the network's DHCP range than this, and a test module is skipped
+# (failed with MONITOR_REQUIRE_LIBVIRTD=1): its guests could not all get a lease.
+MIN_FREE_ADDRESSES = 10
 
 # The tiny guest, as a profile's complete domain XML. TCG ('qemu'): KVM hangs on these
-# machines. The disk is required by runner_domain_xml (it becomes the runner's overlay); the
-# guest never looks at it. No option ROM: the kernel is loaded directly, iPXE is not needed.
+# machines. The disk is required by runner_domain_xml (it becomes the runner's overlay, or a
+# rebuild guest's new image); the runner boot script never looks at it, the rebuild tests'
+# does (/dev/vda). No option ROM: the kernel is loaded directly, iPXE is not needed.
 GUEST_XML = """\
 <domain type='qemu'>
   <name>e2e.template</name>
@@ -107,8 +112,8 @@ GUEST_XML = """\
 """
 
 
-def _require_libvirtd(reason: str) -> None:
-    message = f"{reason}; run `bash tests/libvirtd.sh` as root"
+def _require_libvirtd(reason: str, hint: str = "run `bash tests/libvirtd.sh` as root") -> None:
+    message = f"{reason}; {hint}"
     if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
         pytest.fail(message)
     pytest.skip(message)
@@ -128,8 +133,28 @@ def conn():
             _require_libvirtd(f"network {NETWORK} is not active")
     except libvirt.libvirtError as e:
         _require_libvirtd(f"no pool or network {POOL}: {e}")
+    free = free_addresses(connection)
+    if free < MIN_FREE_ADDRESSES:
+        # Each guest gets a fresh MAC, and dnsmasq keeps its lease for the lease time after
+        # it is gone (an hour on a network made by an older tests/libvirtd.sh): runs in
+        # quick succession use the range up, and guests then boot to no address (a timeout
+        # that says nothing about the cause).
+        _require_libvirtd(
+            f"only {free} addresses of network {NETWORK}'s DHCP range are free (a lease "
+            "outlives its guest)",
+            "wait for some to expire, or run `bash tests/libvirtd.sh` again",
+        )
     yield connection
     connection.close()
+
+
+def free_addresses(connection) -> int:
+    """Addresses of the network's DHCP range that no live lease holds."""
+    network = connection.networkLookupByName(NETWORK)
+    dhcp_range = ET.fromstring(network.XMLDesc()).find("ip/dhcp/range")
+    first, last = (ipaddress.IPv4Address(dhcp_range.get(end)) for end in ("start", "end"))
+    leased = {ipaddress.IPv4Address(lease["ipaddr"]) for lease in network.DHCPLeases()}
+    return int(last) - int(first) + 1 - sum(1 for a in leased if first <= a <= last)
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +308,29 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -
 
 @pytest.fixture
 def rig(tmp_path: Path, conn, guest_image) -> Iterator[Rig]:
+    """`monitor run` on the bridge address with one profile of tiny runner guests."""
+    boot_script = (GUEST_SOURCES / "boot-script").read_text()
+    with running_rig(
+        tmp_path, guest_image, targets={"linux": 2}, boot_scripts={"linux": boot_script}
+    ) as built:
+        yield built
+
+
+@contextmanager
+def running_rig(
+    tmp_path: Path,
+    guest_image: dict[str, Path],
+    *,
+    targets: dict[str, int],
+    boot_scripts: dict[str, str],
+    profiles: str = "",
+    settings: dict[str, str] | None = None,
+) -> Iterator[Rig]:
     """`monitor run` on the bridge address: the monitor thread, the scheduler's jobs and the
-    web app, with one profile of tiny runner guests. Everything it started is gone after."""
+    web app. Its profiles are `targets` (as write_config makes them, on a prebuilt base
+    image) and the `[profiles.<key>]` tables in `profiles`; each one's guest.xml is the tiny
+    guest and its boot-script `boot_scripts[key]`. `settings` replace (or add) top-level
+    values of the config. Everything it started is gone after."""
     standin = GitHubStandIn(token=GITHUB_TOKEN)
     standin.start(host=BRIDGE_IP)
     standin.agent_job_seconds = JOB_SECONDS
@@ -300,16 +346,18 @@ def rig(tmp_path: Path, conn, guest_image) -> Iterator[Rig]:
     path = write_config(
         tmp_path,
         github_api_url=standin.base_url,
-        targets={"linux": 2},
+        targets=targets,
         libvirt_uri=URI,
         storage_pool=POOL,
         extra=extra,
     )
     # GitHub's runner list every second, so that each status lasts long enough to be seen.
-    path.write_text(path.read_text().replace("api_cache_timeout = 30", "api_cache_timeout = 1"))
-    (tmp_path / "profiles" / "linux" / "boot-script").write_bytes(
-        (GUEST_SOURCES / "boot-script").read_bytes()
-    )
+    text = path.read_text()
+    for key, value in {"api_cache_timeout": "1", **(settings or {})}.items():
+        text, found = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        if not found:
+            text = f"{key} = {value}\n{text}"  # the file starts with top-level keys
+    path.write_text(text + profiles)
     config = config_module.load(path, environ={})
     models.open_store(config.data_path)
     github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
@@ -318,7 +366,10 @@ def rig(tmp_path: Path, conn, guest_image) -> Iterator[Rig]:
     http = BackgroundServer(web.make_app(config, monitor), host=BRIDGE_IP, name="monitor-e2e-vms")
     # Guests learn both ports from their kernel command line.
     ports = f"monitor_port={http.port} standin_port={standin.base_url.rsplit(':', 1)[1]}"
-    config.profiles["linux"].guest_xml.write_text(guest_xml(guest_image, ports))
+    for key, profile in config.profiles.items():
+        profile.config_dir.mkdir(parents=True, exist_ok=True)
+        profile.guest_xml.write_text(guest_xml(guest_image, ports))
+        (profile.config_dir / "boot-script").write_text(boot_scripts[key])
 
     statuses = StatusLog()
     sampling = threading.Event()
@@ -342,6 +393,8 @@ def rig(tmp_path: Path, conn, guest_image) -> Iterator[Rig]:
             log.warning("boot log of runner %s:\n%s", boot_log.parent.name, text[-3000:])
         log.warning("agent calls: %s", standin.agent_calls)
         log.warning("statuses: %s", statuses.history)
+        events = reversed(models.recent_events(100))
+        log.warning("events: %s", [f"{e.kind}: {e.message}" for e in events])
         scheduler.shutdown(wait=True)
         http.close()
         monitor.stop()
@@ -376,10 +429,13 @@ def online_from(rig: Rig, registration_id: int) -> str | None:
     return next((c.address for c in calls if c.call == "online"), None)
 
 
-def take(rig: Rig) -> int:
+def take(rig: Rig, profile: str = "linux") -> int:
     query = f"unique_id={uuid.uuid4()}&qualified_repo={REPO}&run_id=1"
     reply = call(
-        rig.port, "POST", f"/profile/linux/take?{query}", {"Authorization": f"Bearer {API_TOKEN}"}
+        rig.port,
+        "POST",
+        f"/profile/{profile}/take?{query}",
+        {"Authorization": f"Bearer {API_TOKEN}"},
     )
     assert reply.status == 200, reply.body
     (entry,) = reply.json
@@ -437,8 +493,9 @@ def test_runner_lifecycle_on_real_vms(rig: Rig, conn):
     assert rig.monitor.jit_config_for(ip_b) == jit_b
     as_b = call(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": ip_b})  # the host: trusted
     assert as_b.status == 200 and as_b.json == jit_b != jit_a
-    nobody = call(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": "192.168.151.250"})
-    assert nobody.status == 503 and b"192.168.151.250" in nobody.body
+    # .254: on the bridge's subnet, outside its DHCP range (tests/libvirtd.sh), so no guest's.
+    nobody = call(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": "192.168.151.254"})
+    assert nobody.status == 503 and b"192.168.151.254" in nobody.body
     from_host = call(rig.port, "GET", "/github-jitconfig")  # the bridge address: no guest
     assert from_host.status == 503
 

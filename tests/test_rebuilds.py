@@ -260,3 +260,17 @@ def test_stale_rebuild_guests_are_swept(make_env):
     monitor.tick(clock())
     run_until(monitor, lambda: stale not in hypervisor.guests, "the sweep")
     run_until(monitor, lambda: hypervisor.volume_path(volume) is None, "its volume to go")
+
+
+def test_a_cloud_init_seed_is_made_for_the_rebuild_guest_and_removed_after(make_env):
+    config, github, hypervisor, clock, monitor = make_env("rolling")
+    directory = config.profiles["built"].config_dir
+    (directory / "user-data").write_text("#cloud-config\n")
+    (directory / "meta-data").write_text("instance-id: built\n")
+    tick(monitor, clock)
+    guest = rebuild_guest(hypervisor)
+    seed = hypervisor.guests[guest].seed_iso
+    assert seed is not None and seed.is_file()  # a real ISO, made with genisoimage
+    finish_rebuild(monitor, hypervisor)
+    assert not seed.exists()
+    assert not list((config.data_path / "profiles" / "built").glob("seed@*"))

@@ -12,10 +12,11 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=${1:-/var/tmp/monitor-guest}
-# virtio-net's module and what it needs, in load order (init loads them in this order too).
+# virtio-blk's and virtio-net's modules and what they need, in load order (init loads them in
+# this order too).
 MODULES=(drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_legacy_dev
-         drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci net/core/failover
-         drivers/net/net_failover drivers/net/virtio_net)
+         drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci drivers/block/virtio_blk
+         net/core/failover drivers/net/net_failover drivers/net/virtio_net)
 FILES=(init udhcpc.sh lib.sh agent.sh)
 
 mkdir -p "$WORK"
@@ -54,7 +55,12 @@ fi
 version=${package#linux-image-}
 
 kernel_dir="$WORK/kernel-$version"
-if [ ! -f "$kernel_dir/vmlinuz" ]; then
+have_modules() {  # every module in MODULES is in the cached kernel (the list may have grown)
+    for module in "${MODULES[@]}"; do
+        [ -f "$kernel_dir/mods/${module##*/}.ko" ] || return 1
+    done
+}
+if [ ! -f "$kernel_dir/vmlinuz" ] || ! have_modules; then
     echo "build.sh: downloading $package" >&2
     scratch=$(mktemp -d "$WORK/download.XXXXXX")
     trap 'rm -rf "$scratch"' EXIT
