@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +175,25 @@ def standin_fixtures(token: str):
         server.clear_faults()
 
     return server, standin
+
+
+def require_libvirtd(reason: str, hint: str = "run `bash tests/libvirtd.sh` as root") -> None:
+    """Skip a test that needs the real libvirtd, or fail it under MONITOR_REQUIRE_LIBVIRTD=1
+    (CI), where a missing daemon is a broken set-up rather than a machine without one."""
+    message = f"{reason}; {hint}"
+    if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def wait_until(
+    condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.05
+) -> Any:
+    """Poll `condition` until it is truthy and return it; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(interval)

@@ -34,6 +34,7 @@ from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
+from tests import conftest
 from tests.conftest import config_for_test_driver
 from tests.conftest import standin_fixtures
 
@@ -153,13 +154,7 @@ class Rig:
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    return conftest.wait_until(condition, what, timeout)
 
 
 def one_pass(monitor: loop.Monitor) -> None:

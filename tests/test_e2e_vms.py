@@ -52,8 +52,10 @@ from monitor.github import RestGitHub  # noqa: E402
 from monitor.github_standin import GitHubStandIn  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.serving import BackgroundServer  # noqa: E402
+from tests import conftest  # noqa: E402
 from tests.conftest import API_TOKEN  # noqa: E402
 from tests.conftest import GITHUB_TOKEN  # noqa: E402
+from tests.conftest import require_libvirtd  # noqa: E402
 from tests.conftest import write_config  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
@@ -112,34 +114,27 @@ GUEST_XML = """\
 """
 
 
-def _require_libvirtd(reason: str, hint: str = "run `bash tests/libvirtd.sh` as root") -> None:
-    message = f"{reason}; {hint}"
-    if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def conn():
     """A connection of the test's own, to look at libvirtd from outside the monitor."""
     try:
         connection = libvirt.open(URI)
     except libvirt.libvirtError as e:
-        _require_libvirtd(f"cannot connect to {URI}: {e}")
+        require_libvirtd(f"cannot connect to {URI}: {e}")
     try:
         if not connection.storagePoolLookupByName(POOL).isActive():
-            _require_libvirtd(f"storage pool {POOL} is not active")
+            require_libvirtd(f"storage pool {POOL} is not active")
         if not connection.networkLookupByName(NETWORK).isActive():
-            _require_libvirtd(f"network {NETWORK} is not active")
+            require_libvirtd(f"network {NETWORK} is not active")
     except libvirt.libvirtError as e:
-        _require_libvirtd(f"no pool or network {POOL}: {e}")
+        require_libvirtd(f"no pool or network {POOL}: {e}")
     free = free_addresses(connection)
     if free < MIN_FREE_ADDRESSES:
         # Each guest gets a fresh MAC, and dnsmasq keeps its lease for the lease time after
         # it is gone (an hour on a network made by an older tests/libvirtd.sh): runs in
         # quick succession use the range up, and guests then boot to no address (a timeout
         # that says nothing about the cause).
-        _require_libvirtd(
+        require_libvirtd(
             f"only {free} addresses of network {NETWORK}'s DHCP range are free (a lease "
             "outlives its guest)",
             "wait for some to expire, or run `bash tests/libvirtd.sh` again",
@@ -297,13 +292,7 @@ def retry_transient(action: Callable[[], Any], timeout: float = 90) -> Any:
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
+    return conftest.wait_until(condition, what, timeout, interval=0.1)
 
 
 @pytest.fixture

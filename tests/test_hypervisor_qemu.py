@@ -33,6 +33,7 @@ from monitor.hypervisor import SOURCE_POOL_PREFIX  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.images import make_seed_iso  # noqa: E402
+from tests.conftest import require_libvirtd  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 
@@ -74,28 +75,21 @@ TEMPLATE_XML = f"""\
 """
 
 
-def _require_libvirtd(reason: str) -> None:
-    message = f"{reason}; run `bash tests/libvirtd.sh` as root"
-    if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def conn():
     """A separate connection to inspect libvirtd's state from outside the hypervisor."""
     try:
         connection = libvirt.open(URI)
     except libvirt.libvirtError as e:
-        _require_libvirtd(f"cannot connect to {URI}: {e}")
+        require_libvirtd(f"cannot connect to {URI}: {e}")
     try:
         pool = connection.storagePoolLookupByName(POOL)
         if not pool.isActive():
-            _require_libvirtd(f"storage pool {POOL} is not active")
+            require_libvirtd(f"storage pool {POOL} is not active")
     except libvirt.libvirtError as e:
-        _require_libvirtd(f"no storage pool {POOL}: {e}")
+        require_libvirtd(f"no storage pool {POOL}: {e}")
     if shutil.which("qemu-img") is None:
-        _require_libvirtd("qemu-img is missing")
+        require_libvirtd("qemu-img is missing")
     yield connection
     connection.close()
 
@@ -214,7 +208,7 @@ def test_rebuild_guest_on_real_qemu(conn, hv, tmp_path):
     (profile / "user-data").write_text("#cloud-config\n")
     (profile / "meta-data").write_text("instance-id: rebuild\n")
     if shutil.which("genisoimage") is None:
-        _require_libvirtd("genisoimage is missing")
+        require_libvirtd("genisoimage is missing")
     seed = make_seed_iso(profile, tmp_path / "config.iso")
     timings: dict[str, float] = {}
     try:
@@ -396,7 +390,7 @@ def _libvirtd_pid() -> int:
         pid = int(LIBVIRTD_PID.read_text().strip())
         os.kill(pid, 0)
     except (OSError, ValueError) as e:
-        _require_libvirtd(f"no running libvirtd in {LIBVIRTD_PID}: {e}")
+        require_libvirtd(f"no running libvirtd in {LIBVIRTD_PID}: {e}")
     return pid
 
 
