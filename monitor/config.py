@@ -87,6 +87,7 @@ class Config:
     monitor_poll_interval: timedelta = timedelta(seconds=5)
     api_cache_timeout: timedelta = timedelta(seconds=30)
     tokenless_select_artifact_max_age: timedelta = timedelta(seconds=300)
+    select_runner_rate_limit: int = 30
     monitor_start_timeout: timedelta = timedelta(seconds=120)
     monitor_reserve_timeout: timedelta = timedelta(seconds=60)
     monitor_thread_send_timeout: timedelta = timedelta(seconds=10)
@@ -294,6 +295,7 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "monitor_poll_interval": (_seconds, _OPTIONAL),
     "api_cache_timeout": (_seconds, _OPTIONAL),
     "tokenless_select_artifact_max_age": (_seconds, _OPTIONAL),
+    "select_runner_rate_limit": (_count, _OPTIONAL),
     "monitor_start_timeout": (_seconds, _OPTIONAL),
     "monitor_reserve_timeout": (_seconds, _OPTIONAL),
     "monitor_thread_send_timeout": (_seconds, _OPTIONAL),

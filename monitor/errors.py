@@ -13,10 +13,14 @@ class MonitorError(Exception):
     turn their library's errors into this type, so callers handle one thing.
     """
 
-    def __init__(self, message: str, status: int = 500) -> None:
+    def __init__(
+        self, message: str, status: int = 500, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        # Extra response headers the answer needs (a 429's Retry-After and rate limit).
+        self.headers = headers or {}
 
     def __str__(self) -> str:
         return self.message

@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from monitor import tokenless
 from monitor.errors import MonitorError
 from monitor.loop import Monitor
 from monitor.loop import parse_address
+from monitor.ratelimit import FixedWindowLimiter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ _QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
 _BROWSER_PATHS = ("/", "/dashboard.html")
 # More runners than any host holds; the override maths are linear in the counts.
 MAX_OVERRIDE_COUNT = 1000
+# The tokenless select's rate limit counts requests per repository in windows of this long.
+SELECT_WINDOW_SECONDS = 60.0
 # Recent events on the dashboard.
 EVENTS_SHOWN = 20
 
@@ -82,8 +86,11 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             "text/html" in request.get_header("Accept", "") and request.method == "GET"
         )
 
-    def error_response(status: int, message: str) -> bottle.HTTPResponse:
+    def error_response(
+        status: int, message: str, extra: dict[str, str] | None = None
+    ) -> bottle.HTTPResponse:
         headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else {}
+        headers.update(extra or {})
         if not wants_html():
             response = _json({"error": message}, status)
         else:
@@ -100,7 +107,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             except bottle.HTTPResponse:
                 raise
             except MonitorError as error:
-                return error_response(error.status, error.message)
+                return error_response(error.status, error.message, error.headers)
             except Exception:  # noqa: BLE001 - never a traceback to a client
                 log.exception("error handling %s %s", bottle.request.method, bottle.request.path)
                 return error_response(500, "internal error; see the monitor's log")
@@ -269,11 +276,43 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         number = parse_count(count)
         return _json(run_take(profile_key, number, take_params()))
 
+    select_limiter = (
+        FixedWindowLimiter(config.select_runner_rate_limit, SELECT_WINDOW_SECONDS)
+        if config.select_runner_rate_limit
+        else None
+    )
+
     @app.post("/select-runner")
     def select_runner() -> bottle.HTTPResponse:
         if config.queue_member:
             raise MonitorError("Tokenless select is disabled due to `queue_member` setting", 409)
         params = take_params()
+        unique_id, qualified_repo, run_id = params
+        # Anyone who can open a pull request can call this: a repository gets so many
+        # selects a minute, counted before its artifact is fetched from GitHub.
+        limit_headers: dict[str, str] = {}
+        if select_limiter is not None:
+            now = time.time()
+            decision = select_limiter.hit(qualified_repo.lower(), now)
+            limit_headers = decision.headers()
+            if not decision.allowed:
+                limit_headers["Retry-After"] = str(decision.retry_after(now))
+                raise MonitorError(
+                    f"too many tokenless selects for {qualified_repo}: at most "
+                    f"{decision.limit} a minute",
+                    429,
+                    limit_headers,
+                )
+        try:
+            response = select_runner_checked(params)
+        except MonitorError as error:
+            error.headers = {**limit_headers, **error.headers}  # refusals say it too
+            raise
+        for name, value in limit_headers.items():
+            response.set_header(name, value)
+        return response
+
+    def select_runner_checked(params: tuple[str, str, str]) -> bottle.HTTPResponse:
         unique_id, qualified_repo, run_id = params
         profile_key, count = tokenless.validate_select(
             monitor.github,

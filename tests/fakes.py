@@ -96,6 +96,11 @@ class FakeGitHub(Armable):
         with self._lock:
             self.runners[registration_id] = replace(self.runners[registration_id], **changes)
 
+    def list_artifacts(self, qualified_repo: str, run_id: str) -> list:
+        """No workflow run has artifacts here (test_tokenless.py uses the real stand-in)."""
+        self._call("list_artifacts", qualified_repo)
+        return []
+
     def by_name(self, name: str) -> Registration:
         return next(r for r in self.runners.values() if r.name == name)
 

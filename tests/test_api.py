@@ -217,6 +217,39 @@ def test_select_runner_with_malformed_parameters_is_422(rig):
     assert_error(rig.client.post(url, status=422), 422)
 
 
+def test_select_runner_is_rate_limited_per_repository(make_rig):
+    rig = make_rig(extra="select_runner_rate_limit = 2\n")
+
+    def select(repo: str, status: int = "*"):
+        url = f"/select-runner?unique_id={uuid.uuid4()}&qualified_repo={repo}&run_id=1"
+        return rig.client.post(url, status=status)
+
+    before = int(time.time())
+    first, second = select("test/servo"), select("test/servo")
+    assert first.status_int == second.status_int == 403  # no args artifact: refused, counted
+    assert [r.headers["X-RateLimit-Remaining"] for r in (first, second)] == ["1", "0"]
+    assert first.headers["X-RateLimit-Limit"] == "2"
+    reset = int(second.headers["X-RateLimit-Reset"])
+    assert before + 59 <= reset <= before + 61
+
+    refused = select("test/servo", status=429)
+    assert "at most 2 a minute" in assert_error(refused, 429)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 61
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert refused.headers["X-RateLimit-Reset"] == str(reset)
+    # Another repository has its own count; the same one in other case does not.
+    assert select("test/other").status_int != 429
+    select("TEST/Servo", status=429)
+
+
+def test_select_runner_rate_limit_zero_means_none(make_rig):
+    rig = make_rig(extra="select_runner_rate_limit = 0\n")
+    for _ in range(5):
+        url = f"/select-runner?unique_id={uuid.uuid4()}&qualified_repo=test/servo&run_id=1"
+        response = rig.client.post(url, status="*")
+        assert response.status_int != 429 and "X-RateLimit-Limit" not in response.headers
+
+
 # Guests -----------------------------------------------------------------------------------
 
 
