@@ -70,6 +70,8 @@ REBUILD_BACKOFF_BASE = timedelta(seconds=30)
 REBUILD_BACKOFF_CAP = timedelta(hours=1)
 # Back-off after a GitHub list failure with no Retry-After.
 DEFAULT_GITHUB_BACKOFF = timedelta(seconds=10)
+# Below this share of GitHub's rate limit left, the runner list is fetched less often.
+LOW_BUDGET_FRACTION = 0.1
 # Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen
 # "offline" an hour ago may be busy now, so nothing is created or destroyed until a fetch
 # succeeds. At least this long, or three cache lifetimes.
@@ -485,6 +487,14 @@ class Monitor:
         suffix = "@" + self.config.github_api_suffix
         ours = [r for r in fetched if r.name.endswith(suffix)]
         self.registrations.store(ours, self.clock(), began)
+        slower = polling_delay(
+            getattr(self.github, "rate_limit", None), now, self.config.api_cache_timeout
+        )
+        if slower is not None:
+            # GitHub's budget is running out: look less often, keeping the rest for the
+            # calls that create runners and serve takes.
+            self.registrations.back_off(now + slower)
+            log.warning("GitHub API budget low: next look at the runner list in %s", slower)
         if self.github_error is not None:
             log.info("GitHub runner list works again")
             models.record_event("github-ok", "listing runners works again")
@@ -1336,6 +1346,18 @@ def _ipv4(address: str) -> str | None:
     """An IPv4 address as text (IPv4-mapped IPv6 unwrapped); None for anything else."""
     parsed = parse_address(address)
     return str(parsed) if isinstance(parsed, ipaddress.IPv4Address) else None
+
+
+def polling_delay(rate_limit: Any, now: datetime, normal: timedelta) -> timedelta | None:
+    """How long to wait before the next runner-list fetch when GitHub's budget runs low
+    (under LOW_BUDGET_FRACTION of the limit left), or None while it does not: the time to
+    the reset spread over half the calls left, never less often than `normal`."""
+    if rate_limit is None or rate_limit.remaining >= rate_limit.limit * LOW_BUDGET_FRACTION:
+        return None
+    until_reset = rate_limit.reset_at - now
+    if until_reset <= timedelta(0):
+        return None
+    return max(normal, until_reset / max(1, rate_limit.remaining // 2))
 
 
 def _retry_after(error: BaseException) -> float | None:

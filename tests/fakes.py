@@ -45,6 +45,7 @@ class FakeGitHub(Armable):
         self.runners: dict[int, Registration] = {}
         self._ids = itertools.count(1000)
         self.label_delay = 0.0  # seconds each add_labels call takes
+        self.rate_limit = None  # a github.RateLimit, as RestGitHub keeps the latest
 
     def list_runners(self) -> list[Registration]:
         self._call("list_runners")

@@ -497,3 +497,32 @@ def test_client_requests_and_outcomes_are_served_in_order_before_a_reconcile(env
     monitor._enqueue(loop._CALL, request)
     items = [monitor.next_request(timeout=0) for _ in range(3)]
     assert items == [outcome, request, loop._RECONCILE]
+
+
+def test_polling_delay_spreads_a_low_budget_until_its_reset():
+    from monitor.github import RateLimit
+
+    now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+    normal = timedelta(seconds=30)
+    reset = now + timedelta(minutes=40)
+    assert loop.polling_delay(None, now, normal) is None
+    assert loop.polling_delay(RateLimit(5000, 500, 4500, reset, "core"), now, normal) is None
+    # 40 minutes over half of the 240 calls left: one look every 20 s, but never more often
+    # than normal; 20 left: one every 4 minutes.
+    assert loop.polling_delay(RateLimit(5000, 240, 4760, reset, "core"), now, normal) == normal
+    low = RateLimit(5000, 20, 4980, reset, "core")
+    assert loop.polling_delay(low, now, normal) == timedelta(minutes=4)
+    assert loop.polling_delay(RateLimit(5000, 0, 5000, reset, "core"), now, normal) == reset - now
+    assert loop.polling_delay(low, reset + timedelta(seconds=1), normal) is None  # reset now
+
+
+def test_a_low_github_budget_slows_the_runner_list_down(env):
+    from monitor.github import RateLimit
+
+    _, github, hypervisor, clock, monitor = env
+    github.rate_limit = RateLimit(5000, 20, 4980, clock() + timedelta(minutes=40), "core")
+    assert monitor.refresh_registrations()
+    clock.advance(monitor.config.api_cache_timeout.total_seconds() + 1)
+    assert not monitor.refresh_registrations()  # due normally, but the budget is low
+    clock.advance(4 * 60)
+    assert monitor.refresh_registrations()
