@@ -197,3 +197,23 @@ def wait_until(
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
         time.sleep(interval)
+
+
+def rebuilt_profile(
+    *, mode: str, target: int, timeout: int, disk_size: str, name: str = "built"
+) -> str:
+    """A `[profiles.<name>]` table without `base_image`: its image is rebuilt by the monitor
+    (to append to a config with `write_config(extra=...)`)."""
+    return textwrap.dedent(
+        f"""
+        [profiles.{name}]
+        profile_name = "{name}"
+        github_runner_label = "self-hosted-image:{name}"
+        target_count = {target}
+        requires_1g_hugepages = 0
+        requires_normal_memory = "1G"
+        rebuild_mode = "{mode}"
+        rebuild_timeout = {timeout}
+        rebuild_disk_size = "{disk_size}"
+        """
+    )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import subprocess
-import textwrap
 import time
 import xml.etree.ElementTree as ET
 from datetime import timedelta
@@ -37,6 +36,7 @@ from monitor import rebuilds  # noqa: E402
 from monitor.errors import MonitorError  # noqa: E402
 from monitor.rebuilds import image_volume  # noqa: E402
 from tests import test_e2e_vms as vms  # noqa: E402
+from tests.conftest import rebuilt_profile  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 log = logging.getLogger(__name__)
@@ -69,19 +69,7 @@ done
 
 
 def built_profile(target: int, timeout: int) -> str:
-    return textwrap.dedent(
-        f"""
-        [profiles.built]
-        profile_name = "built"
-        github_runner_label = "self-hosted-image:built"
-        target_count = {target}
-        requires_1g_hugepages = 0
-        requires_normal_memory = "1G"
-        rebuild_mode = "rolling"
-        rebuild_timeout = {timeout}
-        rebuild_disk_size = "16M"
-        """
-    )
+    return rebuilt_profile(mode="rolling", target=target, timeout=timeout, disk_size="16M")
 
 
 def image_boot_script() -> str:

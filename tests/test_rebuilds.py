@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import queue
-import textwrap
 import time
 from datetime import timedelta
 
@@ -18,6 +17,7 @@ from monitor import models
 from monitor import rebuilds
 from monitor.errors import MonitorError
 from tests.conftest import TEST_GUEST_XML
+from tests.conftest import rebuilt_profile
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeHypervisor
 from tests.test_loop import Clock
@@ -26,19 +26,7 @@ BOOT_SCRIPT = "#!/bin/sh\necho building\npoweroff -f\n"
 
 
 def built_profile(mode: str, target: int = 2, timeout: int = 60) -> str:
-    return textwrap.dedent(
-        f"""
-        [profiles.built]
-        profile_name = "built"
-        github_runner_label = "self-hosted-image:built"
-        target_count = {target}
-        requires_1g_hugepages = 0
-        requires_normal_memory = "1G"
-        rebuild_mode = "{mode}"
-        rebuild_timeout = {timeout}
-        rebuild_disk_size = "2G"
-        """
-    )
+    return rebuilt_profile(mode=mode, target=target, timeout=timeout, disk_size="2G")
 
 
 @pytest.fixture
