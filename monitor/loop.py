@@ -68,8 +68,10 @@ SWEEP_INTERVAL = timedelta(minutes=1)
 # A failed image rebuild is tried again after 30 s, 1 min, 2 min, … at most an hour apart.
 REBUILD_BACKOFF_BASE = timedelta(seconds=30)
 REBUILD_BACKOFF_CAP = timedelta(hours=1)
-# Back-off after a GitHub list failure with no Retry-After.
-DEFAULT_GITHUB_BACKOFF = timedelta(seconds=10)
+# Back-off after failed fetches of GitHub's runner list: 10 s, 20 s, 40 s, … at most 5 min
+# apart (longer when GitHub's Retry-After or X-RateLimit-Reset says so).
+GITHUB_BACKOFF_BASE = timedelta(seconds=10)
+GITHUB_BACKOFF_CAP = timedelta(minutes=5)
 # Below this share of GitHub's rate limit left, the runner list is fetched less often.
 LOW_BUDGET_FRACTION = 0.1
 # Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen
@@ -342,6 +344,7 @@ class Monitor:
         self.rendered: Rendered | None = None
         self._in_flight: dict[int, str] = {}
         self._create_backoff = Backoff()
+        self._list_backoff = Backoff(base=GITHUB_BACKOFF_BASE, cap=GITHUB_BACKOFF_CAP)
         self._destroy_backoff = Backoff()
         self._stale_reported = False
         self._last_sweep: datetime | None = None
@@ -475,9 +478,7 @@ class Monitor:
         try:
             fetched = self.github.list_runners()
         except MonitorError as error:
-            delay = DEFAULT_GITHUB_BACKOFF
-            if isinstance(error, TransientError) and error.retry_after is not None:
-                delay = timedelta(seconds=max(1.0, error.retry_after))
+            delay = self._list_backoff.failed("list", now, _retry_after(error))
             self.registrations.back_off(now + delay)
             if self.github_error != str(error):
                 log.warning("GitHub runner list failed, retrying in %s: %s", delay, error)
@@ -495,6 +496,7 @@ class Monitor:
             # calls that create runners and serve takes.
             self.registrations.back_off(now + slower)
             log.warning("GitHub API budget low: next look at the runner list in %s", slower)
+        self._list_backoff.succeeded("list")
         if self.github_error is not None:
             log.info("GitHub runner list works again")
             models.record_event("github-ok", "listing runners works again")

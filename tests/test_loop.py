@@ -182,6 +182,35 @@ def test_github_list_failure_backs_off_and_recovers(env):
     assert "github-error" in kinds and "github-ok" in kinds
 
 
+def test_repeated_github_list_failures_back_off_exponentially_up_to_a_cap(env):
+    _, github, _, clock, monitor = env
+    github.fail_next("list_runners", TransientError("502 Bad Gateway", status=502), times=100)
+
+    def attempts() -> int:
+        return len([c for c in github.calls if c[0] == "list_runners"])
+
+    # Step one second at a time and note when each retry happened.
+    started = clock()
+    tried_at = []
+    for _ in range(20 * 60):
+        before = attempts()
+        monitor.refresh_registrations()
+        if attempts() > before:
+            tried_at.append((clock() - started).total_seconds())
+        clock.advance(1)
+    gaps = [later - earlier for earlier, later in zip(tried_at, tried_at[1:])]
+    assert gaps[:5] == [10, 20, 40, 80, 160]
+    assert set(gaps[5:]) == {loop.GITHUB_BACKOFF_CAP.total_seconds()}
+    # The fault ends: the next try succeeds and the spacing starts from the base again.
+    github._failures.clear()
+    clock.advance(loop.GITHUB_BACKOFF_CAP.total_seconds())
+    assert monitor.refresh_registrations() is True
+    assert monitor.github_error is None
+    github.fail_next("list_runners", TransientError("502 Bad Gateway", status=502))
+    assert monitor.refresh_registrations(force=True) is False
+    assert monitor.registrations._not_before == clock() + loop.GITHUB_BACKOFF_BASE
+
+
 def test_libvirt_list_failure_skips_the_pass(env):
     _, github, hypervisor, clock, monitor = env
     monitor.refresh_registrations(force=True)
