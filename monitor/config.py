@@ -118,6 +118,14 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Largest count `take/<count>` accepts (and a select-runner artifact may ask for).
     take_max_count: int = 32
+    # How guests prove who they are at /boot and /github-jitconfig: "token" (each guest's
+    # own single-use token, given to it through libvirt) or upstream's "address" (its IP).
+    guest_auth: str = "token"
+    # More API tokens, by name: the SHA-256 (hex) of each, never the token itself.
+    api_tokens: dict[str, str] = field(default_factory=dict)
+    # Shared secrets of callers that sign their requests (HMAC-SHA256), by name, from the
+    # environment (MONITOR_HMAC_SECRET_<NAME>).
+    hmac_secrets: dict[str, str] = field(default_factory=dict, repr=False)
     api_token: str = field(repr=False)
     github_token: str = field(repr=False)
     path: Path = Path("monitor.toml")
@@ -131,6 +139,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SCOPE = re.compile(r"/repos/[^/\s]+/[^/\s]+|/orgs/[^/\s]+")
 _MEMORY = re.compile(r"([0-9]+) ?([BKMGTP])")
 REBUILD_MODES = ("rolling", "drain")
+GUEST_AUTH_MODES = ("token", "address")
+HMAC_SECRET_PREFIX = "MONITOR_HMAC_SECRET_"
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _MEMORY_UNITS = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 _MAX_SECONDS = int(timedelta.max.total_seconds())
 
@@ -270,6 +281,21 @@ def _rebuild_mode(value: Any) -> str:
     return value
 
 
+def _guest_auth(value: Any) -> str:
+    if value not in GUEST_AUTH_MODES:
+        raise ValueError(f'expected "token" or "address", got {value!r}')
+    return value
+
+
+def _sha256_hex(value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
+        raise ValueError(
+            "expected the token's SHA-256 as 64 hex digits "
+            "(printf %s \"$TOKEN\" | sha256sum), not the token itself"
+        )
+    return value.lower()
+
+
 def _positive_seconds(value: Any) -> timedelta:
     if _seconds(value) == timedelta(0):
         raise ValueError("expected a positive number of seconds, got 0")
@@ -320,9 +346,10 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "profiles_path": (_path, _OPTIONAL),  # derived from LIB_MONITOR_DIR
     "trusted_proxies": (_networks, _OPTIONAL),
     "take_max_count": (_positive, _OPTIONAL),
+    "guest_auth": (_guest_auth, _OPTIONAL),
 }
 # Tables read separately; listed so they are not reported as unknown keys.
-_TABLES = ("queue", "profiles")
+_TABLES = ("queue", "profiles", "api_tokens")
 
 _QUEUE: dict[str, tuple[_Converter, bool]] = {
     "servers": (_urls, _REQUIRED),
@@ -386,7 +413,25 @@ def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None 
         for key, table in profiles.items()
     }
 
+    api_tokens = _subtable(path, raw, "api_tokens", required=False) or {}
+    values["api_tokens"] = {}
+    for name, digest in api_tokens.items():
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{path}: [api_tokens] {name!r}: expected a name of [A-Za-z0-9_.-]")
+        try:
+            values["api_tokens"][name] = _sha256_hex(digest)
+        except ValueError as error:
+            raise ConfigError(f"{path}: [api_tokens] {name}: {error}") from None
+
     dotenv_hint = env_file or config_dir / ".env"
+    values["hmac_secrets"] = {}
+    for key, secret in sorted(env.items()):
+        if key.startswith(HMAC_SECRET_PREFIX) and key != HMAC_SECRET_PREFIX:
+            if len(secret) < 16:
+                raise ConfigError(
+                    f"{key} is shorter than 16 characters (in {dotenv_hint} or the environment)"
+                )
+            values["hmac_secrets"][key.removeprefix(HMAC_SECRET_PREFIX).lower()] = secret
     for name, attribute in (
         ("SERVO_CI_MONITOR_API_TOKEN", "api_token"),
         ("GITHUB_TOKEN", "github_token"),

@@ -32,7 +32,7 @@ from monitor.policy import RunnerRecord
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_FILENAME = "monitor.sqlite3"
 # Keep the event log bounded: a busy host writes a few events a minute.
 MAX_EVENTS = 20_000
@@ -82,6 +82,10 @@ class Runner(BaseModel):
     # The snapshot of the rebuilt base image the runner was made from (None: a prebuilt
     # `base_image`, or adopted): rolling rebuilds replace runners of older snapshots.
     image = CharField(null=True)
+    # SHA-256 of the guest's own token (the token itself goes only into its domain XML) and
+    # when its JIT config was served: a guest token fetches the JIT config once.
+    guest_token_sha256 = CharField(null=True, index=True)
+    jit_served_at = TimestampField(null=True)
 
     def __repr__(self) -> str:  # keep the secret out of debug output
         return f"<Runner {self.id} {self.guest_name}>"
@@ -114,7 +118,15 @@ class Reservation(BaseModel):
         return [int(i) for i in json.loads(self.runner_ids)]
 
 
-MODELS = (Setting, Runner, Event, Reservation)
+class RevokedCredential(BaseModel):
+    """An API token or HMAC secret that no longer opens anything, by its SHA-256."""
+
+    sha256 = CharField(primary_key=True)
+    name = CharField()
+    revoked_at = TimestampField()
+
+
+MODELS = (Setting, Runner, Event, Reservation, RevokedCredential)
 
 
 def open_store(data_path: Path) -> Path:
@@ -181,7 +193,21 @@ def _migration_3() -> None:
         db.execute_sql(f'ALTER TABLE "{Runner._meta.table_name}" ADD COLUMN "image" VARCHAR(255)')
 
 
-_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3}
+def _migration_4() -> None:
+    db.create_tables((RevokedCredential,))
+    table = Runner._meta.table_name
+    columns = {column.name for column in db.get_columns(table)}
+    if "guest_token_sha256" not in columns:
+        db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "guest_token_sha256" VARCHAR(255)')
+        db.execute_sql(
+            f'CREATE INDEX IF NOT EXISTS "runner_guest_token_sha256" '
+            f'ON "{table}" ("guest_token_sha256")'
+        )
+    if "jit_served_at" not in columns:
+        db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "jit_served_at" REAL')
+
+
+_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}
 
 
 def _get(key: str) -> str | None:
@@ -300,6 +326,29 @@ def record_registration(
     ).execute()
 
 
+def set_guest_token(runner_id: int, sha256: str) -> None:
+    """Remember the hash of the token a runner's guest will be given (before it is made)."""
+    Runner.update(guest_token_sha256=sha256).where(Runner.id == runner_id).execute()
+
+
+def runner_by_guest_token(sha256: str) -> Runner | None:
+    """The live runner whose guest was given the token with this hash."""
+    return Runner.get_or_none(
+        (Runner.guest_token_sha256 == sha256) & Runner.destroyed_at.is_null()
+    )
+
+
+def claim_jit_config(runner_id: int, at: datetime) -> bool:
+    """Mark a runner's JIT config served; False if it was already (one atomic UPDATE, so
+    two requests racing for it cannot both win)."""
+    served = (
+        Runner.update(jit_served_at=at)
+        .where((Runner.id == runner_id) & Runner.jit_served_at.is_null())
+        .execute()
+    )
+    return served == 1
+
+
 def record_started(runner_id: int, at: datetime) -> None:
     Runner.update(started_at=at).where(Runner.id == runner_id).execute()
 
@@ -412,6 +461,17 @@ def prune_reservations(before: datetime) -> int:
 
 
 # Override -----------------------------------------------------------------------------------
+
+
+# Revoked API credentials ------------------------------------------------------------------
+
+
+def revoke_credential(sha256: str, name: str, at: datetime) -> None:
+    RevokedCredential.insert(sha256=sha256, name=name, revoked_at=at).on_conflict_ignore().execute()
+
+
+def revoked_credentials() -> set[str]:
+    return {row.sha256 for row in RevokedCredential.select(RevokedCredential.sha256)}
 
 
 def load_override() -> Override | None:

@@ -12,7 +12,6 @@ traceback never reaches a client.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import Any
 
 import bottle
 
+from monitor import auth
 from monitor import bootlog
 from monitor import dashboard
 from monitor import models
@@ -65,6 +65,9 @@ MAX_OVERRIDE_COUNT = 1000
 SELECT_WINDOW_SECONDS = 60.0
 # Recent events on the dashboard.
 EVENTS_SHOWN = 20
+# Token routes take no body; a signed request's is hashed up to this much.
+MAX_SIGNED_BODY = 1 << 20
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _json(data: Any, status: int = 200) -> bottle.HTTPResponse:
@@ -75,7 +78,12 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     app = bottle.Bottle()
     lookup = [str(VIEWS)]
     boot_logs = bootlog.BootLogStore(config.data_path)
-    expected_authorization = f"Bearer {config.api_token}".encode()
+    credentials = auth.Credentials(
+        upstream_token=config.api_token,
+        token_hashes=config.api_tokens,
+        hmac_secrets=config.hmac_secrets,
+        revoked=models.revoked_credentials(),
+    )
 
     def render(name: str, **values: Any) -> str:
         return bottle.template(name, template_lookup=lookup, **values)
@@ -121,13 +129,23 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     # Request checks -----------------------------------------------------------------------
 
-    def require_token() -> None:
-        """Upstream's auth: no header → 401, a wrong one → 403 (checked before parameters)."""
-        given = bottle.request.get_header("Authorization")
-        if given is None:
-            raise MonitorError("Authorization: Bearer <monitor API token> required", 401)
-        if not hmac.compare_digest(given.encode(), expected_authorization):
-            raise MonitorError("wrong monitor API token", 403)
+    def require_token() -> auth.Credential:
+        """Upstream's auth, checked before parameters: no credential → 401, a wrong or
+        revoked one → 403. A request may carry a bearer token or an HMAC signature."""
+        request = bottle.request
+        signed = request.get_header(auth.SIGNATURE_HEADER)
+        if signed is None:
+            return credentials.check_bearer(request.get_header("Authorization"))
+        query = request.environ.get("QUERY_STRING", "")
+        target = request.environ.get("PATH_INFO", "/") + (f"?{query}" if query else "")
+        return credentials.check_signature(
+            signed,
+            request.get_header(auth.TIMESTAMP_HEADER),
+            request.method,
+            target,
+            request.body.read(MAX_SIGNED_BODY),
+            time.time(),
+        )
 
     def client_address() -> str:
         """The guest's address: the TCP peer, or X-Real-IP when the peer is a trusted proxy
@@ -405,6 +423,24 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         require_token()
         override = monitor.call(monitor.clear_override, thread_timeout())
         return _json(override.to_json() if override is not None else None)
+
+    # API credentials --------------------------------------------------------------------
+
+    @app.post("/revoke/<sha256>")
+    def revoke(sha256: str) -> bottle.HTTPResponse:
+        """Revoke an API token or HMAC secret by its SHA-256 (rerobots' POST /revoke)."""
+        caller = require_token()
+        if not _SHA256_HEX.fullmatch(sha256):
+            raise MonitorError("expected the SHA-256 of a token as 64 hex digits", 422)
+        credential = credentials.find(sha256.lower())
+        if credential is None:
+            raise MonitorError("no API token or HMAC secret has that SHA-256", 404)
+        models.revoke_credential(credential.sha256, credential.name, monitor.clock())
+        credentials.revoke(credential.sha256)
+        message = f"API credential {credential.name!r} revoked by {caller.name!r}"
+        log.warning("%s", message)
+        models.record_event("revoke", message)
+        return _json({"revoked": credential.name, "kind": credential.kind})
 
     # Static trees for guests --------------------------------------------------------------
 
