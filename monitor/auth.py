@@ -139,7 +139,7 @@ class Credentials:
         for credential in self._hmac:
             assert credential.secret is not None
             expected = signature(credential.secret, timestamp, method, target, body)
-            if hmac.compare_digest(expected, given.strip()):
+            if hmac.compare_digest(expected.encode(), given.strip().encode()):
                 found = credential
         if found is None:
             raise MonitorError("wrong request signature", 403)

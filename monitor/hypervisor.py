@@ -59,6 +59,9 @@ ADDRESS_SOURCES = (
 # even booted. `start_guest` therefore notes, in the domain's metadata, the leases its MACs
 # had just before the start; `ipv4_address` ignores a lease that is still exactly one of
 # those (same MAC, address and expiry time: a new lease or a renewal changes the expiry).
+# How a guest finds its token (see _give_guest_token).
+GUEST_TOKEN_OEM_PREFIX = "monitor-guest-token="
+GUEST_TOKEN_CMDLINE_PREFIX = "monitor.guest_token="
 STALE_LEASES_URI = "urn:monitor:leases-before-start"
 STALE_LEASES_KEY = "monitor"
 
@@ -108,9 +111,11 @@ class Hypervisor(Protocol):
         """Return every guest (defined or running) whose name starts with `prefix`."""
         ...
 
-    def create_guest(self, name: str, template_xml: str, base_image: Path) -> None:
+    def create_guest(
+        self, name: str, template_xml: str, base_image: Path, guest_token: str | None = None
+    ) -> None:
         """Define guest `name` from a profile's domain XML, with its own disk backed by
-        `base_image`. The guest is defined, not started."""
+        `base_image` and `guest_token` for the guest to read. Defined, not started."""
         ...
 
     def start_guest(self, name: str) -> None:
@@ -136,6 +141,7 @@ class Hypervisor(Protocol):
         size: int,
         source: Path | None = None,
         seed_iso: Path | None = None,
+        guest_token: str | None = None,
     ) -> Path:
         """Create base-image volume `volume` (qcow2, `size` bytes: a standalone copy of
         `source`, or empty) and define rebuild guest `name` whose first disk is that volume,
@@ -257,13 +263,18 @@ class _PendingOpen:
 
 
 def runner_domain_xml(
-    template_xml: str, name: str, disk_path: str, disk_format: str = "qcow2"
+    template_xml: str,
+    name: str,
+    disk_path: str,
+    disk_format: str = "qcow2",
+    guest_token: str | None = None,
 ) -> str:
     """Return the domain XML for runner guest `name`, cloned from a profile's domain XML.
 
     Like `virt-clone --preserve-data -f <disk>`: sets `<name>`, a fresh `<uuid>`, a fresh MAC on
     every `<interface>`, and points the first `<disk device='disk'>` at `disk_path` (a file of
     `disk_format`). Everything else, including other disks such as the cdrom, is left as it is.
+    `guest_token`, when given, is handed to the guest (see `_give_guest_token`).
     Raises `MonitorError` if the template is not XML or has no disk.
     """
     try:
@@ -313,7 +324,44 @@ def runner_domain_xml(
         nvram.set("template", nvram.get("template") or nvram_path)
         nvram.text = None
 
+    if guest_token is not None:
+        _give_guest_token(root, guest_token)
     return ET.tostring(root, encoding="unicode")
+
+
+def _give_guest_token(root: ET.Element, token: str) -> None:
+    """Put the guest's token where only the guest reads it: an SMBIOS OEM string
+    (`monitor-guest-token=<token>`, type 11: `dmidecode -t 11` on Linux,
+    `/sys/firmware/dmi/entries/11-0/raw`, or WMI on Windows), and, for a guest whose kernel
+    libvirt loads directly, its command line (`monitor.guest_token=<token>`)."""
+    os_element = root.find("os")
+    if os_element is None:
+        os_element = ET.SubElement(root, "os")
+    smbios = os_element.find("smbios")
+    if smbios is None:
+        smbios = ET.SubElement(os_element, "smbios")
+    smbios.set("mode", "sysinfo")
+    sysinfo = root.find("sysinfo[@type='smbios']")
+    if sysinfo is None:
+        sysinfo = ET.Element("sysinfo", type="smbios")
+        root.insert(list(root).index(os_element), sysinfo)
+    oem = sysinfo.find("oemStrings")
+    if oem is None:
+        oem = ET.SubElement(sysinfo, "oemStrings")
+    for stale in oem.findall("entry"):
+        if (stale.text or "").startswith(GUEST_TOKEN_OEM_PREFIX):
+            oem.remove(stale)
+    ET.SubElement(oem, "entry").text = GUEST_TOKEN_OEM_PREFIX + token
+    if os_element.find("kernel") is not None:
+        cmdline = os_element.find("cmdline")
+        if cmdline is None:
+            cmdline = ET.SubElement(os_element, "cmdline")
+        words = [
+            word
+            for word in (cmdline.text or "").split()
+            if not word.startswith(GUEST_TOKEN_CMDLINE_PREFIX)
+        ]
+        cmdline.text = " ".join([*words, GUEST_TOKEN_CMDLINE_PREFIX + token])
 
 
 def pick_ipv4(addresses: dict[str, Any], subnet: ipaddress.IPv4Network | None = None) -> str | None:
@@ -387,8 +435,11 @@ class LibvirtHypervisor:
                 # Undefined by another thread between the listing and isActive().
         return sorted(guests, key=lambda g: g.name)
 
-    def create_guest(self, name: str, template_xml: str, base_image: Path) -> None:
-        """Define guest `name` with an overlay volume `<name>.qcow2` on `base_image`.
+    def create_guest(
+        self, name: str, template_xml: str, base_image: Path, guest_token: str | None = None
+    ) -> None:
+        """Define guest `name` with an overlay volume `<name>.qcow2` on `base_image`, and
+        `guest_token` (if given) where the guest can read it.
 
         Steps:
         1. refuse if a domain of that name exists (its disk must not be touched);
@@ -410,7 +461,9 @@ class LibvirtHypervisor:
         volume = self._create_volume(conn, pool, name, volume_xml)
         try:
             with self._errors(conn, f"define guest {name}"):
-                domain_xml = runner_domain_xml(template_xml, name, volume.path())
+                domain_xml = runner_domain_xml(
+                    template_xml, name, volume.path(), guest_token=guest_token
+                )
                 conn.defineXML(domain_xml)
         except BaseException:
             try:
@@ -635,6 +688,7 @@ class LibvirtHypervisor:
         size: int,
         source: Path | None = None,
         seed_iso: Path | None = None,
+        guest_token: str | None = None,
     ) -> Path:
         """Create base-image volume `volume` and define rebuild guest `name` writing into it.
 
@@ -685,7 +739,9 @@ class LibvirtHypervisor:
                     image.resize(size, 0)
                 path = image.path()
             with self._errors(conn, f"define guest {name}"):
-                conn.defineXML(image_guest_domain_xml(template_xml, name, path, seed))
+                conn.defineXML(
+                    image_guest_domain_xml(template_xml, name, path, seed, guest_token)
+                )
         except BaseException:
             self._delete_new_volume(conn, image, volume)
             raise
@@ -1196,7 +1252,11 @@ def _overlay_volume_xml(name: str, capacity: int, backing: str, backing_format: 
 
 
 def image_guest_domain_xml(
-    template_xml: str, name: str, disk_path: str, seed_iso: str | None = None
+    template_xml: str,
+    name: str,
+    disk_path: str,
+    seed_iso: str | None = None,
+    guest_token: str | None = None,
 ) -> str:
     """Return the domain XML of rebuild guest `name`, cloned from a profile's domain XML.
 
@@ -1207,7 +1267,7 @@ def image_guest_domain_xml(
     has none, a new SATA CD-ROM on the first free `sdX` target (SATA works on both the `pc`
     and `q35` machines; `q35` has no IDE).
     """
-    domain_xml = runner_domain_xml(template_xml, name, disk_path)
+    domain_xml = runner_domain_xml(template_xml, name, disk_path, guest_token=guest_token)
     if seed_iso is None:
         return domain_xml
     root = ET.fromstring(domain_xml, parser=_comment_keeping_parser())

@@ -18,11 +18,13 @@ Imports policy, models, errors, screenshots (files on disk), and the GitHub/Hype
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -68,9 +70,10 @@ SWEEP_INTERVAL = timedelta(minutes=1)
 # A failed image rebuild is tried again after 30 s, 1 min, 2 min, … at most an hour apart.
 REBUILD_BACKOFF_BASE = timedelta(seconds=30)
 REBUILD_BACKOFF_CAP = timedelta(hours=1)
-# Back-off after failed fetches of GitHub's runner list: 10 s, 20 s, 40 s, … at most 5 min
-# apart (longer when GitHub's Retry-After or X-RateLimit-Reset says so).
-GITHUB_BACKOFF_BASE = timedelta(seconds=10)
+# Back-off after failed fetches of GitHub's runner list: 5 s (upstream's poll interval),
+# 10 s, 20 s, … at most 5 min apart (longer when GitHub's Retry-After or X-RateLimit-Reset
+# says so).
+GITHUB_BACKOFF_BASE = timedelta(seconds=5)
 GITHUB_BACKOFF_CAP = timedelta(minutes=5)
 # Below this share of GitHub's rate limit left, the runner list is fetched less often.
 LOW_BUDGET_FRACTION = 0.1
@@ -803,7 +806,15 @@ class Monitor:
                     runner_id, registration.id, jit.encoded_jit_config, self.clock()
                 )
             template = profile.guest_xml.read_text()
-            self.hypervisor.create_guest(name, template, self._base_image(profile, image))
+            token = None
+            if self.config.guest_auth == "token":
+                # Its hash is stored before the guest exists: a guest never holds a token
+                # the monitor does not know.
+                token = secrets.token_urlsafe(32)
+                models.set_guest_token(runner_id, hashlib.sha256(token.encode()).hexdigest())
+            self.hypervisor.create_guest(
+                name, template, self._base_image(profile, image), guest_token=token
+            )
             self.hypervisor.start_guest(name)
             models.record_started(runner_id, self.clock())
         except Exception as failure:  # noqa: BLE001 - a worker must report, not vanish
@@ -1235,6 +1246,37 @@ class Monitor:
         except MonitorError:
             return False
 
+    def runner_for_guest_token(self, token: str) -> models.Runner:
+        """The live runner whose guest was given `token`: MonitorError 403 if none."""
+        row = models.runner_by_guest_token(hashlib.sha256(token.encode()).hexdigest())
+        if row is None:
+            raise MonitorError("unknown or expired guest token", status=403)
+        return row
+
+    def jit_config_for_token(self, token: str) -> str | None:
+        """The JIT config of the runner whose guest holds `token`, served once: a second
+        request (a replayed or stolen token) is 410 Gone."""
+        row = self.runner_for_guest_token(token)
+        if not models.claim_jit_config(row.id, self.clock()):
+            raise MonitorError(
+                f"the JIT config of runner {row.id} has already been served", status=410
+            )
+        if row.jit_config is not None:
+            log.info("serving the JIT config of runner %d to its guest (token)", row.id)
+            self.registrations.invalidate_in(JIT_SERVED_REFRESH, self.clock())
+        return row.jit_config
+
+    def boot_script_for_token(self, token: str) -> str:
+        """The boot script for the runner or image rebuild guest that holds `token`; 410
+        once the runner's JIT config has been served (its token is spent)."""
+        profile = self.rebuilds.token_owner(token)
+        if profile is None:
+            row = self.runner_for_guest_token(token)
+            if row.jit_served_at is not None:
+                raise MonitorError(f"the guest token of runner {row.id} is spent", status=410)
+            profile = row.profile
+        return self._boot_script(profile)
+
     def jit_config_for(self, address: str) -> str | None:
         """The JIT config of the runner at `address` (None if it has none)."""
         runner = self.runner_for_address(address)
@@ -1254,6 +1296,11 @@ class Monitor:
             profile = self.rebuilds.image_address_owner(_ipv4(address) or "")
             if profile is None:
                 raise
+        return self._boot_script(profile)
+
+    def _boot_script(self, profile: str) -> str:
+        if profile not in self.config.profiles:
+            raise MonitorError(f"profile {profile} is no longer configured", status=404)
         path = self.config.profiles[profile].config_dir / "boot-script"
         try:
             return path.read_text()

@@ -15,14 +15,17 @@ exponentially (upstream retried on every loop, forever) and says why on the dash
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from pathlib import Path
@@ -109,6 +112,9 @@ class Build:
     guest: str
     volume: str
     started_at: datetime
+    # The rebuild guest's own token for /boot (in memory only: a rebuild guest left behind
+    # by a restart is swept, not resumed).
+    guest_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
 
 class Rebuilds:
@@ -204,6 +210,14 @@ class Rebuilds:
                 continue
         return None
 
+    def token_owner(self, token: str) -> str | None:
+        """The profile whose running rebuild guest was given `token` (for `/boot`), or None."""
+        owner = None
+        for build in list(self.building.values()):
+            if hmac.compare_digest(build.guest_token.encode(), token.encode()):
+                owner = build.profile
+        return owner
+
     def _done(self, build: Build, error: BaseException | None) -> None:
         now = self._clock()
         if self.building.get(build.profile) is build:
@@ -253,6 +267,7 @@ class Rebuilds:
             profile.rebuild_disk_size,
             profile.rebuild_source_image,
             seed,
+            build.guest_token if self.config.guest_auth == "token" else None,
         )
         self.hypervisor.start_guest(build.guest)
         timeout = profile.rebuild_timeout.total_seconds()

@@ -90,9 +90,9 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     def wants_html() -> bool:
         request = bottle.request
-        return request.path in _BROWSER_PATHS or (
-            "text/html" in request.get_header("Accept", "") and request.method == "GET"
-        )
+        # The raw header: bottle's get_header raises on bytes that are not UTF-8.
+        accept = request.environ.get("HTTP_ACCEPT", "")
+        return request.path in _BROWSER_PATHS or ("text/html" in accept and request.method == "GET")
 
     def error_response(
         status: int, message: str, extra: dict[str, str] | None = None
@@ -116,6 +116,8 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
                 raise
             except MonitorError as error:
                 return error_response(error.status, error.message, error.headers)
+            except UnicodeError:  # bottle decodes headers and forms as UTF-8 when read
+                return error_response(400, "a header or parameter is not valid UTF-8")
             except Exception:  # noqa: BLE001 - never a traceback to a client
                 log.exception("error handling %s %s", bottle.request.method, bottle.request.path)
                 return error_response(500, "internal error; see the monitor's log")
@@ -348,24 +350,46 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             )
         return _json(run_take(profile_key, count, params))
 
-    # Guests (identified by their address) -------------------------------------------------
+    # Guests (identified by their own token, or by their address) --------------------------
+
+    address_only = config.guest_auth == "address"
+
+    def guest_token() -> str:
+        """The token the guest was given through libvirt, sent as `Authorization: Bearer`."""
+        scheme, _, token = bottle.request.get_header("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise MonitorError(
+                "Authorization: Bearer <guest token> required (the guest's SMBIOS OEM string "
+                "monitor-guest-token=…)",
+                401,
+            )
+        return token.strip()
 
     @app.get("/github-jitconfig")
     def github_jitconfig() -> bottle.HTTPResponse:
-        return _json(monitor.jit_config_for(client_address()))
+        if address_only:
+            return _json(monitor.jit_config_for(client_address()))
+        return _json(monitor.jit_config_for_token(guest_token()))
 
     @app.get("/boot")
     def boot() -> bottle.HTTPResponse:
-        return bottle.HTTPResponse(monitor.boot_script_for(client_address()), content_type=TEXT)
+        if address_only:
+            script = monitor.boot_script_for(client_address())
+        else:
+            script = monitor.boot_script_for_token(guest_token())
+        return bottle.HTTPResponse(script, content_type=TEXT)
 
     @app.post("/boot-log")
     def boot_log_upload() -> bottle.HTTPResponse:
-        runner = monitor.runner_for_address(client_address())
+        if address_only:
+            runner_id = monitor.runner_for_address(client_address()).id
+        else:
+            runner_id = monitor.runner_for_guest_token(guest_token()).id
         length = bottle.request.content_length
         if length > boot_logs.max_bytes:  # refused before reading it
             raise MonitorError(f"a boot log chunk of {length} bytes is too big", 413)
         chunk = bottle.request.body.read(boot_logs.max_bytes + 1)
-        return _json({"bytes": boot_logs.append(runner.id, chunk)})
+        return _json({"bytes": boot_logs.append(runner_id, chunk)})
 
     @app.get("/runner/<runner_id>/boot.log")
     def runner_boot_log(runner_id: str) -> bottle.HTTPResponse:

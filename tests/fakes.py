@@ -139,15 +139,20 @@ class FakeHypervisor(Armable):
         # What each guest's screen shows (raw bytes, as a hypervisor gives them); a test
         # changes an entry to change the screen. Guests not in it show `PNG`.
         self.screens: dict[str, bytes] = {}
+        # The token each guest was given (None: created without one).
+        self.guest_tokens: dict[str, str | None] = {}
 
     def list_guests(self, prefix: str) -> list[FakeGuest]:
         self._call("list_guests", prefix)
         with self._lock:
             return [g for g in self.guests.values() if g.name.startswith(prefix)]
 
-    def create_guest(self, name: str, template_xml: str, base_image: Path) -> None:
+    def create_guest(
+        self, name: str, template_xml: str, base_image: Path, guest_token: str | None = None
+    ) -> None:
         self._call("create_guest", name)
         with self._lock:
+            self.guest_tokens[name] = guest_token
             if name in self.guests:
                 raise MonitorError(f"domain {name} already exists", status=503)
             self.guests[name] = FakeGuest(name, False)
@@ -202,9 +207,11 @@ class FakeHypervisor(Armable):
         size: int,
         source: Path | None = None,
         seed_iso: Path | None = None,
+        guest_token: str | None = None,
     ) -> Path:
         self._call("create_image_guest", name)
         with self._lock:
+            self.guest_tokens[name] = guest_token
             if name in self.guests:
                 raise MonitorError(f"cannot create guest {name}: it already exists", 409)
             if volume in self.image_volumes or volume in self.volumes:

@@ -253,8 +253,12 @@ def test_select_runner_rate_limit_zero_means_none(make_rig):
 # Guests -----------------------------------------------------------------------------------
 
 
-def guest_rig(make_rig, **kwargs) -> Rig:
-    rig = make_rig(**kwargs)
+ADDRESS_MODE = 'guest_auth = "address"\n'
+
+
+def guest_rig(make_rig, extra: str = "", **kwargs) -> Rig:
+    """Guests known by their address: upstream's mode (token mode: test_guest_tokens.py)."""
+    rig = make_rig(extra=ADDRESS_MODE + extra, **kwargs)
     rig.converge()
     rig.hypervisor.addresses = {
         "ci-runner-linux.0": "192.168.100.10",

@@ -7,6 +7,7 @@ Servo's own `runner-select-queueless` decision step run as a shell script (spec 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from monitor import models
 from monitor import web
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
+from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX
 from monitor.hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
 from tests import conftest
@@ -569,11 +572,58 @@ def test_half_failed_reservation_is_rolled_back(make_rig):
     assert all(f"reserved-for:{unique_id}" in labels for labels in reserved.values())
 
 
-# 5. Guests fetch their JIT config and boot script by address ---------------------------------
+# 5. Guests fetch their JIT config and boot script with their token, or by address -----------
+
+
+def guest_token_of(rig: Rig, guest_name: str) -> str:
+    """The token in a guest's SMBIOS OEM strings, from its domain XML (the test driver's)."""
+    domain = rig.hypervisor._connection().lookupByName(guest_name)
+    root = ET.fromstring(domain.XMLDesc(0))
+    assert root.find("os/smbios").get("mode") == "sysinfo"
+    (entry,) = [
+        e.text
+        for e in root.findall("sysinfo[@type='smbios']/oemStrings/entry")
+        if e.text.startswith(GUEST_TOKEN_OEM_PREFIX)
+    ]
+    return entry.removeprefix(GUEST_TOKEN_OEM_PREFIX)
+
+
+def test_guests_get_jit_config_once_with_their_own_token(make_rig):
+    rig = make_rig(2)
+    rig.config.profiles["linux"].config_dir.joinpath("boot-script").write_text(BOOT_SCRIPT)
+    runners = rig.monitor.observation.runners
+    tokens = {runner.id: guest_token_of(rig, runner.guest_name) for runner in runners}
+    assert len(set(tokens.values())) == 2
+    database = (rig.config.data_path / models.DB_FILENAME).read_bytes()
+    for runner_id, token in tokens.items():
+        row = models.get_runner(runner_id)
+        # The store keeps only the token's hash.
+        assert row.guest_token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+        assert token.encode() not in database
+        as_guest = {"Authorization": f"Bearer {token}"}
+        boot = request(rig.port, "GET", "/boot", as_guest)
+        assert boot.status == 200 and boot.body.decode() == BOOT_SCRIPT, boot
+        reply = request(rig.port, "GET", "/github-jitconfig", as_guest)
+        assert reply.status == 200 and reply.json == row.jit_config, reply
+        # Served once: the token is spent for both routes.
+        for path in ("/github-jitconfig", "/boot"):
+            again = request(rig.port, "GET", path, as_guest)
+            assert again.status == 410, again
+    # An address (even a guest's, from a trusted proxy) or a made-up token opens nothing.
+    address = rig.hypervisor.ipv4_address(runners[0].guest_name)
+    for headers, status in (
+        ({"X-Real-IP": address}, 401),
+        ({"Authorization": "Bearer made-up"}, 403),
+        ({"Authorization": "Basic " + next(iter(tokens.values()))}, 401),
+    ):
+        for path in ("/github-jitconfig", "/boot"):
+            reply = request(rig.port, "GET", path, headers)
+            assert reply.status == status and "error" in reply.json, reply
 
 
 def test_guests_get_jit_config_and_boot_script_by_address(make_rig):
-    rig = make_rig(2, extra='trusted_proxies = ["127.0.0.1"]\n')
+    """Upstream's mode, for images that send no token."""
+    rig = make_rig(2, extra='trusted_proxies = ["127.0.0.1"]\nguest_auth = "address"\n')
     observation = rig.monitor.observation
     addresses = {}
     for runner in observation.runners:
@@ -658,7 +708,6 @@ def test_requests_before_the_first_observation_are_503(make_rig):
             take_path(str(uuid.uuid4()), 19000000001),
             {"Authorization": f"Bearer {API_TOKEN}"},
         ),
-        ("GET", "/github-jitconfig", {}),
         ("GET", "/dashboard.json", {}),
     ]
     for method, path, headers in cases:

@@ -50,6 +50,7 @@ from monitor import web  # noqa: E402
 from monitor.errors import TransientError  # noqa: E402
 from monitor.github import RestGitHub  # noqa: E402
 from monitor.github_standin import GitHubStandIn  # noqa: E402
+from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.serving import BackgroundServer  # noqa: E402
 from tests import conftest  # noqa: E402
@@ -473,20 +474,21 @@ def test_runner_lifecycle_on_real_vms(rig: Rig, conn):
         assert online_from(rig, runner.registration.id) == address
         assert agent_id(models.get_runner(runner.id).jit_config) == runner.registration.id
 
-    # Each guest is served its own JIT config, and another address gets another's or none.
+    # Each guest read its own token from the SMBIOS OEM string libvirt gave it and fetched its
+    # own JIT config with it, once: the token is spent now, and an address is no key at all.
     a, b = first_two
     ip_a, ip_b = rig.monitor.addresses[a.guest_name], rig.monitor.addresses[b.guest_name]
     jit_a, jit_b = (models.get_runner(r.id).jit_config for r in (a, b))
     assert jit_a != jit_b
-    assert rig.monitor.jit_config_for(ip_a) == jit_a
-    assert rig.monitor.jit_config_for(ip_b) == jit_b
+    token_a, token_b = (guest_token(conn, r.guest_name) for r in (a, b))
+    assert token_a != token_b
+    for token in (token_a, token_b):
+        again = call(rig.port, "GET", "/github-jitconfig", {"Authorization": f"Bearer {token}"})
+        assert again.status == 410 and b"already been served" in again.body
     as_b = call(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": ip_b})  # the host: trusted
-    assert as_b.status == 200 and as_b.json == jit_b != jit_a
-    # .254: on the bridge's subnet, outside its DHCP range (tests/libvirtd.sh), so no guest's.
-    nobody = call(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": "192.168.151.254"})
-    assert nobody.status == 503 and b"192.168.151.254" in nobody.body
-    from_host = call(rig.port, "GET", "/github-jitconfig")  # the bridge address: no guest
-    assert from_host.status == 503
+    assert as_b.status == 401
+    forged = call(rig.port, "GET", "/boot", {"Authorization": "Bearer forged"})
+    assert forged.status == 403
 
     # A screenshot of a real guest: QEMU's VGA text console, showing the guest's marker bar.
     shot = call(rig.port, "GET", f"/runner/{a.id}/screenshot/now")
@@ -505,6 +507,7 @@ def test_runner_lifecycle_on_real_vms(rig: Rig, conn):
     log_a = boot_log(a.id)
     assert "Linux version" in log_a  # the kernel's messages start it
     assert f"monitor-guest: booted {ip_a}" in log_a
+    assert "monitor-guest: guest token from an SMBIOS OEM string" in log_a
     assert "boot-script: got a JIT config" in log_a
     page = call(rig.port, "GET", "/dashboard.html").body.decode()
     assert f'href="/runner/{a.id}/boot.log"' in page
@@ -548,6 +551,47 @@ def test_runner_lifecycle_on_real_vms(rig: Rig, conn):
     assert sorted(r.id for r in rig.runners("Idle")) == sorted([b.id, replacement.id])
     timings["whole lifecycle"] = time.monotonic() - started
     log.warning("e2e VM timings: %s", {k: round(v, 2) for k, v in timings.items()})
+
+
+def test_address_only_mode_on_real_vms(tmp_path: Path, conn, guest_image):
+    """Upstream's mode (`guest_auth = "address"`, for images that send no token): a guest is
+    known by its DHCP lease, and the host (a trusted proxy) may ask for it in X-Real-IP."""
+    boot_script = (GUEST_SOURCES / "boot-script").read_text()
+    with running_rig(
+        tmp_path,
+        guest_image,
+        targets={"linux": 1},
+        boot_scripts={"linux": boot_script},
+        settings={"guest_auth": '"address"'},
+    ) as rig:
+        (runner,) = wait_until(lambda: rig.idle_and_sampled(), "Idle")
+        address = rig.monitor.addresses[runner.guest_name]
+        assert online_from(rig, runner.registration.id) == address
+        jit = models.get_runner(runner.id).jit_config
+        assert guest_token(conn, runner.guest_name) is None
+        as_guest = call(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": address})
+        assert as_guest.status == 200 and as_guest.json == jit  # served again: upstream's way
+        # .254: on the bridge's subnet, outside its DHCP range (tests/libvirtd.sh): nobody's.
+        nobody = call(rig.port, "GET", "/github-jitconfig", {"X-Real-IP": "192.168.151.254"})
+        assert nobody.status == 503 and b"192.168.151.254" in nobody.body
+        from_host = call(rig.port, "GET", "/github-jitconfig")  # the bridge address: no guest
+        assert from_host.status == 503
+        log_text = wait_until(
+            lambda: (r := call(rig.port, "GET", f"/runner/{runner.id}/boot.log")).status == 200
+            and b"is online" in r.body
+            and r.body.decode(errors="replace"),
+            "the boot log",
+        )
+        assert "monitor-guest: no guest token" in log_text
+
+
+def guest_token(conn, guest_name: str) -> str | None:
+    """The token the monitor gave a guest (its SMBIOS OEM string), as root can read it."""
+    root = ET.fromstring(conn.lookupByName(guest_name).XMLDesc(0))
+    for entry in root.findall("sysinfo[@type='smbios']/oemStrings/entry"):
+        if (entry.text or "").startswith(GUEST_TOKEN_OEM_PREFIX):
+            return entry.text.removeprefix(GUEST_TOKEN_OEM_PREFIX)
+    return None
 
 
 def test_stale_lease_of_a_destroyed_guest_is_not_taken_as_live(conn, guest_image):

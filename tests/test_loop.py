@@ -6,6 +6,7 @@ workers post back (`settle`), so every step is deterministic.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 from datetime import UTC
@@ -198,9 +199,11 @@ def test_repeated_github_list_failures_back_off_exponentially_up_to_a_cap(env):
         if attempts() > before:
             tried_at.append((clock() - started).total_seconds())
         clock.advance(1)
-    gaps = [later - earlier for earlier, later in zip(tried_at, tried_at[1:])]
-    assert gaps[:5] == [10, 20, 40, 80, 160]
-    assert set(gaps[5:]) == {loop.GITHUB_BACKOFF_CAP.total_seconds()}
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tried_at)]
+    base, cap = loop.GITHUB_BACKOFF_BASE.total_seconds(), loop.GITHUB_BACKOFF_CAP.total_seconds()
+    doubling = [base * 2**n for n in range(10) if base * 2**n < cap]
+    assert gaps[: len(doubling)] == doubling and len(doubling) >= 5
+    assert set(gaps[len(doubling) :]) == {cap}
     # The fault ends: the next try succeeds and the spacing starts from the base again.
     github._failures.clear()
     clock.advance(loop.GITHUB_BACKOFF_CAP.total_seconds())

@@ -107,12 +107,20 @@ def test_a_profile_without_an_image_builds_one_then_makes_runners_from_it(make_e
     assert built_runners(hypervisor) == []
     assert monitor.rebuilds.state("built", clock()).startswith("building since")
 
-    # The rebuild guest asks for its boot script by its address, like a runner would.
+    # The rebuild guest asks for its boot script with the token it was given (or, in
+    # address-only mode, by its address), like a runner would.
+    token = hypervisor.guest_tokens[guest]
+    assert token and monitor.boot_script_for_token(token) == BOOT_SCRIPT
+    with pytest.raises(MonitorError) as refused:
+        monitor.boot_script_for_token("not-its-token")
+    assert refused.value.status == 403
     hypervisor.addresses[guest] = "192.168.151.150"
     assert monitor.boot_script_for("192.168.151.150") == BOOT_SCRIPT
 
     snapshot = finish_rebuild(monitor, hypervisor)
     assert guest not in hypervisor.guests  # removed, its disk kept as the image
+    with pytest.raises(MonitorError):
+        monitor.boot_script_for_token(token)  # the token ended with its rebuild
     volume = rebuilds.image_volume("ci-template", "built", snapshot)
     assert hypervisor.volume_path(volume) is not None
     assert os.readlink(config.data_path / "profiles" / "built" / "snapshot") == snapshot

@@ -104,8 +104,10 @@ def test_unexpected_error_is_500_without_traceback(app, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(monitor, "jit_config_for", explode)
-    response = client.get("/github-jitconfig", status=500)
+    monkeypatch.setattr(monitor, "jit_config_for_token", explode)
+    response = client.get(
+        "/github-jitconfig", headers={"Authorization": "Bearer guest"}, status=500
+    )
     assert response.json == {"error": "internal error; see the monitor's log"}
     assert "secret internals" not in response.text
     assert "Traceback" not in response.text

@@ -5,11 +5,21 @@
 # monitor's POST /boot-log in chunks: only the bytes added since the last accepted upload.
 
 LOG=/run/boot.log
-# Written by /init once it has a lease: IP, ROUTER, MONITOR and STANDIN (base URLs).
+# Written by /init once it has a lease: IP, ROUTER, MONITOR and STANDIN (base URLs), and
+# GUEST_TOKEN, this guest's own token for the monitor (empty in address-only mode).
 [ -f /run/guest.env ] && . /run/guest.env
 
 say() {
     echo "$*"
+}
+
+# wget from the monitor, showing this guest's token when it has one.
+monitor_wget() {
+    if [ -n "$GUEST_TOKEN" ]; then
+        wget --header "Authorization: Bearer $GUEST_TOKEN" "$@"
+    else
+        wget "$@"
+    fi
 }
 
 # Largest chunk sent at once (the monitor keeps at most 1 MiB per runner).
@@ -27,7 +37,7 @@ upload_log() {
     count=$((size - sent))
     [ "$count" -gt "$CHUNK_BYTES" ] && count=$CHUNK_BYTES
     tail -c +$((sent + 1)) "$LOG" | head -c "$count" > /run/log.chunk
-    if wget -q -O /dev/null --post-file /run/log.chunk "$MONITOR/boot-log" 2>/run/log.err; then
+    if monitor_wget -q -O /dev/null --post-file /run/log.chunk "$MONITOR/boot-log" 2>/run/log.err; then
         echo $((sent + count)) > /run/log.sent
     elif grep -q ' 413 ' /run/log.err; then
         # Over the monitor's cap: sending more would only be refused again.
