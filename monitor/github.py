@@ -126,6 +126,10 @@ class GitHub(Protocol):
         """The zip archive behind an artifact's `archive_download_url`."""
         ...
 
+    def workflow_run_status(self, qualified_repo: str, run_id: str) -> tuple[str, str | None]:
+        """(status, conclusion) of a workflow run, e.g. ("completed", "cancelled")."""
+        ...
+
 
 @dataclass
 class _CachedPage:
@@ -259,6 +263,24 @@ class RestGitHub:
             artifacts.extend(_artifact(item, path) for item in _items(body, "artifacts"))
             url = _next_link(response, url)
         return artifacts
+
+    # Reference: https://docs.github.com/en/rest/actions/workflow-runs#get-a-workflow-run
+    def workflow_run_status(self, qualified_repo: str, run_id: str) -> tuple[str, str | None]:
+        """(status, conclusion) of workflow run `run_id` in `qualified_repo`: status is
+        queued, in_progress, completed, …; conclusion is None until it completes. Both
+        arguments come from a take's labels, so they are validated as for `list_artifacts`."""
+        owner, _, repo = qualified_repo.partition("/")
+        if not (_is_repo_part(owner) and _is_repo_part(repo)):
+            raise MonitorError(f"Invalid qualified_repo: {qualified_repo!r}")
+        if not run_id.isascii() or not run_id.isdigit():
+            raise MonitorError(f"Invalid run_id: {run_id!r}")
+        path = f"/repos/{owner}/{repo}/actions/runs/{run_id}"
+        body = self._json(self._request("GET", self._url(path)), "GET", path)
+        status = body.get("status") if isinstance(body, dict) else None
+        conclusion = body.get("conclusion") if isinstance(body, dict) else None
+        if not isinstance(status, str) or not isinstance(conclusion, (str, type(None))):
+            raise _malformed("GET", path)
+        return status, conclusion
 
     # Reference: https://docs.github.com/en/rest/actions/artifacts#download-an-artifact
     def download_artifact(self, url: str) -> bytes:

@@ -217,6 +217,8 @@ class GitHubStandIn:
         self._label_ids: dict[str, int] = {}
         self._blob_auth: list[str] = []
         self._agent_calls: list[AgentCall] = []
+        # Workflow runs a test has set, by (lower-cased repo, run id): (status, conclusion).
+        self._runs: dict[tuple[str, int], tuple[str, str | None]] = {}
         self._rl_used = 0
         self._rl_reset = int(time.time()) + RATE_LIMIT_WINDOW
 
@@ -408,6 +410,15 @@ class GitHubStandIn:
                 expired=expired,
             )
             return artifact_id
+
+    def set_run_status(
+        self, qualified_repo: str, run_id: int, status: str, conclusion: str | None = None
+    ) -> None:
+        """Make workflow run `run_id` of `qualified_repo` answer `status` (queued,
+        in_progress, completed, …) and `conclusion` (cancelled, success, … once completed).
+        A run never set is in progress: takes name runs that exist on GitHub."""
+        with self._lock:
+            self._runs[(qualified_repo.lower(), int(run_id))] = (status, conclusion)
 
     def inject_fault(
         self,
@@ -606,6 +617,7 @@ class GitHubStandIn:
             app.route(labels, "DELETE", api(self._delete_labels))
             app.route(labels + "/<name:path>", "DELETE", api(self._delete_label))
         artifacts = "/repos/<owner>/<repo>/actions"
+        app.route(artifacts + "/runs/<run_id:int>", "GET", api(self._get_workflow_run))
         app.route(artifacts + "/runs/<run_id:int>/artifacts", "GET", api(self._list_artifacts))
         app.route(
             artifacts + "/artifacts/<artifact_id:int>/<archive_format>",
@@ -627,6 +639,7 @@ class GitHubStandIn:
         app.route("/_standin/jit-names", "GET", ctl(lambda body: self.jit_names))
         app.route("/_standin/reset", "POST", ctl(lambda body: self.reset()))
         app.route("/_standin/agent", "POST", ctl(self._ctl_agent))
+        app.route("/_standin/runs/<owner>/<repo>/<run_id:int>", "POST", ctl(self._ctl_run))
         app.route("/_standin/job-simulation", "POST", ctl(self._ctl_start_jobs))
         app.route("/_standin/job-simulation", "DELETE", ctl(lambda b: self.stop_job_simulation()))
         app.route("/_standin/agent/online", "POST", self._agent_route(self.agent_online))
@@ -851,6 +864,13 @@ class GitHubStandIn:
         base = _request_base()
         return self._paginate([a.to_json(base) for a in found], "artifacts")
 
+    # https://docs.github.com/rest/actions/workflow-runs#get-a-workflow-run
+    def _get_workflow_run(self, scope: str, run_id: int) -> _Reply:
+        repo = scope.removeprefix("/repos/")
+        with self._lock:
+            status, conclusion = self._runs.get((repo.lower(), run_id), ("in_progress", None))
+        return _Reply(200, _workflow_run(_request_base(), repo, run_id, status, conclusion))
+
     # https://docs.github.com/rest/actions/artifacts#download-an-artifact
     def _download_artifact(self, scope: str, artifact_id: int, archive_format: str) -> _Reply:
         artifact = self._artifacts.get(artifact_id)
@@ -1015,6 +1035,9 @@ class GitHubStandIn:
             self.agent_job_seconds = float(body["job_seconds"])
         if "hold_jobs" in body:
             self.hold_jobs = bool(body["hold_jobs"])
+
+    def _ctl_run(self, body: dict[str, Any], owner: str, repo: str, run_id: int) -> None:
+        self.set_run_status(f"{owner}/{repo}", run_id, body["status"], body.get("conclusion"))
 
     def _ctl_start_jobs(self, body: dict[str, Any]) -> None:
         self.start_job_simulation(float(body["every"]), float(body["duration"]))
@@ -1181,6 +1204,142 @@ def _jit_identity(encoded: str) -> tuple[int, str]:
     if not isinstance(token, str):
         raise ValueError("that is no JIT config: no credential token")
     return agent_id, token
+
+
+def _workflow_run(
+    base: str, repo: str, run_id: int, status: str, conclusion: str | None
+) -> dict[str, Any]:
+    """A Workflow Run as GET /repos/{owner}/{repo}/actions/runs/{run_id} answers it (the
+    fields GitHub's schema requires; the monitor reads `status` and `conclusion`)."""
+    url = f"{base}/repos/{repo}/actions/runs/{run_id}"
+    sha = hashlib.sha1(str(run_id).encode()).hexdigest()
+    created = _iso(datetime.fromtimestamp(1_700_000_000 + run_id % 10_000_000, UTC))
+    repository = _minimal_repository(base, repo)
+    return {
+        "id": run_id,
+        "name": "CI",
+        "node_id": base64.b64encode(f"WorkflowRun{run_id}".encode()).decode(),
+        "head_branch": "main",
+        "head_sha": sha,
+        "path": ".github/workflows/main.yml",
+        "display_title": "CI",
+        "run_number": run_id % 100_000,
+        "run_attempt": 1,
+        "event": "push",
+        "status": status,
+        "conclusion": conclusion,
+        "workflow_id": 1,
+        "url": url,
+        "html_url": f"https://github.com/{repo}/actions/runs/{run_id}",
+        "pull_requests": [],
+        "created_at": created,
+        "updated_at": created,
+        "run_started_at": created,
+        "jobs_url": f"{url}/jobs",
+        "logs_url": f"{url}/logs",
+        "check_suite_url": f"{base}/repos/{repo}/check-suites/{run_id}",
+        "artifacts_url": f"{url}/artifacts",
+        "cancel_url": f"{url}/cancel",
+        "rerun_url": f"{url}/rerun",
+        "workflow_url": f"{base}/repos/{repo}/actions/workflows/1",
+        "head_commit": {
+            "id": sha,
+            "tree_id": sha,
+            "message": "CI",
+            "timestamp": created,
+            "author": {"name": "Servo", "email": "servo@example.org"},
+            "committer": {"name": "Servo", "email": "servo@example.org"},
+        },
+        "repository": repository,
+        "head_repository": repository,
+    }
+
+
+# The URL fields a Minimal Repository must have, as <name>_url -> path under the repo's URL.
+_REPOSITORY_URLS = {
+    name: f"/{path}"
+    for name, path in {
+        "archive": "{archive_format}{/ref}",
+        "assignees": "assignees{/user}",
+        "blobs": "git/blobs{/sha}",
+        "branches": "branches{/branch}",
+        "collaborators": "collaborators{/collaborator}",
+        "comments": "comments{/number}",
+        "commits": "commits{/sha}",
+        "compare": "compare/{base}...{head}",
+        "contents": "contents/{+path}",
+        "contributors": "contributors",
+        "deployments": "deployments",
+        "downloads": "downloads",
+        "events": "events",
+        "forks": "forks",
+        "git_commits": "git/commits{/sha}",
+        "git_refs": "git/refs{/sha}",
+        "git_tags": "git/tags{/sha}",
+        "hooks": "hooks",
+        "issue_comment": "issues/comments{/number}",
+        "issue_events": "issues/events{/number}",
+        "issues": "issues{/number}",
+        "keys": "keys{/key_id}",
+        "labels": "labels{/name}",
+        "languages": "languages",
+        "merges": "merges",
+        "milestones": "milestones{/number}",
+        "notifications": "notifications{?since,all,participating}",
+        "pulls": "pulls{/number}",
+        "releases": "releases{/id}",
+        "stargazers": "stargazers",
+        "statuses": "statuses/{sha}",
+        "subscribers": "subscribers",
+        "subscription": "subscription",
+        "tags": "tags",
+        "teams": "teams",
+        "trees": "git/trees{/sha}",
+    }.items()
+}
+
+
+def _minimal_repository(base: str, repo: str) -> dict[str, Any]:
+    owner, _, name = repo.partition("/")
+    url = f"{base}/repos/{repo}"
+    user = f"{base}/users/{owner}"
+    return {
+        "id": _repo_id(repo),
+        "node_id": base64.b64encode(f"Repository{_repo_id(repo)}".encode()).decode(),
+        "name": name,
+        "full_name": repo,
+        "private": False,
+        "fork": False,
+        "description": None,
+        "html_url": f"https://github.com/{repo}",
+        "url": url,
+        **{f"{field}_url": url + path for field, path in _REPOSITORY_URLS.items()},
+        "owner": {
+            "login": owner,
+            "id": _repo_id(owner),
+            "node_id": base64.b64encode(f"User{owner}".encode()).decode(),
+            "avatar_url": f"https://avatars.githubusercontent.com/{owner}",
+            "gravatar_id": "",
+            "url": user,
+            "html_url": f"https://github.com/{owner}",
+            "type": "Organization",
+            "site_admin": False,
+            **{
+                f"{field}_url": f"{user}/{path}"
+                for field, path in {
+                    "events": "events{/privacy}",
+                    "followers": "followers",
+                    "following": "following{/other_user}",
+                    "gists": "gists{/gist_id}",
+                    "organizations": "orgs",
+                    "received_events": "received_events",
+                    "repos": "repos",
+                    "starred": "starred{/owner}{/repo}",
+                    "subscriptions": "subscriptions",
+                }.items()
+            },
+        },
+    }
 
 
 def _iso(when: datetime) -> str:

@@ -77,6 +77,11 @@ GITHUB_BACKOFF_BASE = timedelta(seconds=5)
 GITHUB_BACKOFF_CAP = timedelta(minutes=5)
 # Below this share of GitHub's rate limit left, the runner list is fetched less often.
 LOW_BUDGET_FRACTION = 0.1
+# A Reserved runner's workflow run is asked about once it has been held this long (its job
+# needs a moment to be picked up), and each run at most this often: one GitHub call per
+# reserved run a minute, only while runners wait for it.
+RUN_CHECK_AFTER = timedelta(seconds=30)
+RUN_CHECK_INTERVAL = timedelta(seconds=60)
 # Registrations older than this (GitHub unreachable) are too stale to act on: a runner seen
 # "offline" an hour ago may be busy now, so nothing is created or destroyed until a fetch
 # succeeds. At least this long, or three cache lifetimes.
@@ -324,6 +329,10 @@ class Monitor:
         self.screenshots = ScreenshotStore(config.data_path)
         self.observation: Observation | None = None
         self.github_error: str | None = None
+        # Workflow runs (`reserved-by` values) GitHub reports completed, with their conclusion,
+        # and when each run Reserved runners wait for was last asked about (check_reserved_runs).
+        self.finished_runs: dict[str, str] = {}
+        self._run_checked_at: dict[str, datetime] = {}
         self._requests: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._sequence = itertools.count()
         self._reconcile_queued = threading.Event()
@@ -651,7 +660,51 @@ class Monitor:
             runners=runners,
             snapshots=self.snapshots,
             override=self.override,
+            finished_runs=frozenset(self.finished_runs),
         )
+
+    # Reserved runners whose workflow run is over (scheduler thread) ---------------------------
+
+    def check_reserved_runs(self) -> list[str]:
+        """Ask GitHub about the workflow runs Reserved runners wait for; note those that
+        completed (cancelled, failed or done without using their runner) and queue a
+        reconcile, which reclaims the runners (`policy.PolicyInput.finished_runs`) instead of
+        letting them wait out `monitor_reserve_timeout`. Returns the runs it asked about.
+
+        Read-only and off the monitor thread; a failure is logged and tried again later.
+        Skipped while GitHub's budget is low (the runner list comes first)."""
+        observation = self.observation
+        if observation is None:
+            return []
+        now = self.clock()
+        rate_limit = getattr(self.github, "rate_limit", None)
+        if polling_delay(rate_limit, now, self.config.api_cache_timeout) is not None:
+            return []
+        waiting = policy.runs_to_check(observation.runners, now, RUN_CHECK_AFTER)
+        finished = {run: c for run, c in self.finished_runs.items() if run in waiting}
+        checked_at = {run: at for run, at in self._run_checked_at.items() if run in waiting}
+        asked = []
+        for run in waiting:
+            last = checked_at.get(run)
+            if run in finished or (last is not None and now - last < RUN_CHECK_INTERVAL):
+                continue
+            repo, _, run_id = run.rpartition("/actions/runs/")
+            checked_at[run] = now
+            asked.append(run)
+            try:
+                status, conclusion = self.github.workflow_run_status(repo, run_id)
+            except MonitorError as error:
+                log.info("cannot see how workflow run %s is doing: %s", run, error)
+                continue
+            if status == "completed":
+                finished[run] = conclusion or "no conclusion"
+                log.info("workflow run %s completed (%s); reclaiming its runners", run, conclusion)
+        self._run_checked_at = checked_at
+        newly = set(finished) - set(self.finished_runs)
+        self.finished_runs = finished  # replaced whole: the monitor thread reads it
+        if newly:
+            self.request_reconcile()
+        return asked
 
     def _publish_error(self, now: datetime, error: str) -> None:
         previous = self.observation
@@ -740,6 +793,11 @@ class Monitor:
             reason = _destroy_reason(
                 runner, self.config.destroy_all_non_busy_runners, self.snapshots.get(runner.profile)
             )
+            run = runner.reserved_by() if runner.status is policy.Status.RESERVED else None
+            if run in self.finished_runs:
+                reason = (
+                    f"its workflow run {run} ended ({self.finished_runs[run]}) without using it"
+                )
             log.info("destroying runner %d (%s): %s", runner_id, runner.profile, reason)
             models.record_event(
                 "destroy", reason, runner_id=runner_id, profile=runner.profile, at=now

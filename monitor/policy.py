@@ -36,6 +36,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Label keys the reservation code writes (spec §4.6) and the status derivation reads.
 RESERVED_FOR = "reserved-for"
 RESERVED_SINCE = "reserved-since"
+RESERVED_BY = "reserved-by"
 
 
 class Status(enum.Enum):
@@ -129,6 +130,10 @@ class Runner:
         if self.created_at > now:
             return None
         return now - self.created_at
+
+    def reserved_by(self) -> str | None:
+        """The `reserved-by:<owner>/<repo>/actions/runs/<id>` label's value, if any."""
+        return None if self.registration is None else self.registration.label_value(RESERVED_BY)
 
     def reserved_for(self, now: datetime) -> timedelta | None:
         """Time since the `reserved-since:<unix secs>` label, or None if there is no
@@ -370,6 +375,9 @@ class PolicyInput:
     runners: Sequence[Runner] | None
     snapshots: Mapping[str, str] = field(default_factory=dict)
     override: Override | None = None
+    # `reserved-by` values (`owner/repo/actions/runs/N`) of workflow runs GitHub reports
+    # completed: a runner still Reserved for one will never be used and is reclaimed.
+    finished_runs: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -619,8 +627,9 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
     1. Destroy Invalid runners first; they are not healthy, so they do not count.
     2. Then DoneOrUnregistered (unless `dont_register_runners`), StartedOrCrashed older than
        `monitor_start_timeout` (or with an unknown age), and Reserved longer than
-       `monitor_reserve_timeout` (or with an unknown reservation time), counting these per
-       profile as proposed healthy destroys.
+       `monitor_reserve_timeout` (or with an unknown reservation time, or whose workflow run
+       has finished without them: `finished_runs`), counting these per profile as proposed
+       healthy destroys.
     3. Then, per profile in key order, the first `excess_healthy - proposed` Idle runners.
     4. Create `wanted` per profile, cut to fit the resource budgets with critical runners kept,
        but create nothing at all while anything is being destroyed.
@@ -648,7 +657,9 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
     reserved_too_long = [
         r
         for r in of_status(Status.RESERVED)
-        if (held := r.reserved_for(now)) is None or held > settings.monitor_reserve_timeout
+        if (held := r.reserved_for(now)) is None
+        or held > settings.monitor_reserve_timeout
+        or r.reserved_by() in inp.finished_runs
     ]
 
     destroy = [r.id for r in invalid if not r.in_flight]
@@ -677,6 +688,21 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
     # Destroys may fail, so their resources are not assumed freed: create nothing this pass.
     create = {} if destroy else {k: wanted[k] for k in sorted(inp.profiles)}
     return RunnerChanges(destroy=destroy, create=create)
+
+
+def runs_to_check(runners: Sequence[Runner], now: datetime, min_held: timedelta) -> list[str]:
+    """The workflow runs (`reserved-by` values) worth asking GitHub about: those that Reserved
+    runners have been held for longer than `min_held` (a job takes a moment to be picked up),
+    sorted and without repeats."""
+    runs = {
+        run
+        for r in runners
+        if r.status == Status.RESERVED
+        and (run := r.reserved_by()) is not None
+        and (held := r.reserved_for(now)) is not None
+        and held > min_held
+    }
+    return sorted(runs)
 
 
 def decide(inp: PolicyInput, now: datetime) -> RunnerChanges:

@@ -22,12 +22,14 @@ ADDRESSES_SECONDS = 5.0
 # How soon the dashboard shows runners just taken in a burst as Reserved, at the latest.
 VIEW_SECONDS = 0.5
 SCREENSHOTS_SECONDS = 5.0
+# How often Reserved runners' workflow runs are looked at (each run at most once a minute).
+RESERVED_RUNS_SECONDS = 15.0
 
 
 def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
     """A scheduler with the monitor's periodic jobs added (not started)."""
     scheduler = BackgroundScheduler(
-        executors={"default": ThreadPoolExecutor(max_workers=2)},
+        executors={"default": ThreadPoolExecutor(max_workers=3)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         timezone="UTC",
     )
@@ -50,6 +52,12 @@ def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
         "interval",
         seconds=SCREENSHOTS_SECONDS,
         id="refresh-screenshots",
+    )
+    scheduler.add_job(
+        monitor.check_reserved_runs,
+        "interval",
+        seconds=RESERVED_RUNS_SECONDS,
+        id="check-reserved-runs",
     )
     scheduler.add_job(
         monitor.request_reconcile,

@@ -43,6 +43,8 @@ class FakeGitHub(Armable):
     def __init__(self) -> None:
         super().__init__()
         self.runners: dict[int, Registration] = {}
+        # Workflow runs by `reserved-by` value ("owner/repo/actions/runs/N"): (status, conclusion).
+        self.runs: dict[str, tuple[str, str | None]] = {}
         self._ids = itertools.count(1000)
         self.label_delay = 0.0  # seconds each add_labels call takes
         self.rate_limit = None  # a github.RateLimit, as RestGitHub keeps the latest
@@ -101,6 +103,11 @@ class FakeGitHub(Armable):
         """No workflow run has artifacts here (test_tokenless.py uses the real stand-in)."""
         self._call("list_artifacts", qualified_repo)
         return []
+
+    def workflow_run_status(self, qualified_repo: str, run_id: str) -> tuple[str, str | None]:
+        """A run is in progress until a test puts (status, conclusion) in `runs`."""
+        self._call("workflow_run_status", f"{qualified_repo}/actions/runs/{run_id}")
+        return self.runs.get(f"{qualified_repo}/actions/runs/{run_id}", ("in_progress", None))
 
     def by_name(self, name: str) -> Registration:
         return next(r for r in self.runners.values() if r.name == name)

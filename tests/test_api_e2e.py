@@ -572,6 +572,39 @@ def test_half_failed_reservation_is_rolled_back(make_rig):
     assert all(f"reserved-for:{unique_id}" in labels for labels in reserved.values())
 
 
+def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed(make_rig, monkeypatch):
+    """Without the check it would stay Reserved for monitor_reserve_timeout (60 s here)."""
+    monkeypatch.setattr(loop, "RUN_CHECK_AFTER", timedelta(0))
+    rig = make_rig(2)
+    taken = taken_runner(take(rig.port, str(uuid.uuid4()), 18000000101))
+    kept = taken_runner(take(rig.port, str(uuid.uuid4()), 18000000102))
+    one_pass(rig.monitor)
+    time.sleep(1.1)  # reserved-since has whole seconds: held > 0 from here on
+    assert rig.monitor.check_reserved_runs() == [
+        f"{REPO}/actions/runs/18000000101",
+        f"{REPO}/actions/runs/18000000102",
+    ]
+    rig.standin.set_run_status(REPO, 18000000101, "completed", "cancelled")
+    rig.monitor._run_checked_at.clear()  # as a minute later
+    rig.monitor.check_reserved_runs()
+
+    def reclaimed() -> bool:
+        one_pass(rig.monitor)
+        ids = {r.id for r in rig.monitor.observation.runners}
+        return taken["id"] not in ids and kept["id"] in ids
+
+    wait_until(reclaimed, "the cancelled run's runner to be destroyed")
+    assert models.get_runner(taken["id"]).destroyed_at is not None
+    names = {r["name"] for r in rig.standin.runners()}
+    assert not any(name.startswith(f"ci-runner-linux.{taken['id']}@") for name in names)
+    events = [e.message for e in models.recent_events(runner_id=taken["id"])]
+    assert any("ended (cancelled) without using it" in message for message in events), events
+    # One call per waiting run per check (two checks), none since the runner went.
+    gets = [r for r in rig.standin.requests if "/actions/runs/1800000010" in r.path]
+    assert len(gets) == 4, gets
+    assert rig.monitor.check_reserved_runs() == []  # the other run was asked just now
+
+
 # 5. Guests fetch their JIT config and boot script with their token, or by address -----------
 
 

@@ -217,6 +217,16 @@ def test_list_artifacts_every_page(standin: GitHubStandIn, github: RestGitHub):
     assert counted(standin) == 2
 
 
+def test_workflow_run_status(standin: GitHubStandIn, github: RestGitHub):
+    assert github.workflow_run_status("servo/servo", "42") == ("in_progress", None)
+    standin.set_run_status("servo/servo", 42, "completed", "cancelled")
+    assert github.workflow_run_status("servo/servo", "42") == ("completed", "cancelled")
+    with pytest.raises(MonitorError):
+        github.workflow_run_status("servo/../x", "42")
+    with pytest.raises(MonitorError):
+        github.workflow_run_status("servo/servo", "42/../../x")
+
+
 @pytest.mark.parametrize(
     ("qualified_repo", "run_id"),
     [("servo", "1"), ("servo/../../user", "1"), ("servo/..", "1"), ("a/b/c", "1"), ("a/b", "1x")],

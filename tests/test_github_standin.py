@@ -323,6 +323,28 @@ def test_artifact_list_matches_schema_and_paginates(standin: GitHubStandIn, api:
     assert [a["name"] for a in named["artifacts"]] == ["artifact-3"]
 
 
+def test_workflow_run_matches_schema_and_follows_what_a_test_sets(
+    standin: GitHubStandIn, api: Client
+):
+    spec = "/repos/{owner}/{repo}/actions/runs/{run_id}"
+    running = api.json("GET", f"{REPO}/actions/runs/17000000001")
+    validate(running, spec, "get")
+    assert (running["id"], running["status"], running["conclusion"]) == (
+        17000000001,
+        "in_progress",
+        None,
+    )
+    standin.set_run_status("Servo/Servo", 17000000001, "completed", "cancelled")
+    done = api.json("GET", f"{REPO}/actions/runs/17000000001")
+    validate(done, spec, "get")
+    assert (done["status"], done["conclusion"]) == ("completed", "cancelled")
+    assert api.json("GET", f"{REPO}/actions/runs/17000000002")["status"] == "in_progress"
+    # Over the control API too.
+    control = api("POST", "/_standin/runs/servo/servo/5", body={"status": "queued"})
+    assert control.status in (200, 204)
+    assert api.json("GET", f"{REPO}/actions/runs/5")["status"] == "queued"
+
+
 def test_artifact_download_redirects_to_blob_host(standin: GitHubStandIn, api: Client):
     artifact_id = standin.add_artifact("servo/servo", "5", "args", {"first": "a=1\n", "b": b"\0"})
     (listed,) = api.json("GET", f"{REPO}/actions/runs/5/artifacts")["artifacts"]

@@ -558,3 +558,34 @@ def test_a_low_github_budget_slows_the_runner_list_down(env):
     assert not monitor.refresh_registrations()  # due normally, but the budget is low
     clock.advance(4 * 60)
     assert monitor.refresh_registrations()
+
+
+def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed_at_once(env):
+    _, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    for registration in list(github.runners.values()):
+        github.set(registration.id, status="online")
+    step(monitor, clock)
+    cancelled, running = "servo/servo/actions/runs/11", "servo/servo/actions/runs/12"
+    since = int(clock().timestamp())
+    linux = sorted((r for r in github.runners.values() if "linux" in r.name), key=lambda r: r.name)
+    for registration, run in zip(linux, (cancelled, running), strict=True):
+        labels = ("reserved-for:u", f"reserved-since:{since}", f"reserved-by:{run}")
+        github.set(registration.id, labels=labels)
+    monitor.observation = step(monitor, clock)
+
+    # Just taken: nothing is asked yet (the job may still be picked up).
+    assert monitor.check_reserved_runs() == []
+    clock.advance(loop.RUN_CHECK_AFTER.total_seconds() + 1)
+    github.runs[cancelled] = ("completed", "cancelled")
+    assert monitor.check_reserved_runs() == [cancelled, running]
+    assert monitor.finished_runs == {cancelled: "cancelled"}
+    # Asked at most once a minute per run.
+    assert monitor.check_reserved_runs() == []
+
+    step(monitor, clock)
+    gone = linux[0].name.removesuffix("@host")
+    assert gone not in hypervisor.guests and linux[0].id not in github.runners
+    assert linux[1].name.removesuffix("@host") in hypervisor.guests  # its run goes on
+    (event,) = [e for e in models.recent_events() if e.kind == "destroy"]
+    assert f"its workflow run {cancelled} ended (cancelled) without using it" in event.message

@@ -1136,3 +1136,41 @@ def test_try_override_errors_carry_http_statuses(runners, override, counts, stat
     with pytest.raises(MonitorError) as raised:
         policy.try_override(inp, counts, NOW)
     assert raised.value.status == status
+
+
+# --- Extra: a reserved runner whose workflow run is over is reclaimed ------------------------
+
+
+def reserved_runner(runner_id: int, run: str, held: int) -> Runner:
+    labels = ("reserved-for:u", f"reserved-since:{epoch_secs(held)}", f"reserved-by:{run}")
+    return replace(
+        runner(
+            Registration(runner_id, f"ci-runner-linux.{runner_id}@host", "online", False, labels)
+        ),
+        id=runner_id,
+        guest_name=f"ci-runner-linux.{runner_id}",
+    )
+
+
+def test_a_reserved_runner_whose_run_finished_is_destroyed_before_its_timeout():
+    cancelled, running = "servo/servo/actions/runs/1", "servo/servo/actions/runs/2"
+    runners = [reserved_runner(1, cancelled, 40), reserved_runner(2, running, 40)]
+    inp = PolicyInput(
+        profiles=profiles(("linux", 2, 0, 0)),
+        settings=Settings(),
+        runners=runners,
+        finished_runs=frozenset({cancelled}),
+    )
+    assert policy.decide(inp, NOW).destroy == [1]
+    # Without the news, both wait out monitor_reserve_timeout (60 s) as before.
+    assert policy.decide(replace(inp, finished_runs=frozenset()), NOW).destroy == []
+
+
+def test_runs_worth_checking_are_those_runners_waited_for_long_enough():
+    runners = [
+        reserved_runner(1, "a/b/actions/runs/1", 40),
+        reserved_runner(2, "a/b/actions/runs/1", 35),  # the same run: asked about once
+        reserved_runner(3, "a/b/actions/runs/3", 10),  # just taken: its job may start yet
+        runner(reg("online")),  # Idle
+    ]
+    assert policy.runs_to_check(runners, NOW, timedelta(seconds=30)) == ["a/b/actions/runs/1"]
