@@ -245,12 +245,7 @@ class RestGitHub:
         Both arguments come from untrusted callers, so they are validated before they
         become part of a URL that carries our token.
         """
-        owner, _, repo = qualified_repo.partition("/")
-        if not (_is_repo_part(owner) and _is_repo_part(repo)):
-            raise MonitorError(f"Invalid qualified_repo: {qualified_repo!r}")
-        if not run_id.isascii() or not run_id.isdigit():
-            raise MonitorError(f"Invalid run_id: {run_id!r}")
-        path = f"/repos/{owner}/{repo}/actions/runs/{run_id}/artifacts"
+        path = _run_path(qualified_repo, run_id) + "/artifacts"
         url: str | None = self._url(f"{path}?per_page={PER_PAGE}")
         seen: list[str] = []
         artifacts: list[Artifact] = []
@@ -269,12 +264,7 @@ class RestGitHub:
         """(status, conclusion) of workflow run `run_id` in `qualified_repo`: status is
         queued, in_progress, completed, …; conclusion is None until it completes. Both
         arguments come from a take's labels, so they are validated as for `list_artifacts`."""
-        owner, _, repo = qualified_repo.partition("/")
-        if not (_is_repo_part(owner) and _is_repo_part(repo)):
-            raise MonitorError(f"Invalid qualified_repo: {qualified_repo!r}")
-        if not run_id.isascii() or not run_id.isdigit():
-            raise MonitorError(f"Invalid run_id: {run_id!r}")
-        path = f"/repos/{owner}/{repo}/actions/runs/{run_id}"
+        path = _run_path(qualified_repo, run_id)
         body = self._json(self._request("GET", self._url(path)), "GET", path)
         status = body.get("status") if isinstance(body, dict) else None
         conclusion = body.get("conclusion") if isinstance(body, dict) else None
@@ -493,6 +483,17 @@ def _items(body: Any, key: str) -> list[Any]:
 
 def _malformed(method: str, path: str) -> MonitorError:
     return MonitorError(f"GitHub {method} {path}: malformed response", status=502)
+
+
+def _run_path(qualified_repo: str, run_id: str) -> str:
+    """`/repos/<owner>/<repo>/actions/runs/<run_id>`, refusing anything that could leave that
+    path: both come from untrusted callers, and the URL carries our token."""
+    owner, _, repo = qualified_repo.partition("/")
+    if not (_is_repo_part(owner) and _is_repo_part(repo)):
+        raise MonitorError(f"Invalid qualified_repo: {qualified_repo!r}")
+    if not run_id.isascii() or not run_id.isdigit():
+        raise MonitorError(f"Invalid run_id: {run_id!r}")
+    return f"/repos/{owner}/{repo}/actions/runs/{run_id}"
 
 
 def _is_repo_part(part: str) -> bool:
