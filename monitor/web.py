@@ -50,6 +50,8 @@ def asset_dir(name: str, prefix: str = sys.prefix) -> Path:
 
 VIEWS = asset_dir("views")
 STATIC = asset_dir("static")
+# The API's OpenAPI description, shipped in the package (setup.cfg package_data).
+OPENAPI = Path(__file__).resolve().parent / "openapi.json"
 NOT_READY = "Monitor thread is still starting or not responding"
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -127,7 +129,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     app.install(handle_errors)
 
     for code, text in ((404, "Not found"), (405, "Method not allowed"), (500, "Internal error")):
-        app.error(code)(lambda err, text=text, code=code: error_response(code, text))
+        app.error(code)(lambda err, text=text, code=code: error_response(code, text, _allow(err)))
 
     # Request checks -----------------------------------------------------------------------
 
@@ -286,6 +288,12 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
                 "libvirt_error": observation.error if observation else None,
             }
         )
+
+    openapi = openapi_document(config.take_max_count)
+
+    @app.get("/openapi.json")
+    def openapi_json() -> bottle.HTTPResponse:
+        return bottle.HTTPResponse(openapi, content_type=JSON)
 
     # Reservations -------------------------------------------------------------------------
 
@@ -484,6 +492,20 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         return _static(STATIC, path, "/static/")
 
     return app
+
+
+def openapi_document(take_max_count: int) -> str:
+    """monitor/openapi.json as this monitor serves it: with its own `take_max_count` as the
+    largest `count` a take accepts."""
+    document = json.loads(OPENAPI.read_text(encoding="utf-8"))
+    document["components"]["parameters"]["Count"]["schema"]["maximum"] = take_max_count
+    return json.dumps(document, indent=2)
+
+
+def _allow(error: bottle.HTTPResponse) -> dict[str, str]:
+    """The `Allow` header Bottle puts on a 405, kept in our answer (RFC 9110 requires it)."""
+    allow = error.get_header("Allow")
+    return {"Allow": allow} if allow else {}
 
 
 def _required(query: bottle.FormsDict, name: str) -> str:

@@ -662,3 +662,27 @@ def test_a_remembered_address_is_checked_again_before_serving_a_jit_config(make_
     rig.hypervisor.addresses["ci-runner-linux.1"] = "192.168.100.99"
     response = rig.client.get("/github-jitconfig", extra_environ=guest)
     assert response.json == models.get_runner(0).jit_config
+
+
+# Found by schemathesis (tests/test_schemathesis.py) -----------------------------------------
+
+
+def test_method_not_allowed_says_which_methods_are(rig):
+    """A 405 carries `Allow` (RFC 9110); the JSON error answer used to drop Bottle's."""
+    for method, path, allowed in (
+        ("put", "/healthz", "GET"),
+        ("put", "/policy/override", "DELETE,GET,POST"),
+        ("delete", "/profile/linux/take", "POST"),
+    ):
+        response = getattr(rig.client, method)(path, status=405)
+        assert_error(response, 405)
+        assert response.headers["Allow"] == allowed, (method, path)
+
+
+def test_select_runner_for_an_artifact_naming_an_unknown_profile_is_404(rig, monkeypatch):
+    """As a take of that profile: documented in monitor/openapi.json since schemathesis met it."""
+    monkeypatch.setattr(web.tokenless, "validate_select", lambda github, **kwargs: ("macos", 1))
+    url = f"/select-runner?unique_id={uuid.uuid4()}&qualified_repo=test/servo&run_id=1"
+    response = rig.client.post(url, status=404)
+    assert "macos" in assert_error(response, 404)
+    assert "X-RateLimit-Remaining" in response.headers
