@@ -433,6 +433,15 @@ class Monitor:
                 raise MonitorError("the monitor did not finish in time", status=503) from None
         return result
 
+    def ping(self, timeout: float) -> bool:
+        """True if the monitor thread ran a no-op request within `timeout` seconds: it is
+        not wedged (systemd's watchdog is fed only then)."""
+        try:
+            self.call(lambda: None, timeout)
+        except MonitorError:
+            return False
+        return True
+
     def _run(self) -> None:
         log.info("monitor thread started")
         while True:

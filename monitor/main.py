@@ -27,6 +27,7 @@ from monitor import __version__
 from monitor import config as config_module
 from monitor import models
 from monitor import policy
+from monitor import systemd
 from monitor.errors import ConfigError
 from monitor.errors import MonitorError
 
@@ -37,6 +38,8 @@ EXIT_CONFIG = 2
 # Clients wait on a take for its GitHub label calls (tens of ms, seconds when GitHub is slow),
 # so a burst of workflows needs many threads; each is mostly idle.
 HTTP_THREADS = 48
+# How often the start-up notifier looks whether the first reconcile has happened.
+READY_POLL_SECONDS = 0.2
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -174,6 +177,20 @@ def run(
     monitor.start()
     scheduler.start()
     log.info("monitor %s listening on %s", __version__, listen)
+    notifier = systemd.Notifier()
+    stopping = threading.Event()
+    watchdog = None
+    if notifier.enabled:
+        threading.Thread(
+            target=_notify_when_ready,
+            args=(monitor, notifier, stopping),
+            name="systemd-ready",
+            daemon=True,
+        ).start()
+        timeout = systemd.watchdog_seconds()
+        if timeout is not None:
+            watchdog = systemd.Watchdog(notifier, timeout, monitor.ping)
+            watchdog.start()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("received %s; shutting down", signal.Signals(signum).name)
@@ -187,6 +204,10 @@ def run(
     try:
         server.run()  # returns on SystemExit/KeyboardInterrupt after closing its sockets
     finally:
+        stopping.set()
+        notifier.send("STOPPING=1", "STATUS=stopping")
+        if watchdog is not None:
+            watchdog.stop()
         log.info("stopping scheduler and monitor thread")
         scheduler.shutdown(wait=False)
         monitor.stop()
@@ -196,6 +217,20 @@ def run(
         models.close_store()
         log.info("stopped")
     return 0
+
+
+def _notify_when_ready(
+    monitor: Any, notifier: systemd.Notifier, stopping: threading.Event
+) -> None:
+    """READY=1 once the first reconcile has observed GitHub and libvirt (until then systemd
+    shows the unit as activating, and TimeoutStartSec= bounds the wait)."""
+    while not stopping.wait(READY_POLL_SECONDS):
+        observation = monitor.observation
+        if observation is not None:
+            runners = len(observation.runners)
+            notifier.send("READY=1", f"STATUS=keeping the pool: {runners} runners")
+            log.info("ready: first reconcile done (%d runners); told systemd", runners)
+            return
 
 
 def _listen_address(host: str, port: int) -> str:

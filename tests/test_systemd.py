@@ -1,13 +1,31 @@
-"""The shipped systemd unit: valid for systemd, restarts on failure, runs `monitor run`."""
+"""The shipped systemd unit (valid for systemd, restarts on failure, runs `monitor run`) and
+the daemon's sd_notify side: READY=1, a watchdog fed only while the monitor thread answers."""
 
 from __future__ import annotations
 
 import configparser
+import json
+import os
 import shutil
+import socket
 import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from monitor import systemd
+from monitor.github_standin import GitHubStandIn
+from monitor.loop import Monitor
+from tests.conftest import GITHUB_TOKEN
+from tests.conftest import write_config
+from tests.fakes import FakeGitHub
+from tests.fakes import FakeHypervisor
+from tests.test_cli import Daemon
+from tests.test_cli import free_port
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "monitor.service"
 
@@ -43,3 +61,106 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
     problems = [line for line in result.stderr.splitlines() if "monitor.service" in line]
     assert result.returncode == 0 and not problems, result.stderr
+
+
+# sd_notify: READY=1 after the first reconcile, a watchdog fed by the monitor thread -----------
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's: collects what the service sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+
+    def collect(self, until: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, f"timed out; got {self.messages}"
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def having(self, line: str) -> list[float]:
+        return [at for at, text in self.messages if line in text.splitlines()]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    listener = NotifySocket(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+def test_run_says_ready_after_the_first_reconcile_and_feeds_the_watchdog(tmp_path, notify_socket):
+    standin = GitHubStandIn(token=GITHUB_TOKEN)
+    standin.start()
+    port = free_port()
+    path = write_config(tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n")
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
+    try:
+        with Daemon("run", "--config", str(path), cwd=tmp_path, env=env) as daemon:
+            notify_socket.collect(lambda: notify_socket.having("READY=1"), timeout=30)
+            # Ready means the first reconcile has happened: the monitor has an observation.
+            health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz"))
+            assert health["observed_at"] is not None
+            (ready,) = [t for _, t in notify_socket.messages if "READY=1" in t.splitlines()]
+            assert "STATUS=keeping the pool" in ready
+            # Fed every half second (half WATCHDOG_USEC) while the monitor thread answers.
+            notify_socket.collect(lambda: len(notify_socket.having("WATCHDOG=1")) >= 4, 10)
+            fed = notify_socket.having("WATCHDOG=1")
+            assert all(b - a < 1.0 for a, b in zip(fed, fed[1:], strict=False))
+            code, output = daemon.terminate()
+        assert code == 0, output
+        notify_socket.collect(lambda: notify_socket.having("STOPPING=1"), timeout=5)
+    finally:
+        standin.stop()
+
+
+def test_a_wedged_monitor_thread_stops_feeding_the_watchdog(notify_socket, make_config, store):
+    monitor = Monitor(make_config(), FakeGitHub(), FakeHypervisor())
+    monitor.start()
+    notifier = systemd.Notifier({"NOTIFY_SOCKET": str(notify_socket.path)})
+    watchdog = systemd.Watchdog(notifier, 0.4, monitor.ping)
+    watchdog.start()
+    try:
+        notify_socket.collect(lambda: len(notify_socket.having("WATCHDOG=1")) >= 2, 5)
+        release = threading.Event()
+        monitor._post(lambda: release.wait(10))  # the monitor thread is stuck in a call
+        wedged_at = time.monotonic()
+        time.sleep(1.5)
+        notify_socket.collect(lambda: True, 0)
+        assert not [at for at in notify_socket.having("WATCHDOG=1") if at > wedged_at + 0.3]
+        assert watchdog.missed >= 2
+        release.set()  # unstuck: fed again
+        count = len(notify_socket.having("WATCHDOG=1"))
+        notify_socket.collect(lambda: len(notify_socket.having("WATCHDOG=1")) > count, 5)
+    finally:
+        release.set()
+        watchdog.stop()
+        monitor.stop()
+
+
+def test_watchdog_settings_follow_systemd_s_environment():
+    assert systemd.watchdog_seconds({}) is None
+    assert systemd.watchdog_seconds({"WATCHDOG_USEC": "30000000"}) == 30.0
+    assert systemd.watchdog_seconds({"WATCHDOG_USEC": "0"}) is None
+    pid = str(os.getpid())
+    assert systemd.watchdog_seconds({"WATCHDOG_USEC": "5000000", "WATCHDOG_PID": pid}) == 5.0
+    assert systemd.watchdog_seconds({"WATCHDOG_USEC": "5000000", "WATCHDOG_PID": "1"}) is None
+    assert not systemd.Notifier({}).enabled and systemd.Notifier({}).send("READY=1") is False
+    assert systemd.Notifier({"NOTIFY_SOCKET": "@abstract"}).address == b"\0abstract"
+
+
+def test_unit_is_a_notify_service_with_a_watchdog():
+    service = unit()["Service"]
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    assert service["WatchdogSec"] == "60"
