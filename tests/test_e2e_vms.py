@@ -466,7 +466,7 @@ def test_runner_lifecycle_on_real_vms(rig: Rig, conn):
     for runner in first_two:
         assert booted(rig.statuses.history[runner.id])
         # The monitor found each guest by its DHCP lease, the same one libvirt's network has.
-        address = rig.monitor.addresses[runner.guest_name]
+        address = address_of(rig, runner.guest_name)
         assert ipaddress.IPv4Address(address) in SUBNET
         assert address == lease_of(conn, runner.guest_name)
         # ...and it is the address the guest itself came from: the agent that brought this
@@ -477,7 +477,7 @@ def test_runner_lifecycle_on_real_vms(rig: Rig, conn):
     # Each guest read its own token from the SMBIOS OEM string libvirt gave it and fetched its
     # own JIT config with it, once: the token is spent now, and an address is no key at all.
     a, b = first_two
-    ip_a, ip_b = rig.monitor.addresses[a.guest_name], rig.monitor.addresses[b.guest_name]
+    ip_a, ip_b = address_of(rig, a.guest_name), address_of(rig, b.guest_name)
     jit_a, jit_b = (models.get_runner(r.id).jit_config for r in (a, b))
     assert jit_a != jit_b
     token_a, token_b = (guest_token(conn, r.guest_name) for r in (a, b))
@@ -545,7 +545,7 @@ def test_runner_lifecycle_on_real_vms(rig: Rig, conn):
     )
     timings["replacement booted to Idle"] = time.monotonic() - replaced
     assert booted(rig.statuses.history[replacement.id])
-    address = rig.monitor.addresses[replacement.guest_name]
+    address = address_of(rig, replacement.guest_name)
     assert address == lease_of(conn, replacement.guest_name)
     assert online_from(rig, replacement.registration.id) == address
     assert sorted(r.id for r in rig.runners("Idle")) == sorted([b.id, replacement.id])
@@ -565,7 +565,7 @@ def test_address_only_mode_on_real_vms(tmp_path: Path, conn, guest_image):
         settings={"guest_auth": '"address"'},
     ) as rig:
         (runner,) = wait_until(lambda: rig.idle_and_sampled(), "Idle")
-        address = rig.monitor.addresses[runner.guest_name]
+        address = address_of(rig, runner.guest_name)
         assert online_from(rig, runner.registration.id) == address
         jit = models.get_runner(runner.id).jit_config
         assert guest_token(conn, runner.guest_name) is None
@@ -583,6 +583,12 @@ def test_address_only_mode_on_real_vms(tmp_path: Path, conn, guest_image):
             "the boot log",
         )
         assert "monitor-guest: no guest token" in log_text
+
+
+def address_of(rig: Rig, guest_name: str) -> str:
+    """The guest's address as the monitor knows it. A guest that shows its token may be Idle
+    before the monitor's periodic look at addresses (every 5 s) has found it."""
+    return wait_until(lambda: rig.monitor.addresses.get(guest_name), f"{guest_name}'s address")
 
 
 def guest_token(conn, guest_name: str) -> str | None:
