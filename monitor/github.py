@@ -12,6 +12,7 @@ base URL differs.
 
 from __future__ import annotations
 
+import collections
 import email.utils
 import json
 import logging
@@ -158,6 +159,8 @@ class RestGitHub:
         self._http = urllib3.PoolManager(retries=False, maxsize=POOL_SIZE)
         self._etag_lock = threading.Lock()
         self._pages: dict[str, _CachedPage] = {}
+        # Calls made, by (method, HTTP status or "error" when no answer came): /metrics.
+        self.api_calls: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __repr__(self) -> str:
         return f"RestGitHub({self.base_url!r}, {self.scope!r})"
@@ -350,6 +353,7 @@ class RestGitHub:
             # Only the exception's class: its text can hold the full URL, and a redirect
             # target's query string is a signature.
             log.debug("GitHub %s %s failed: %s", method, path, type(e).__name__)
+            self._count(method, "error")
             raise TransientError(self._redact(f"GitHub {method} {path}: {type(e).__name__}")) from e
         log.debug(
             "GitHub %s %s -> %d (%.0f ms)",
@@ -359,6 +363,7 @@ class RestGitHub:
             (time.monotonic() - started) * 1000,
         )
         self._note_rate_limit(response)
+        self._count(method, str(response.status))
         if response.status in ok:
             return response
         if not preload_content:
@@ -366,6 +371,10 @@ class RestGitHub:
             response.read(cache_content=True)
             response.release_conn()
         raise self._error(method, path, response)
+
+    def _count(self, method: str, status: str) -> None:
+        with self._etag_lock:
+            self.api_calls[(method, status)] += 1
 
     def _get_page_conditional(self, url: str) -> tuple[Any, str | None]:
         path = urlsplit(url).path

@@ -405,6 +405,7 @@ class LibvirtHypervisor:
         self._conn: libvirt.virConnect | None = None
         self._opening: _PendingOpen | None = None
         self._lock = threading.Lock()
+        self.errors = 0  # libvirt calls that failed (/metrics)
         # libvirt prints every error to stderr unless a handler is registered.
         libvirt.registerErrorHandler(_ignore_libvirt_error, None)
 
@@ -881,6 +882,8 @@ class LibvirtHypervisor:
         try:
             yield
         except libvirt.libvirtError as e:
+            with self._lock:
+                self.errors += 1
             if _is_lost(conn, e):
                 self._drop(conn)
                 raise TransientError(f"libvirt connection lost: cannot {action}: {e}") from e

@@ -41,6 +41,7 @@ from typing import Any
 from typing import Protocol
 
 from monitor import dashboard
+from monitor import metrics
 from monitor import models
 from monitor import policy
 from monitor.errors import MonitorError
@@ -329,6 +330,8 @@ class Monitor:
         self.screenshots = ScreenshotStore(config.data_path)
         self.observation: Observation | None = None
         self.github_error: str | None = None
+        self.metrics = metrics.Metrics()
+        self.metrics.attach(self)
         # Workflow runs (`reserved-by` values) GitHub reports completed, with their conclusion,
         # and when each run Reserved runners wait for was last asked about (check_reserved_runs).
         self.finished_runs: dict[str, str] = {}
@@ -458,7 +461,9 @@ class Monitor:
     def _handle(self, item: Any) -> None:
         if item is _RECONCILE:
             self._reconcile_queued.clear()
+            started = time.perf_counter()
             self.tick(self.clock())
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         elif item is _REFRESH_VIEW:
             self._view_refresh_queued.clear()
             self._refresh_view()
@@ -725,6 +730,7 @@ class Monitor:
     def _observe(self, observation: Observation) -> None:
         """Publish an observation and its rendered dashboard (served as is, per request)."""
         body = dashboard.dashboard_json(observation, self.config.external_base_url, self._addresses)
+        self.metrics.note_transitions(self.observation, observation)
         self.observation = observation
         self.rendered = Rendered(observation, json.dumps(body, sort_keys=True).encode())
 
@@ -1406,7 +1412,10 @@ class Monitor:
         if observation is None:
             return 0  # Nothing observed yet: no runner is known to be gone either.
         guests = {r.id: r.guest_name for r in observation.runners if r.guest_name is not None}
-        return self.screenshots.refresh(guests, self.hypervisor.screenshot_raw).encoded
+        started = time.perf_counter()
+        encoded = self.screenshots.refresh(guests, self.hypervisor.screenshot_raw).encoded
+        self.metrics.screenshot_pass_seconds.observe(time.perf_counter() - started)
+        return encoded
 
     def screenshot_version(self, runner_id: int) -> str | None:
         """A short string that changes with the runner's saved screenshot (for cache-busting

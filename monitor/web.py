@@ -27,6 +27,7 @@ import bottle
 from monitor import auth
 from monitor import bootlog
 from monitor import dashboard
+from monitor import metrics
 from monitor import models
 from monitor import tokenless
 from monitor.errors import MonitorError
@@ -197,10 +198,16 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     def run_take(profile_key: str, count: int, params: tuple[str, str, str]) -> Any:
         unique_id, qualified_repo, run_id = params
-        return monitor.call(
-            lambda: monitor.take(profile_key, count, unique_id, qualified_repo, run_id),
-            thread_timeout(count),  # upstream: recv timeout + count seconds
-        )
+        try:
+            answer = monitor.call(
+                lambda: monitor.take(profile_key, count, unique_id, qualified_repo, run_id),
+                thread_timeout(count),  # upstream: recv timeout + count seconds
+            )
+        except Exception:
+            monitor.metrics.take_failed()
+            raise
+        monitor.metrics.take_answered(answer)
+        return answer
 
     # Dashboard ----------------------------------------------------------------------------
 
@@ -277,6 +284,10 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         if rendered is None:
             raise MonitorError(NOT_READY, 503)
         return bottle.HTTPResponse(rendered.json, content_type=JSON)
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> bottle.HTTPResponse:
+        return bottle.HTTPResponse(monitor.metrics.exposition(), content_type=metrics.CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz() -> bottle.HTTPResponse:
