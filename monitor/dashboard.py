@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 from typing import Any
 
+from monitor.policy import Holds
 from monitor.policy import Registration
 from monitor.policy import Runner
 from monitor.policy import RunnerCounts
@@ -87,11 +88,16 @@ def counts_json(counts: RunnerCounts) -> dict[str, Any]:
 
 
 def dashboard_json(
-    observation: Observation, external_base_url: str, addresses: Mapping[str, str] | None = None
+    observation: Observation,
+    external_base_url: str,
+    addresses: Mapping[str, str] | None = None,
+    holds: Holds | None = None,
 ) -> dict[str, Any]:
-    """Upstream's /dashboard.json, plus each runner's `status` (upstream's status names)."""
+    """Upstream's /dashboard.json, plus each runner's `status` (upstream's status names) and
+    `holds`: the drained profiles, whether the host is paused or in maintenance."""
     addresses = addresses or {}
     return {
+        "holds": (holds or Holds()).to_json(),
         "profile_runner_counts": {
             key: counts_json(counts) for key, counts in sorted(observation.counts.items())
         },

@@ -327,6 +327,7 @@ class Monitor:
         self.clock = clock
         self.registrations = RegistrationCache(config.api_cache_timeout)
         self.override: policy.Override | None = models.load_override()
+        self.holds: policy.Holds = models.load_holds()
         self.screenshots = ScreenshotStore(config.data_path)
         self.observation: Observation | None = None
         self.github_error: str | None = None
@@ -675,6 +676,8 @@ class Monitor:
             snapshots=self.snapshots,
             override=self.override,
             finished_runs=frozenset(self.finished_runs),
+            drained=self.holds.drained_profiles(self.config.profiles),
+            paused=self.holds.paused,
         )
 
     # Reserved runners whose workflow run is over (scheduler thread) ---------------------------
@@ -729,7 +732,9 @@ class Monitor:
 
     def _observe(self, observation: Observation) -> None:
         """Publish an observation and its rendered dashboard (served as is, per request)."""
-        body = dashboard.dashboard_json(observation, self.config.external_base_url, self._addresses)
+        body = dashboard.dashboard_json(
+            observation, self.config.external_base_url, self._addresses, self.holds
+        )
         self.metrics.note_transitions(self.observation, observation)
         self.observation = observation
         self.rendered = Rendered(observation, json.dumps(body, sort_keys=True).encode())
@@ -1433,6 +1438,36 @@ class Monitor:
         models.record_event("override", f"override set: {override.profile_override_counts}")
         self.request_reconcile()
         return override
+
+    # Drain, pause, maintenance (monitor thread, through `call`) ------------------------------
+
+    def set_drained(self, profile_key: str, drained: bool) -> policy.Holds:
+        """Drain a profile (target 0: Idle runners go, Busy and Reserved ones finish, none are
+        made) or undrain it (its target again)."""
+        if profile_key not in self.config.profiles:
+            raise MonitorError(f"No profile with key: {profile_key}", status=404)
+        keys = self.holds.drained | {profile_key} if drained else self.holds.drained - {profile_key}
+        what = "drained: nothing new is made, busy runners finish" if drained else "undrained"
+        return self._hold(replace(self.holds, drained=keys), f"profile {profile_key} {what}")
+
+    def set_paused(self, paused: bool) -> policy.Holds:
+        """Pause the host (create and rebuild nothing; runners that exist keep serving)."""
+        what = "paused: nothing is created or rebuilt" if paused else "resumed"
+        return self._hold(replace(self.holds, paused=paused), f"host {what}")
+
+    def set_maintenance(self, on: bool) -> policy.Holds:
+        """Maintenance: every profile drained until it is switched off again."""
+        what = "in maintenance: every profile drained" if on else "out of maintenance"
+        return self._hold(replace(self.holds, maintenance=on), f"host {what}")
+
+    def _hold(self, holds: policy.Holds, message: str) -> policy.Holds:
+        if holds != self.holds:
+            models.save_holds(holds)
+            self.holds = holds
+            log.warning("%s", message)
+            models.record_event("hold", message)
+            self.request_reconcile()
+        return holds
 
     def clear_override(self) -> policy.Override | None:
         """Cancel the override, returning it (None if there was none)."""

@@ -27,6 +27,7 @@ from peewee import TextField
 from peewee import fn
 
 from monitor.errors import MonitorError
+from monitor.policy import Holds
 from monitor.policy import Override
 from monitor.policy import RunnerRecord
 
@@ -487,6 +488,21 @@ def load_override() -> Override | None:
 
 def save_override(override: Override | None) -> None:
     _set("override", None if override is None else json.dumps(override.to_json(), sort_keys=True))
+
+
+def load_holds() -> Holds:
+    value = _get("holds")
+    if value is None:
+        return Holds()
+    try:
+        return Holds.from_json(json.loads(value))
+    except (ValueError, TypeError) as error:
+        log.error("ignoring unreadable stored drain/pause/maintenance state: %s", error)
+        return Holds()
+
+
+def save_holds(holds: Holds) -> None:
+    _set("holds", json.dumps(holds.to_json(), sort_keys=True))
 
 
 # Events -------------------------------------------------------------------------------------

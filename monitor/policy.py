@@ -325,6 +325,38 @@ class SettingsLike(Protocol):
     def destroy_all_non_busy_runners(self) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Holds:
+    """What the operator has put on hold (persisted): drained profiles, a paused host (no
+    creates, no rebuilds) and maintenance (every profile drained)."""
+
+    drained: frozenset[str] = frozenset()
+    paused: bool = False
+    maintenance: bool = False
+
+    def drained_profiles(self, keys: Iterable[str]) -> frozenset[str]:
+        keys = frozenset(keys)
+        return keys if self.maintenance else self.drained & keys
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "drained_profiles": sorted(self.drained),
+            "paused": self.paused,
+            "maintenance": self.maintenance,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Holds:
+        drained = data.get("drained_profiles", [])
+        if not isinstance(drained, list) or not all(isinstance(k, str) for k in drained):
+            raise ValueError(f"drained_profiles: expected a list of profile keys, got {drained!r}")
+        return cls(
+            drained=frozenset(drained),
+            paused=bool(data.get("paused", False)),
+            maintenance=bool(data.get("maintenance", False)),
+        )
+
+
 @dataclass
 class Override:
     """An operator's temporary replacement of the static targets (spec §5.6, experimental).
@@ -378,6 +410,11 @@ class PolicyInput:
     # `reserved-by` values (`owner/repo/actions/runs/N`) of workflow runs GitHub reports
     # completed: a runner still Reserved for one will never be used and is reclaimed.
     finished_runs: frozenset[str] = frozenset()
+    # Operator holds (persisted by the loop): drained profiles have target 0 (their Idle
+    # runners go, Busy and Reserved ones finish, nothing new is made, no image is rebuilt);
+    # a paused host creates nothing and rebuilds nothing, and keeps the runners it has.
+    drained: frozenset[str] = frozenset()
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -513,12 +550,13 @@ def image_needs_rebuild(key: str, inp: PolicyInput, now: datetime) -> bool | Non
 def effective_target(key: str, inp: PolicyInput, now: datetime) -> int:
     """The number of healthy runners the profile should have right now.
 
-    0 when creating is switched off or the image needs (or may need) a rebuild, so an expiring
+    0 when creating is switched off, the profile is drained, or the image needs (or may need)
+    a rebuild, so an expiring
     image drains its profile before the rebuild starts (upstream, `rebuild_mode = "drain"`);
     else `target_with_override`. In "rolling" mode an aged image keeps serving while its
     successor is built: only a profile with no usable image at all has target 0.
     """
-    if inp.settings.dont_create_runners:
+    if inp.settings.dont_create_runners or key in inp.drained:
         return 0
     needs = image_needs_rebuild(key, inp, now)
     if needs is False or (needs is True and _keeps_serving(key, inp)):
@@ -539,11 +577,13 @@ def rebuilds_to_start(inp: PolicyInput, now: datetime, building: Container[str])
     "rolling" mode its runners keep serving meanwhile.
     """
     runners = inp.runners
-    if runners is None:
+    if runners is None or inp.paused:
         return []
     started = []
     for key, profile in inp.profiles.items():
-        if key in building or image_needs_rebuild(key, inp, now) is not True:
+        if key in building or key in inp.drained:
+            continue
+        if image_needs_rebuild(key, inp, now) is not True:
             continue
         if profile.rebuild_mode == "drain" and any(r.profile == key for r in runners):
             continue
@@ -556,8 +596,8 @@ def outdated_to_replace(inp: PolicyInput, now: datetime) -> list[int]:
     per profile, and only while nothing of the profile is starting or in flight, so Idle
     runners are replaced one at a time (each replacement comes from the new image) and busy
     or reserved ones are never touched."""
-    if inp.runners is None:
-        return []
+    if inp.runners is None or inp.paused:
+        return []  # a replacement could not be made: keep the runner
     chosen = []
     for key, profile in inp.profiles.items():
         current = inp.snapshots.get(key)
@@ -686,7 +726,7 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
     adjust_for_resource_limits(scenario, targets, wanted, critical, inp.profiles, settings)
 
     # Destroys may fail, so their resources are not assumed freed: create nothing this pass.
-    create = {} if destroy else {k: wanted[k] for k in sorted(inp.profiles)}
+    create = {} if destroy or inp.paused else {k: wanted[k] for k in sorted(inp.profiles)}
     return RunnerChanges(destroy=destroy, create=create)
 
 

@@ -241,6 +241,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             models.last_event_id(),
             rebuilds,
             boot_logs.generation,
+            monitor.holds,
         )
         memo = last_render
         if memo is not None and _same(memo[0], shown):
@@ -258,6 +259,8 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             ),
             health=health,
             events=models.recent_events(EVENTS_SHOWN),
+            holds=monitor.holds,
+            drained=monitor.holds.drained_profiles(config.profiles),
         )
         etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
         last_render = (shown, body, etag)
@@ -466,6 +469,41 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         require_token()
         override = monitor.call(monitor.clear_override, thread_timeout())
         return _json(override.to_json() if override is not None else None)
+
+    # Drain, pause and maintenance ---------------------------------------------------------
+
+    def hold(change: Any) -> bottle.HTTPResponse:
+        require_token()
+        holds = monitor.call(change, thread_timeout())
+        return _json(holds.to_json())
+
+    @app.get("/holds")
+    def get_holds() -> bottle.HTTPResponse:
+        return _json(monitor.holds.to_json())
+
+    @app.post("/profile/<profile_key>/drain")
+    def drain(profile_key: str) -> bottle.HTTPResponse:
+        return hold(lambda: monitor.set_drained(profile_key, True))
+
+    @app.delete("/profile/<profile_key>/drain")
+    def undrain(profile_key: str) -> bottle.HTTPResponse:
+        return hold(lambda: monitor.set_drained(profile_key, False))
+
+    @app.post("/host/pause")
+    def pause() -> bottle.HTTPResponse:
+        return hold(lambda: monitor.set_paused(True))
+
+    @app.delete("/host/pause")
+    def resume() -> bottle.HTTPResponse:
+        return hold(lambda: monitor.set_paused(False))
+
+    @app.post("/host/maintenance")
+    def maintenance_on() -> bottle.HTTPResponse:
+        return hold(lambda: monitor.set_maintenance(True))
+
+    @app.delete("/host/maintenance")
+    def maintenance_off() -> bottle.HTTPResponse:
+        return hold(lambda: monitor.set_maintenance(False))
 
     # API credentials --------------------------------------------------------------------
 

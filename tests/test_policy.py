@@ -1174,3 +1174,40 @@ def test_runs_worth_checking_are_those_runners_waited_for_long_enough():
         runner(reg("online")),  # Idle
     ]
     assert policy.runs_to_check(runners, NOW, timedelta(seconds=30)) == ["a/b/actions/runs/1"]
+
+
+# --- Extra: drain and pause -------------------------------------------------------------------
+
+
+def test_a_drained_profile_loses_its_idle_runners_keeps_busy_and_reserved_and_makes_none():
+    runners = install([idle("linux"), busy("linux"), reserved("linux"), idle("mac")])
+    inp = PolicyInput(
+        profiles={
+            k: Profile(k, t, 0, 0, base_image="prebuilt") for k, t in (("linux", 4), ("mac", 1))
+        },
+        settings=Settings(),
+        runners=runners,
+        drained=frozenset({"linux"}),
+    )
+    changes = policy.decide(inp, NOW)
+    assert changes.destroy == [0]
+    assert policy.runner_counts(inp, NOW)["linux"].target == 0
+    assert policy.runner_counts(inp, NOW)["mac"].target == 1
+
+
+def test_a_paused_host_creates_nothing_and_replaces_nothing():
+    inp = PolicyInput(
+        profiles={"linux": Profile("linux", 3, 0, 0, base_image="prebuilt")},
+        settings=Settings(),
+        runners=install([idle("linux")]),
+        paused=True,
+    )
+    changes = policy.decide(inp, NOW)
+    assert changes.create == {} and changes.destroy == []
+    assert policy.decide(replace(inp, paused=False), NOW).create == {"linux": 2}
+    assert policy.Holds(frozenset({"linux"}), maintenance=True).drained_profiles(
+        ["linux", "mac"]
+    ) == {"linux", "mac"}
+    assert policy.Holds.from_json(policy.Holds(frozenset({"a"}), True).to_json()) == policy.Holds(
+        frozenset({"a"}), True
+    )

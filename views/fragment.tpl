@@ -22,6 +22,16 @@
 <p class="notice {{notice.kind}}" role="alert"><b>{{'fault' if notice.kind == 'error' else 'stale'}}:</b> {{notice.text}}</p>
 % end
 </section>
+% if holds.maintenance or holds.paused:
+<p class="notice hold" role="status"><b>on hold:</b>
+% if holds.maintenance:
+the host is in maintenance: every profile is drained (busy runners finish, nothing new is made).
+% end
+% if holds.paused:
+the host is paused: nothing is created or rebuilt; runners that exist keep serving.
+% end
+</p>
+% end
 % if observation is not None and observation.override is not None:
 % o = observation.override
 <section class="override">
@@ -62,6 +72,9 @@
 % end
 % if view.override_count is not None:
 <li class="override">override <b>{{view.override_count}}</b></li>
+% end
+% if view.key in drained:
+<li class="hold">⏸ <b>drained</b></li>
 % end
 </ul>
 <div class="table-wrap">
