@@ -335,3 +335,32 @@ def epoch(value: datetime) -> int:
 
 def event_css(kind: str) -> str:
     return "error" if kind.endswith(_ERROR_KINDS) else ""
+
+
+def take_record_json(row: Any) -> dict[str, Any]:
+    """One row of the reservation history as `/reservations` shows it: the times, and the
+    durations between them in seconds (None while unknown)."""
+
+    def seconds(start: datetime | None, end: datetime | None) -> float | None:
+        return None if start is None or end is None else round((end - start).total_seconds(), 3)
+
+    return {
+        "unique_id": row.unique_id,
+        "profile": row.profile,
+        "qualified_repo": row.qualified_repo,
+        "run_id": row.run_id,
+        "runner_id": row.runner_id,
+        "outcome": row.outcome,
+        "asked_at": row.asked_at.isoformat(),
+        "answered_at": row.answered_at.isoformat(),
+        "started_at": row.started_at.isoformat() if row.started_at else None,
+        "ended_at": row.ended_at.isoformat() if row.ended_at else None,
+        "answer_seconds": seconds(row.asked_at, row.answered_at),
+        "waited_seconds": seconds(row.asked_at, row.started_at),
+        "ran_seconds": seconds(row.started_at, row.ended_at),
+    }
+
+
+def format_seconds(value: float | None) -> str:
+    """A duration in seconds for the history table: "—" while unknown."""
+    return "—" if value is None else format_age(timedelta(seconds=value))

@@ -736,8 +736,23 @@ class Monitor:
             observation, self.config.external_base_url, self._addresses, self.holds
         )
         self.metrics.note_transitions(self.observation, observation)
+        self._note_history(self.observation, observation)
         self.observation = observation
         self.rendered = Rendered(observation, json.dumps(body, sort_keys=True).encode())
+
+    def _note_history(self, before: Observation | None, after: Observation) -> None:
+        """Reservation history: a runner's job started (it is Busy now) or the runner is gone."""
+        if before is None or before.runners is after.runners:
+            return
+        was = {r.id: r.status for r in before.runners}
+        now = {r.id: r.status for r in after.runners}
+        started = [i for i, s in now.items() if s is policy.Status.BUSY and was.get(i) is not s]
+        ended = [i for i in was if i not in now]
+        try:
+            models.record_job_started(started, after.at)
+            models.record_runner_ended(ended, after.at)
+        except Exception as error:  # noqa: BLE001 - history must never stop a pass
+            log.warning("cannot update the reservation history: %s", error)
 
     def _adopt(
         self,

@@ -33,7 +33,7 @@ from monitor.policy import RunnerRecord
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DB_FILENAME = "monitor.sqlite3"
 # Keep the event log bounded: a busy host writes a few events a minute.
 MAX_EVENTS = 20_000
@@ -119,6 +119,24 @@ class Reservation(BaseModel):
         return [int(i) for i in json.loads(self.runner_ids)]
 
 
+class TakeRecord(BaseModel):
+    """Reservation history: one row per runner a take gave (or one with no runner for a
+    `null` answer or a failure), kept after the runner is gone. The times answer "why did
+    this job wait?": asked → answered (the monitor), answered → started (GitHub's queue),
+    started → ended (the job on the runner)."""
+
+    unique_id = CharField(index=True)
+    profile = CharField()
+    qualified_repo = CharField()
+    run_id = CharField()
+    runner_id = IntegerField(null=True, index=True)
+    outcome = CharField()  # "reserved", "null" or "failed"
+    asked_at = TimestampField(index=True)
+    answered_at = TimestampField()
+    started_at = TimestampField(null=True)
+    ended_at = TimestampField(null=True)
+
+
 class RevokedCredential(BaseModel):
     """An API token or HMAC secret that no longer opens anything, by its SHA-256."""
 
@@ -127,7 +145,7 @@ class RevokedCredential(BaseModel):
     revoked_at = TimestampField()
 
 
-MODELS = (Setting, Runner, Event, Reservation, RevokedCredential)
+MODELS = (Setting, Runner, Event, Reservation, RevokedCredential, TakeRecord)
 
 
 def open_store(data_path: Path) -> Path:
@@ -208,7 +226,17 @@ def _migration_4() -> None:
         db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "jit_served_at" REAL')
 
 
-_MIGRATIONS = {1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4}
+def _migration_5() -> None:
+    db.create_tables((TakeRecord,))
+
+
+_MIGRATIONS = {
+    1: _migration_1,
+    2: _migration_2,
+    3: _migration_3,
+    4: _migration_4,
+    5: _migration_5,
+}
 
 
 def _get(key: str) -> str | None:
@@ -462,6 +490,108 @@ def prune_reservations(before: datetime) -> int:
 
 
 # Override -----------------------------------------------------------------------------------
+
+
+# Reservation history ----------------------------------------------------------------------
+
+# Orders the history can be read in: name -> SQL expression (durations NULL when unknown).
+HISTORY_SORTS = {
+    "asked_at": TakeRecord.asked_at,
+    "waited": TakeRecord.started_at - TakeRecord.asked_at,
+    "ran": TakeRecord.ended_at - TakeRecord.started_at,
+    "profile": TakeRecord.profile,
+    "qualified_repo": TakeRecord.qualified_repo,
+    "runner_id": TakeRecord.runner_id,
+}
+# History is kept this long (a busy host makes a few thousand takes a day).
+HISTORY_KEEP_ROWS = 200_000
+
+
+def record_take(
+    unique_id: str,
+    profile: str,
+    qualified_repo: str,
+    run_id: str,
+    runner_ids: list[int],
+    outcome: str,
+    asked_at: datetime,
+    answered_at: datetime,
+) -> None:
+    """One take's answer; a retried take (same unique_id) that got the same runners adds
+    nothing."""
+    # IMMEDIATE: a deferred transaction that reads, then writes after another connection
+    # wrote, fails at once with "database is locked" (WAL snapshot) instead of waiting.
+    with db.atomic("IMMEDIATE"):
+        known = {
+            row.runner_id
+            for row in TakeRecord.select(TakeRecord.runner_id).where(
+                TakeRecord.unique_id == unique_id
+            )
+        }
+        rows = [
+            (unique_id, profile, qualified_repo, run_id, runner_id, outcome, asked_at, answered_at)
+            for runner_id in (runner_ids or [None])
+            if runner_id is None or runner_id not in known
+        ]
+        fields = (
+            TakeRecord.unique_id,
+            TakeRecord.profile,
+            TakeRecord.qualified_repo,
+            TakeRecord.run_id,
+            TakeRecord.runner_id,
+            TakeRecord.outcome,
+            TakeRecord.asked_at,
+            TakeRecord.answered_at,
+        )
+        if rows:
+            last_id = _insert_rows(fields, rows)
+            if last_id % TRIM_EVERY < len(rows):
+                TakeRecord.delete().where(TakeRecord.id <= last_id - HISTORY_KEEP_ROWS).execute()
+
+
+def last_take_id() -> int | None:
+    """The newest history row (its other changes come with a new observation)."""
+    return TakeRecord.select(fn.MAX(TakeRecord.id)).scalar()
+
+
+def record_job_started(runner_ids: Iterable[int], at: datetime) -> None:
+    ids = list(runner_ids)
+    if ids:
+        TakeRecord.update(started_at=at).where(
+            TakeRecord.runner_id.in_(ids) & TakeRecord.started_at.is_null()
+        ).execute()
+
+
+def record_runner_ended(runner_ids: Iterable[int], at: datetime) -> None:
+    ids = list(runner_ids)
+    if ids:
+        TakeRecord.update(ended_at=at).where(
+            TakeRecord.runner_id.in_(ids) & TakeRecord.ended_at.is_null()
+        ).execute()
+
+
+def take_history(
+    *,
+    page: int,
+    per_page: int,
+    sort: str = "asked_at",
+    descending: bool = True,
+    profile: str | None = None,
+    qualified_repo: str | None = None,
+) -> tuple[int, list[TakeRecord]]:
+    """(total rows matching, the rows of `page`), ordered by `sort` (HISTORY_SORTS), unknown
+    durations last either way, ties in the order the takes were recorded."""
+    query = TakeRecord.select()
+    if profile is not None:
+        query = query.where(TakeRecord.profile == profile)
+    if qualified_repo is not None:
+        query = query.where(fn.LOWER(TakeRecord.qualified_repo) == qualified_repo.lower())
+    key = HISTORY_SORTS[sort]
+    order = key.desc(nulls="LAST") if descending else key.asc(nulls="LAST")
+    total = query.count()
+    then = TakeRecord.id.desc() if descending else TakeRecord.id.asc()
+    rows = list(query.order_by(order, then).paginate(page, per_page))
+    return total, rows
 
 
 # Revoked API credentials ------------------------------------------------------------------

@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ MAX_OVERRIDE_COUNT = 1000
 SELECT_WINDOW_SECONDS = 60.0
 # Recent events on the dashboard.
 EVENTS_SHOWN = 20
+# Reservation history: rows per page by default and at most; rows on the dashboard.
+HISTORY_PAGE = 30
+HISTORY_PAGE_MAX = 100
+HISTORY_SHOWN = 15
 # Token routes take no body; a signed request's is hashed up to this much.
 MAX_SIGNED_BODY = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -198,15 +203,35 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     def run_take(profile_key: str, count: int, params: tuple[str, str, str]) -> Any:
         unique_id, qualified_repo, run_id = params
+        asked_at = monitor.clock()
+
+        def remember(runner_ids: list[int], outcome: str) -> None:
+            try:
+                models.record_take(
+                    unique_id,
+                    profile_key,
+                    qualified_repo,
+                    run_id,
+                    runner_ids,
+                    outcome,
+                    asked_at,
+                    monitor.clock(),
+                )
+            except Exception as error:  # noqa: BLE001 - the answer matters more than history
+                log.warning("cannot record take %s in the history: %s", unique_id, error)
+
         try:
             answer = monitor.call(
                 lambda: monitor.take(profile_key, count, unique_id, qualified_repo, run_id),
                 thread_timeout(count),  # upstream: recv timeout + count seconds
             )
-        except Exception:
+        except MonitorError as error:
             monitor.metrics.take_failed()
+            if error.status >= 500:  # the monitor or GitHub failed (not a refused request)
+                remember([], "failed")
             raise
         monitor.metrics.take_answered(answer)
+        remember([entry["id"] for entry in answer or []], "reserved" if answer else "null")
         return answer
 
     # Dashboard ----------------------------------------------------------------------------
@@ -239,6 +264,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             monitor.screenshots.generation,
             health,
             models.last_event_id(),
+            models.last_take_id(),
             rebuilds,
             boot_logs.generation,
             monitor.holds,
@@ -261,6 +287,11 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             events=models.recent_events(EVENTS_SHOWN),
             holds=monitor.holds,
             drained=monitor.holds.drained_profiles(config.profiles),
+            history=[
+                dashboard.take_record_json(row)
+                for row in models.take_history(page=1, per_page=HISTORY_SHOWN)[1]
+            ],
+            seconds=dashboard.format_seconds,
         )
         etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
         last_render = (shown, body, etag)
@@ -470,6 +501,46 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         override = monitor.call(monitor.clear_override, thread_timeout())
         return _json(override.to_json() if override is not None else None)
 
+    # Reservation history ------------------------------------------------------------------
+
+    @app.get("/reservations")
+    def reservations() -> bottle.HTTPResponse:
+        query = bottle.request.query
+        page = _bounded(query, "page", 1, 1, 1_000_000)
+        per_page = _bounded(query, "per_page", HISTORY_PAGE, 1, HISTORY_PAGE_MAX)
+        sort = query.get("sort", "asked_at")
+        if sort not in models.HISTORY_SORTS:
+            raise MonitorError(f"sort must be one of {', '.join(models.HISTORY_SORTS)}", 422)
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise MonitorError("order must be asc or desc", 422)
+        profile = query.getunicode("profile") or None
+        repo = query.getunicode("qualified_repo") or None
+        total, rows = models.take_history(
+            page=page,
+            per_page=per_page,
+            sort=sort,
+            descending=order == "desc",
+            profile=profile,
+            qualified_repo=repo,
+        )
+        body = {
+            "total": total,
+            "page": page,
+            "per_page": per_page,
+            "reservations": [dashboard.take_record_json(row) for row in rows],
+        }
+        response = _json(body)
+        last = max(1, -(-total // per_page))
+        links = []
+        for rel, number in (("next", page + 1), ("prev", page - 1), ("first", 1), ("last", last)):
+            if 1 <= number <= last and (rel not in ("next", "prev") or number != page):
+                params = {**dict(query.allitems()), "page": str(number)}
+                target = "/reservations?" + urllib.parse.urlencode(params)
+                links.append(f'<{target}>; rel="{rel}"')
+        response.set_header("Link", ", ".join(links))
+        return response
+
     # Drain, pause and maintenance ---------------------------------------------------------
 
     def hold(change: Any) -> bottle.HTTPResponse:
@@ -555,6 +626,15 @@ def _allow(error: bottle.HTTPResponse) -> dict[str, str]:
     """The `Allow` header Bottle puts on a 405, kept in our answer (RFC 9110 requires it)."""
     allow = error.get_header("Allow")
     return {"Allow": allow} if allow else {}
+
+
+def _bounded(query: bottle.FormsDict, name: str, default: int, low: int, high: int) -> int:
+    text = query.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not text.isascii() or not low <= int(text) <= high:
+        raise MonitorError(f"{name} must be a number from {low} to {high}, got {text!r}", 422)
+    return int(text)
 
 
 def _required(query: bottle.FormsDict, name: str) -> str:

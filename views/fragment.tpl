@@ -147,6 +147,23 @@ the host is paused: nothing is created or rebuilt; runners that exist keep servi
 </ul>
 </section>
 % end
+<section class="history">
+<h2>recent reservations</h2>
+<p class="muted">waited: from the take to the job starting on its runner; ran: the job on the runner. <a href="/reservations">all, as JSON</a></p>
+<div class="table-wrap">
+<table class="history">
+<thead><tr><th scope="col">asked</th><th scope="col">run</th><th scope="col">profile</th><th scope="col">runner</th><th scope="col">answer</th><th scope="col">waited</th><th scope="col">ran</th></tr></thead>
+<tbody>
+% for take in history:
+<tr><td><time datetime="{{take['asked_at']}}">{{take['asked_at'][11:19]}}</time></td><td><a href="https://github.com/{{take['qualified_repo']}}/actions/runs/{{take['run_id']}}" rel="noopener">{{take['qualified_repo']}} #{{take['run_id']}}</a></td><td>{{take['profile']}}</td><td>{{take['runner_id'] if take['runner_id'] is not None else '—'}}</td><td>{{take['outcome']}}</td><td>{{seconds(take['waited_seconds'])}}</td><td>{{seconds(take['ran_seconds'])}}</td></tr>
+% end
+% if not history:
+<tr><td colspan="7" class="muted">no takes yet</td></tr>
+% end
+</tbody>
+</table>
+</div>
+</section>
 <section class="events">
 <h2>recent events</h2>
 <div class="table-wrap">
