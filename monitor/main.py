@@ -27,6 +27,7 @@ from monitor import __version__
 from monitor import config as config_module
 from monitor import models
 from monitor import policy
+from monitor import serving
 from monitor import systemd
 from monitor.errors import ConfigError
 from monitor.errors import MonitorError
@@ -167,7 +168,11 @@ def run(
     listen = " ".join(_listen_address(host, config.listen_port) for host in config.listen_on)
     try:
         server = waitress.create_server(
-            make_app(config, monitor), listen=listen, threads=HTTP_THREADS, ident="monitor"
+            make_app(config, monitor),
+            listen=listen,
+            threads=HTTP_THREADS,
+            ident="monitor",
+            **serving.WAITRESS_OPTIONS,
         )
     except OSError as error:
         log.critical("cannot listen on %s: %s", listen, error)

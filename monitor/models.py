@@ -549,6 +549,11 @@ def record_take(
                 TakeRecord.delete().where(TakeRecord.id <= last_id - HISTORY_KEEP_ROWS).execute()
 
 
+def recent_takes(limit: int) -> list[TakeRecord]:
+    """The newest history rows (for the dashboard: no count of them all)."""
+    return list(TakeRecord.select().order_by(TakeRecord.id.desc()).limit(limit))
+
+
 def last_take_id() -> int | None:
     """The newest history row (its other changes come with a new observation)."""
     return TakeRecord.select(fn.MAX(TakeRecord.id)).scalar()

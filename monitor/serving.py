@@ -12,9 +12,21 @@ from typing import Any
 import waitress
 from waitress import wasyncore
 
+# What every waitress server of the monitor should be given (`monitor run`'s too). Waitress
+# stops accepting at 100 open connections by default (the listener and its trigger count), and
+# kept-alive ones stay open for two minutes: 200 concurrent clients with kept-alive connections
+# (bench/load.py) left half of them waiting in the listen backlog for tens of seconds. poll()
+# instead of select(), which fails once a descriptor number reaches 1024.
+CONNECTION_LIMIT = 1000
+WAITRESS_OPTIONS: dict[str, Any] = {
+    "connection_limit": CONNECTION_LIMIT,
+    "asyncore_use_poll": True,
+}
+
 
 class BackgroundServer:
-    """`app` on `host:port` (0 picks a free port) with `threads` worker threads."""
+    """`app` on `host:port` (0 picks a free port) with `threads` worker threads, and
+    `WAITRESS_OPTIONS` unless `options` say otherwise."""
 
     def __init__(
         self,
@@ -28,7 +40,13 @@ class BackgroundServer:
     ) -> None:
         self._map: dict[int, Any] = {}
         self._server = waitress.create_server(
-            app, map=self._map, host=host, port=port, threads=threads, ident=name, **options
+            app,
+            map=self._map,
+            host=host,
+            port=port,
+            threads=threads,
+            ident=name,
+            **{**WAITRESS_OPTIONS, **options},
         )
         if not hasattr(self._server, "effective_port"):
             self._server.close()

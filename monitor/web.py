@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -236,28 +237,31 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     # Dashboard ----------------------------------------------------------------------------
 
-    # The last render of the live fragment: (what it showed, body, ETag). Browsers poll every
-    # second; a render of 50 runners costs ~6 ms, and usually nothing has changed.
-    last_render: tuple[tuple[Any, ...], str, str] | None = None
+    # The last render of the live fragment: (what it showed, body, ETag, when it began).
+    # Browsers poll every second; a render of 100 runners costs ~6 ms, and usually nothing
+    # has changed. Under load the page changes several times a second, so renders are made
+    # one at a time: a poll that waited for another's render takes it if it began after the
+    # poll arrived (measured by bench/load.py: every web thread rendering at once made
+    # /dashboard.json wait seconds behind them).
+    last_render: tuple[tuple[Any, ...], str, str, float] | None = None
+    render_lock = threading.Lock()
 
-    def render_live() -> tuple[str, str]:
-        """The live fragment and its ETag (a hash of its bytes: the same state, the same tag),
-        rendered again only when something it shows has changed."""
-        nonlocal last_render
+    def live_state() -> tuple[tuple[Any, ...], Any, Any, dict[str, str]]:
+        """What the fragment shows, as values that compare cheaply, and its parts."""
         observation = monitor.observation
+        now = monitor.clock()
         health = dashboard.health(
             observation,
             registrations_at=monitor.registrations.fetched_at,
             github_error=monitor.github_error,
             rate_limit=getattr(monitor.github, "rate_limit", None),
-            now=monitor.clock(),
+            now=now,
             poll_interval=config.monitor_poll_interval,
             cache_timeout=config.api_cache_timeout,
         )
+        rebuilds = {key: monitor.rebuilds.state(key, now) for key in config.profiles}
         # The monitor replaces the observation and the address map whole when they change,
         # so an unchanged one is the same object and compares at once.
-        now = monitor.clock()
-        rebuilds = {key: monitor.rebuilds.state(key, now) for key in config.profiles}
         shown = (
             observation,
             monitor.addresses,
@@ -269,33 +273,48 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             boot_logs.generation,
             monitor.holds,
         )
+        return shown, observation, health, rebuilds
+
+    def render_live() -> tuple[str, str]:
+        """The live fragment and its ETag (a hash of its bytes: the same state, the same tag),
+        rendered again only when something it shows has changed."""
+        nonlocal last_render
+        asked = time.monotonic()
+        shown, observation, health, rebuilds = live_state()
         memo = last_render
         if memo is not None and _same(memo[0], shown):
             return memo[1], memo[2]
-        body = render(
-            "fragment",
-            observation=observation,
-            profiles=dashboard.overview(
-                observation,
-                list(config.profiles),
-                monitor.addresses,
-                monitor.screenshots.version,
-                rebuilds,
-                has_boot_log=boot_logs.exists,
-            ),
-            health=health,
-            events=models.recent_events(EVENTS_SHOWN),
-            holds=monitor.holds,
-            drained=monitor.holds.drained_profiles(config.profiles),
-            history=[
-                dashboard.take_record_json(row)
-                for row in models.take_history(page=1, per_page=HISTORY_SHOWN)[1]
-            ],
-            seconds=dashboard.format_seconds,
-        )
-        etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
-        last_render = (shown, body, etag)
-        return body, etag
+        with render_lock:
+            memo = last_render
+            if memo is not None and memo[3] >= asked:
+                return memo[1], memo[2]
+            started = time.monotonic()
+            shown, observation, health, rebuilds = live_state()
+            if memo is not None and _same(memo[0], shown):
+                return memo[1], memo[2]
+            body = render(
+                "fragment",
+                observation=observation,
+                profiles=dashboard.overview(
+                    observation,
+                    list(config.profiles),
+                    monitor.addresses,
+                    monitor.screenshots.version,
+                    rebuilds,
+                    has_boot_log=boot_logs.exists,
+                ),
+                health=health,
+                events=models.recent_events(EVENTS_SHOWN),
+                holds=monitor.holds,
+                drained=monitor.holds.drained_profiles(config.profiles),
+                history=[
+                    dashboard.take_record_json(row) for row in models.recent_takes(HISTORY_SHOWN)
+                ],
+                seconds=dashboard.format_seconds,
+            )
+            etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
+            last_render = (shown, body, etag, started)
+            return body, etag
 
     @app.get("/")
     def index() -> str:

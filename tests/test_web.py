@@ -42,7 +42,8 @@ def test_dashboard_json_has_upstream_shape(app):
     github.set(github.by_name("ci-runner-linux.0@host").id, status="online")
     observe(monitor, clock, passes=1)
     data = client.get("/dashboard.json").json
-    assert list(data) == ["profile_runner_counts", "runners"]
+    # Upstream's keys, plus ours: "holds" (drained profiles, pause, maintenance).
+    assert list(data) == ["holds", "profile_runner_counts", "runners"]
     linux = data["profile_runner_counts"]["linux"]
     assert linux == {
         "busy": 0,
