@@ -85,6 +85,7 @@ class _Fault:
     path_contains: str | None
     retry_after: float | None
     delay: float
+    body: str | None = None
 
 
 @dataclass
@@ -212,6 +213,7 @@ class GitHubStandIn:
         self._blobs: dict[str, tuple[int, float]] = {}
         self._faults: list[_Fault] = []
         self._requests: list[RecordedRequest] = []
+        self._request_times: list[float] = []
         self._bodies: list[tuple[str, str, Any]] = []
         self._jit_names: list[str] = []
         self._label_ids: dict[str, int] = {}
@@ -429,9 +431,12 @@ class GitHubStandIn:
         path_contains: str | None = None,
         retry_after: float | None = None,
         delay: float = 0.0,
+        body: str | None = None,
     ) -> None:
         """Make the next `count` matching API requests wait `delay` seconds and then, if
-        `status` is set, fail with it (403 also reports the rate limit as exhausted)."""
+        `status` is set, fail with it (403 also reports the rate limit as exhausted). With
+        `body`, the answer is that text as it is (status `status` or 200), labelled JSON:
+        a malformed or truncated page."""
         with self._lock:
             self._faults.append(
                 _Fault(
@@ -441,8 +446,19 @@ class GitHubStandIn:
                     path_contains=path_contains,
                     retry_after=retry_after,
                     delay=delay,
+                    body=body,
                 )
             )
+
+    def exhaust_rate_limit(self, reset_in: float) -> int:
+        """Use up the primary rate limit until `reset_in` seconds from now (rounded up to
+        a whole second): every counted API request is refused with 403,
+        `x-ratelimit-remaining: 0` and `x-ratelimit-reset` (no Retry-After), as GitHub does,
+        until the window resets. Returns the reset time (epoch seconds)."""
+        with self._lock:
+            self._rl_used = self.rate_limit_limit
+            self._rl_reset = math.ceil(time.time() + reset_in)
+            return self._rl_reset
 
     def clear_faults(self) -> None:
         """Drop every pending fault."""
@@ -454,6 +470,13 @@ class GitHubStandIn:
         """(method, path, status) of every API and blob request answered, oldest first."""
         with self._lock:
             return list(self._requests)
+
+    @property
+    def timed_requests(self) -> list[tuple[float, RecordedRequest]]:
+        """`requests`, each with when it arrived (`time.monotonic()`, before any fault's
+        delay): to measure a client's retry spacing."""
+        with self._lock:
+            return list(zip(self._request_times, self._requests, strict=True))
 
     @property
     def request_bodies(self) -> list[tuple[str, str, Any]]:
@@ -635,6 +658,11 @@ class GitHubStandIn:
         app.route("/_standin/artifacts", "POST", ctl(self._ctl_add_artifact))
         app.route("/_standin/faults", "POST", ctl(self._ctl_inject_fault))
         app.route("/_standin/faults", "DELETE", ctl(lambda body: self.clear_faults()))
+        app.route(
+            "/_standin/rate-limit",
+            "POST",
+            ctl(lambda body: self.exhaust_rate_limit(float(body["reset_in"]))),
+        )
         app.route("/_standin/requests", "GET", ctl(lambda body: self._ctl_requests()))
         app.route("/_standin/jit-names", "GET", ctl(lambda body: self.jit_names))
         app.route("/_standin/reset", "POST", ctl(lambda body: self.reset()))
@@ -660,12 +688,14 @@ class GitHubStandIn:
 
         def route(**params: Any) -> bottle.HTTPResponse:
             method, path = bottle.request.method, bottle.request.path
+            arrived = time.monotonic()
             fault = self._take_fault(method, path)
             if fault is not None:
                 if fault.delay:
                     self._stopping.wait(fault.delay)
-                if fault.status is not None:
-                    return self._respond(method, path, _fault_reply(fault), counted=False)
+                if fault.status is not None or fault.body is not None:
+                    reply = _fault_reply(fault)
+                    return self._respond(method, path, reply, counted=False, at=arrived)
             with self._lock:
                 exhausted = False
                 try:
@@ -681,11 +711,11 @@ class GitHubStandIn:
                     reply = _conditional(reply)
                 # 401s, 304s and refusals for an exhausted limit do not count.
                 count = counted and not exhausted and reply.status not in (304, 401)
-                return self._respond(method, path, reply, counted=count)
+                return self._respond(method, path, reply, counted=count, at=arrived)
 
         return route
 
-    def _respond(self, method: str, path: str, reply: _Reply, *, counted: bool) -> Any:
+    def _respond(self, method: str, path: str, reply: _Reply, *, counted: bool, at: float) -> Any:
         with self._lock:
             if counted:
                 self._rl_used += 1
@@ -701,11 +731,15 @@ class GitHubStandIn:
                 **reply.headers,
             }
             self._requests.append(RecordedRequest(method, path, reply.status))
+            self._request_times.append(at)
         log.debug("%s %s -> %d", method, path, reply.status)
         if reply.body is None:
             body: bytes = b""
         else:
-            body = json.dumps(reply.body, separators=(",", ":")).encode()  # as GitHub: compact
+            if isinstance(reply.body, bytes):  # a fault's malformed body, as it is
+                body = reply.body
+            else:
+                body = json.dumps(reply.body, separators=(",", ":")).encode()  # as GitHub
             headers["Content-Type"] = "application/json; charset=utf-8"
         return bottle.HTTPResponse(body=body, status=reply.status, headers=headers)
 
@@ -922,6 +956,7 @@ class GitHubStandIn:
             elif artifact is None:
                 status = 404
             self._requests.append(RecordedRequest("GET", path, status))
+            self._request_times.append(time.monotonic())
         if status != 200 or artifact is None:
             return bottle.HTTPResponse(
                 body=f"blob request refused ({status})", status=status, content_type="text/plain"
@@ -1023,6 +1058,7 @@ class GitHubStandIn:
             path_contains=body.get("path_contains"),
             retry_after=body.get("retry_after"),
             delay=float(body.get("delay", 0.0)),
+            body=body.get("body"),
         )
 
     def _ctl_requests(self) -> list[dict[str, Any]]:
@@ -1095,6 +1131,8 @@ def _error_reply(status: int, message: str, headers: Mapping[str, str] | None = 
 
 
 def _fault_reply(fault: _Fault) -> _Reply:
+    if fault.body is not None:
+        return _Reply(fault.status or 200, fault.body.encode())
     status = fault.status or 500
     messages = {
         403: "API rate limit exceeded for user ID 1.",

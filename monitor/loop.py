@@ -463,7 +463,15 @@ class Monitor:
         if item is _RECONCILE:
             self._reconcile_queued.clear()
             started = time.perf_counter()
-            self.tick(self.clock())
+            now = self.clock()
+            try:
+                self.tick(now)
+            except Exception as error:  # noqa: BLE001 - e.g. the store full or locked: this pass
+                message = f"reconcile pass failed: {error}"
+                previous = self.observation
+                if previous is None or previous.error != message:  # once, not once per pass
+                    log.exception("%s", message)
+                self._publish_error(now, message)
             self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         elif item is _REFRESH_VIEW:
             self._view_refresh_queued.clear()
@@ -505,8 +513,10 @@ class Monitor:
         try:
             fetched = self.github.list_runners()
         except MonitorError as error:
-            delay = self._list_backoff.failed("list", now, _retry_after(error))
-            self.registrations.back_off(now + delay)
+            # From the failure, not from before the request: Retry-After counts from its answer.
+            failed_at = self.clock()
+            delay = self._list_backoff.failed("list", failed_at, _retry_after(error))
+            self.registrations.back_off(failed_at + delay)
             if self.github_error != str(error):
                 log.warning("GitHub runner list failed, retrying in %s: %s", delay, error)
                 models.record_event("github-error", f"listing runners failed: {error}")
@@ -551,9 +561,12 @@ class Monitor:
         try:
             guests = self.hypervisor.list_guests(self.runner_prefix + "-")
         except MonitorError as error:
-            log.warning("tick: listing guests failed: %s", error)
-            models.record_event("libvirt-error", f"listing guests failed: {error}", at=now)
-            self._publish_error(now, f"listing guests failed: {error}")
+            message = f"listing guests failed: {error}"
+            previous = self.observation
+            if previous is None or previous.error != message:  # once, not once per pass
+                log.warning("tick: %s", message)
+                models.record_event("libvirt-error", message, at=now)
+            self._publish_error(now, message)
             return None
         guest_names = [guest.name for guest in guests]
 

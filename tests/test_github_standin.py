@@ -470,6 +470,45 @@ def test_fault_delay_and_clear(standin: GitHubStandIn, api: Client):
     assert api("GET", f"{REPO}/actions/runners/1/labels").status == 404
 
 
+def test_fault_with_a_malformed_body(standin: GitHubStandIn, api: Client):
+    standin.inject_fault(None, method="GET", body='{"total_count": 1, "runners": [')
+    standin.inject_fault(502, body="<html>Bad gateway</html>")
+
+    truncated = api("GET", f"{REPO}/actions/runners")
+    html = api("GET", f"{REPO}/actions/runners")
+
+    assert (truncated.status, truncated.data) == (200, b'{"total_count": 1, "runners": [')
+    assert truncated.headers["Content-Type"].startswith("application/json")
+    assert (html.status, html.data) == (502, b"<html>Bad gateway</html>")
+    assert api("GET", f"{REPO}/actions/runners").status == 200
+
+
+def test_exhausted_rate_limit_refuses_until_its_reset(standin: GitHubStandIn, api: Client):
+    reset = standin.exhaust_rate_limit(reset_in=1.0)
+
+    refused = api("GET", f"{REPO}/actions/runners")
+    waited = wait_for(lambda: api("GET", f"{REPO}/actions/runners").status == 200)
+
+    assert refused.status == 403 and refused.headers["x-ratelimit-remaining"] == "0"
+    assert "Retry-After" not in refused.headers  # only the reset tells when
+    assert refused.headers["x-ratelimit-reset"] == str(reset)
+    assert 0 < waited <= 2.5
+    assert int(api("GET", "/rate_limit").headers["x-ratelimit-remaining"]) > 0
+
+
+def test_timed_requests_say_when_each_arrived(standin: GitHubStandIn, api: Client):
+    standin.inject_fault(503, delay=0.3)
+    before = time.monotonic()
+    api("GET", f"{REPO}/actions/runners")
+    api("GET", "/rate_limit")
+    after = time.monotonic()
+
+    (first, slow), (second, fast) = standin.timed_requests
+    assert (slow.status, fast.status) == (503, 200)
+    assert before <= first < before + 0.2  # when it came, not when the delay ended
+    assert first + 0.3 <= second <= after
+
+
 # -- control API -----------------------------------------------------------------------------
 
 
@@ -520,6 +559,8 @@ def test_control_over_http(standin: GitHubStandIn, api: Client):
 
     control("POST", "/faults", {"status": 502, "path_contains": "/runs/"})
     assert api("GET", f"{REPO}/actions/runs/9/artifacts").status == 502
+    control("POST", "/faults", {"body": "{", "path_contains": "/runs/"})
+    assert api("GET", f"{REPO}/actions/runs/9/artifacts").data == b"{"
     control("POST", "/faults", {"status": 502})
     control("DELETE", "/faults")
     assert api("GET", "/rate_limit").status == 200
@@ -529,6 +570,8 @@ def test_control_over_http(standin: GitHubStandIn, api: Client):
         "status": 200,
     }
     assert control("GET", "/jit-names") == ["ci-runner-a.1@ci0"]
+    control("POST", "/rate-limit", {"reset_in": 60})
+    assert api("GET", f"{REPO}/actions/runs/9/artifacts").status == 403
 
     control("POST", "/agent", {"online_after": 0.1, "job_seconds": 2, "hold_jobs": True})
     assert standin.agent_online_after == 0.1
