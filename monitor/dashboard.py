@@ -364,3 +364,14 @@ def take_record_json(row: Any) -> dict[str, Any]:
 def format_seconds(value: float | None) -> str:
     """A duration in seconds for the history table: "—" while unknown."""
     return "—" if value is None else format_age(timedelta(seconds=value))
+
+
+def event_json(event: Any) -> dict[str, Any]:
+    """One event of the log as `/events` shows it."""
+    return {
+        "at": event.at.isoformat(),
+        "kind": event.kind,
+        "message": event.message,
+        "runner_id": event.runner_id,
+        "profile": event.profile,
+    }

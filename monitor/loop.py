@@ -328,6 +328,8 @@ class Monitor:
         self.registrations = RegistrationCache(config.api_cache_timeout)
         self.override: policy.Override | None = models.load_override()
         self.holds: policy.Holds = models.load_holds()
+        # Runners the operator asked to destroy, until they are gone (request_destroy).
+        self._destroy_requests: set[int] = set()
         self.screenshots = ScreenshotStore(config.data_path)
         self.observation: Observation | None = None
         self.github_error: str | None = None
@@ -596,6 +598,7 @@ class Monitor:
             for rid in gone:
                 log.info("runner %d is gone", rid)
 
+        self._destroy_requests &= {r.id for r in runners}
         override = policy.update_override(self.override, runners)
         if override != self.override:
             self.override = override
@@ -691,6 +694,7 @@ class Monitor:
             finished_runs=frozenset(self.finished_runs),
             drained=self.holds.drained_profiles(self.config.profiles),
             paused=self.holds.paused,
+            destroy_requested=frozenset(self._destroy_requests),
         )
 
     # Reserved runners whose workflow run is over (scheduler thread) ---------------------------
@@ -841,6 +845,8 @@ class Monitor:
             reason = _destroy_reason(
                 runner, self.config.destroy_all_non_busy_runners, self.snapshots.get(runner.profile)
             )
+            if runner_id in self._destroy_requests:
+                reason = "the operator asked for it"
             run = runner.reserved_by() if runner.status is policy.Status.RESERVED else None
             if run in self.finished_runs:
                 reason = (
@@ -1466,6 +1472,33 @@ class Monitor:
         models.record_event("override", f"override set: {override.profile_override_counts}")
         self.request_reconcile()
         return override
+
+    def request_destroy(self, runner_id: int, force: bool = False) -> dict[str, Any]:
+        """Destroy a runner at the next pass (unregister, stop, delete its disk); the policy
+        replaces it. A Busy runner is running a job: only with `force`."""
+        observation = self.observation
+        runner = (
+            next((r for r in observation.runners if r.id == runner_id), None)
+            if (observation is not None)
+            else None
+        )
+        if runner is None:
+            raise MonitorError(f"No runner with id: {runner_id}", status=404)
+        if runner.status is policy.Status.BUSY and not force:
+            raise MonitorError(
+                f"runner {runner_id} is Busy (running a job); add force=1 to destroy it anyway",
+                status=409,
+            )
+        if runner_id not in self._destroy_requests:
+            self._destroy_requests.add(runner_id)
+            models.record_event(
+                "destroy-requested",
+                f"the operator asked to destroy runner {runner_id} ({runner.status.value})",
+                runner_id=runner_id,
+                profile=runner.profile,
+            )
+            self.request_reconcile()
+        return {"id": runner_id, "status": runner.status.value, "destroying": True}
 
     # Drain, pause, maintenance (monitor thread, through `call`) ------------------------------
 

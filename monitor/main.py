@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor import __version__
+from monitor import cli
 from monitor import config as config_module
 from monitor import models
 from monitor import policy
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000, help="dashboard port (default 8000)")
     demo.add_argument("--host", default="127.0.0.1", help="dashboard address (default 127.0.0.1)")
     demo.add_argument("--data-dir", type=Path, help="keep demo state here (default: a temp dir)")
+    cli.add_commands(commands)
     return parser
 
 
@@ -101,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(config)
     if args.command == "demo":
         return demo(args.host, args.port, args.data_dir)
+    if args.command in cli.COMMANDS:
+        return cli.main(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_CONFIG
 

@@ -415,6 +415,8 @@ class PolicyInput:
     # a paused host creates nothing and rebuilds nothing, and keeps the runners it has.
     drained: frozenset[str] = frozenset()
     paused: bool = False
+    # Runners the operator asked to destroy (`monitor destroy ID`), destroyed first.
+    destroy_requested: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -702,9 +704,17 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
         or r.reserved_by() in inp.finished_runs
     ]
 
-    destroy = [r.id for r in invalid if not r.in_flight]
+    requested = [r for r in runners if r.id in inp.destroy_requested]
+    destroy = [r.id for r in requested if not r.in_flight]
+    destroy += [r.id for r in invalid if not r.in_flight and r.id not in destroy]
     proposed = dict.fromkeys(inp.profiles, 0)
+    for runner in requested:
+        # A runner the operator removes is replaced, as one whose job is done would be.
+        if runner.profile in proposed and runner.status is not Status.INVALID:
+            proposed[runner.profile] += 1
     for runner in [*done, *started_too_old, *reserved_too_long]:
+        if runner.id in inp.destroy_requested:
+            continue  # counted above
         if not runner.in_flight:
             destroy.append(runner.id)
         # Upstream panics on a runner of an unconfigured profile here; we destroy it and leave

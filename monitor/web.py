@@ -68,8 +68,9 @@ _BROWSER_PATHS = ("/", "/dashboard.html")
 MAX_OVERRIDE_COUNT = 1000
 # The tokenless select's rate limit counts requests per repository in windows of this long.
 SELECT_WINDOW_SECONDS = 60.0
-# Recent events on the dashboard.
+# Recent events on the dashboard (and by default at /events), and at most at /events.
 EVENTS_SHOWN = 20
+EVENTS_MAX = 1000
 # Reservation history: rows per page by default and at most; rows on the dashboard.
 HISTORY_PAGE = 30
 HISTORY_PAGE_MAX = 100
@@ -519,6 +520,23 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         require_token()
         override = monitor.call(monitor.clear_override, thread_timeout())
         return _json(override.to_json() if override is not None else None)
+
+    # Operator actions and the event log ---------------------------------------------------
+
+    @app.post("/runner/<runner_id>/destroy")
+    def destroy_runner(runner_id: str) -> bottle.HTTPResponse:
+        require_token()
+        number = _runner_id(runner_id)
+        force = bottle.request.query.get("force", "") in ("1", "true", "yes")
+        return _json(monitor.call(lambda: monitor.request_destroy(number, force), thread_timeout()))
+
+    @app.get("/events")
+    def events() -> bottle.HTTPResponse:
+        query = bottle.request.query
+        limit = _bounded(query, "limit", EVENTS_SHOWN, 1, EVENTS_MAX)
+        runner = query.get("runner_id")
+        rows = models.recent_events(limit, None if runner is None else _runner_id(runner))
+        return _json([dashboard.event_json(event) for event in rows])
 
     # Reservation history ------------------------------------------------------------------
 

@@ -1,0 +1,167 @@
+"""The operator CLI against a running `monitor run` (libvirt's test driver, the GitHub stand-in
+playing the runner agent): every command, for people and with --json, and its one-line errors
+for a wrong token and a daemon that is down."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+
+import pytest
+
+from monitor.github_standin import GitHubStandIn
+from tests.conftest import write_config
+from tests.test_cli import Daemon
+from tests.test_cli import free_port
+from tests.test_cli import get_json
+from tests.test_cli import monitor
+from tests.test_cli import wait_for
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    """One monitor for the module: profiles linux (2) and windows (1), all Idle."""
+    root = tmp_path_factory.mktemp("operator")
+    standin = GitHubStandIn(token="test-gh-token")
+    standin.agent_online_after = 0.2
+    standin.start()
+    port = free_port()
+    path = write_config(root, github_api_url=standin.base_url, extra=f"listen_port = {port}\n")
+    running = Daemon("run", "--config", str(path), cwd=root)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with running:
+            wait_until_idle(base, 3)
+            yield {"config": str(path), "base": base, "root": root, "port": port}
+    finally:
+        standin.stop()
+
+
+def wait_until_idle(base: str, count: int, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    wait_for(f"{base}/healthz", deadline)
+    while True:
+        try:
+            dashboard = get_json(f"{base}/dashboard.json")
+        except urllib.error.HTTPError:  # 503 until the first reconcile
+            dashboard = {"runners": []}
+        if sum(r["status"] == "Idle" for r in dashboard["runners"]) >= count:
+            return dashboard
+        assert time.monotonic() < deadline, dashboard
+        time.sleep(0.1)
+
+
+def cli(daemon, *args: str, cwd=None):
+    return monitor(*args, "--config", daemon["config"], cwd=cwd or daemon["root"])
+
+
+def test_status_shows_profiles_counts_and_health(daemon):
+    result = cli(daemon, "status")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("GitHub") and line.endswith("ok") for line in lines)
+    assert any(line.split()[:2] == ["linux", "2/2"] for line in lines), result.stdout
+    assert any(line.split()[:2] == ["windows", "1/1"] for line in lines), result.stdout
+    data = json.loads(cli(daemon, "status", "--json").stdout)
+    assert data["dashboard"]["profile_runner_counts"]["linux"]["target"] == 2
+    assert data["health"]["github_error"] is None
+
+
+def test_runners_lists_each_runner_and_filters_by_profile(daemon):
+    result = cli(daemon, "runners", "--profile", "windows")
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "PROFILE", "STATUS"]
+    assert [row.split()[1:3] for row in rows] == [["windows", "Idle"]]
+    listed = json.loads(cli(daemon, "runners", "--json").stdout)
+    assert len(listed) >= 3 and {"id", "runner", "status"} <= set(listed[0])
+
+
+def test_take_override_drain_destroy_screenshot_and_events(daemon, tmp_path):
+    taken = cli(daemon, "take", "linux", "--repo", "test/servo", "--run-id", "77")
+    assert taken.returncode == 0, taken.stderr
+    runner_id = int(taken.stdout.split()[2])
+    reserved = cli(daemon, "runners", "--profile", "linux").stdout
+    assert any(
+        r.split()[:3] == [str(runner_id), "linux", "Reserved"] for r in reserved.splitlines()
+    )
+
+    assert "linux" in cli(daemon, "override", "set", "linux=3").stdout
+    shown = json.loads(cli(daemon, "override", "show", "--json").stdout)
+    assert shown["profile_override_counts"] == {"linux": 3}
+    assert "override cancelled" in cli(daemon, "override", "cancel").stdout
+    assert cli(daemon, "override", "show").stdout.strip() == "no override"
+
+    drained = cli(daemon, "drain", "windows")
+    assert drained.returncode == 0 and "windows drained" in drained.stdout
+    assert "drained" in cli(daemon, "status").stdout
+    assert json.loads(cli(daemon, "undrain", "windows", "--json").stdout)["drained_profiles"] == []
+
+    picture = tmp_path / "screen.png"
+    saved = cli(daemon, "screenshot", str(runner_id), "-o", str(picture))
+    assert saved.returncode == 0, saved.stderr
+    assert picture.read_bytes().startswith(PNG_MAGIC)
+
+    gone = cli(daemon, "destroy", str(runner_id), "--wait", "30")
+    assert gone.returncode == 0, gone.stderr
+    assert f"runner {runner_id} (Reserved) destroyed" in gone.stdout
+    dashboard = get_json(f"{daemon['base']}/dashboard.json")
+    assert runner_id not in [r["id"] for r in dashboard["runners"]]
+
+    events = cli(daemon, "events", "--limit", "50")
+    assert events.returncode == 0
+    assert "destroy-requested" in events.stdout and "the operator asked for it" in events.stdout
+    only = json.loads(cli(daemon, "events", "--runner", str(runner_id), "--json").stdout)
+    assert only and all(e["runner_id"] == runner_id for e in only)
+    wait_until_idle(daemon["base"], 3)  # replaced: the other tests see the pool whole
+
+
+def test_take_wait_shows_progress_and_gives_up(daemon):
+    first = cli(daemon, "take", "windows", "--json")
+    assert first.returncode == 0 and json.loads(first.stdout)
+    none = cli(daemon, "take", "windows", "--wait", "3")
+    assert none.returncode == 1
+    assert "waiting for an idle windows runner" in none.stderr  # one line per try (no tty)
+    assert "gave up" in none.stderr.splitlines()[-1]
+    busy_runner = json.loads(first.stdout)[0]["id"]
+    cli(daemon, "destroy", str(busy_runner), "--wait", "30")
+    wait_until_idle(daemon["base"], 3)
+
+
+def test_refusals_are_one_line_with_exit_status_1(daemon):
+    unknown = cli(daemon, "drain", "macos")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == (
+        "monitor drain: the monitor answered 404: No profile with key: macos"
+    )
+    assert "Traceback" not in unknown.stderr
+
+
+def test_a_wrong_token_is_reported(daemon, tmp_path):
+    path = write_config(tmp_path, extra=f"listen_port = {daemon['port']}\n")
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_file.read_text().replace("test-api-token", "not-the-token"))
+    result = monitor("drain", "linux", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "monitor drain: the monitor refused the API token (403): wrong monitor API token"
+    )
+    # Reading needs no token: still fine.
+    assert monitor("status", "--config", str(path), cwd=tmp_path).returncode == 0
+
+
+def test_a_daemon_that_is_down_is_reported(tmp_path):
+    path = write_config(tmp_path, extra=f"listen_port = {free_port()}\n")
+    result = monitor("status", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert line.startswith("monitor status: cannot reach the monitor at http://127.0.0.1:")
+    assert "connection refused" in line and "Traceback" not in result.stderr
+
+
+def test_a_bad_config_is_exit_2(tmp_path):
+    result = monitor("status", "--config", str(tmp_path / "missing.toml"), cwd=tmp_path)
+    assert result.returncode == 2 and "missing.toml" in result.stderr
