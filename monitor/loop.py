@@ -596,7 +596,7 @@ class Monitor:
         if gone:
             models.mark_destroyed(gone, now)
             for rid in gone:
-                log.info("runner %d is gone", rid)
+                log.info("runner %d is gone", rid, extra={"runner_id": rid})
 
         self._destroy_requests &= {r.id for r in runners}
         override = policy.update_override(self.override, runners)
@@ -804,7 +804,12 @@ class Monitor:
                 name = policy.guest_name(self.runner_prefix, profile, runner_id)
                 models.create_runner(runner_id, profile, name, now, adopted=True)
                 models.ensure_runner_id_above(runner_id)
-                log.info("adopted runner %d (%s) found in our namespace", runner_id, name)
+                log.info(
+                    "adopted runner %d (%s) found in our namespace",
+                    runner_id,
+                    name,
+                    extra={"runner_id": runner_id},
+                )
                 models.record_event(
                     "adopt",
                     f"adopted existing {name}",
@@ -852,7 +857,13 @@ class Monitor:
                 reason = (
                     f"its workflow run {run} ended ({self.finished_runs[run]}) without using it"
                 )
-            log.info("destroying runner %d (%s): %s", runner_id, runner.profile, reason)
+            log.info(
+                "destroying runner %d (%s): %s",
+                runner_id,
+                runner.profile,
+                reason,
+                extra={"runner_id": runner_id},
+            )
             models.record_event(
                 "destroy", reason, runner_id=runner_id, profile=runner.profile, at=now
             )
@@ -882,7 +893,7 @@ class Monitor:
         models.record_event(
             "create", f"creating {name}", runner_id=runner_id, profile=profile_key, at=now
         )
-        log.info("creating runner %d (%s)", runner_id, name)
+        log.info("creating runner %d (%s)", runner_id, name, extra={"runner_id": runner_id})
         self._in_flight[runner_id] = "create"
         self._workers.submit(self._create_worker, runner_id, profile, name, image)
 
@@ -969,7 +980,7 @@ class Monitor:
             self._create_backoff.succeeded(key)
             if registration is not None:
                 self.registrations.upsert(registration)
-            log.info("created runner %d (%s)", runner_id, name)
+            log.info("created runner %d (%s)", runner_id, name, extra={"runner_id": runner_id})
             models.record_event("created", f"created and started {name}", runner_id=runner_id)
             # Look at GitHub again soon, as upstream does after every create (spec §9.2);
             # the write-through above keeps decisions correct until then.
@@ -1002,8 +1013,12 @@ class Monitor:
             if runner.registration is not None:
                 self.github.delete_runner(runner.registration.id)
                 unregistered = True
-            if runner.guest_name is not None:
-                self.hypervisor.destroy_guest(runner.guest_name)
+            # Also without a guest: a create killed between its volume and its domain left
+            # `<guest>.qcow2` behind (destroy_guest is idempotent; ids are never reused).
+            self.hypervisor.destroy_guest(
+                runner.guest_name
+                or policy.guest_name(self.runner_prefix, runner.profile, runner.id)
+            )
         except Exception as failure:  # noqa: BLE001 - a worker must report, not vanish
             if not isinstance(failure, MonitorError):
                 log.exception("destroy worker for runner %d crashed", runner.id)
@@ -1029,13 +1044,19 @@ class Monitor:
         if errors:
             message = "; ".join(errors)
             delay = self._destroy_backoff.failed(runner.id, self.clock(), retry_after)
-            log.error("destroying runner %d failed (retry in %s): %s", runner.id, delay, message)
+            log.error(
+                "destroying runner %d failed (retry in %s): %s",
+                runner.id,
+                delay,
+                message,
+                extra={"runner_id": runner.id},
+            )
             models.record_event(
                 "destroy-failed", f"{message} (retry in {delay})", runner_id=runner.id
             )
         else:
             self._destroy_backoff.succeeded(runner.id)
-            log.info("destroyed runner %d", runner.id)
+            log.info("destroyed runner %d", runner.id, extra={"runner_id": runner.id})
             models.record_event("destroyed", f"destroyed runner {runner.id}", runner_id=runner.id)
             self.registrations.invalidate()
             self.request_reconcile()
@@ -1079,7 +1100,9 @@ class Monitor:
             self._check_same_take(unique_id, given, asked)
             return take.future
         done: Future = Future()
-        previous = self._reservations.get(unique_id)
+        previous = self._reservations.get(unique_id) or self._reservation_on_github(
+            unique_id, count, qualified_repo, run_id
+        )
         if previous is not None:
             given = (previous.profile, previous.count, previous.qualified_repo, previous.run_id)
             self._check_same_take(unique_id, given, asked)
@@ -1156,6 +1179,41 @@ class Monitor:
             for r in runners
         ]
 
+    def _reservation_on_github(
+        self, unique_id: str, count: int, qualified_repo: str, run_id: str
+    ) -> models.ReservationRecord | None:
+        """Runners GitHub shows labelled `reserved-for:<unique_id>` though no record says so:
+        the monitor was killed between adding the labels and saving the record (found by
+        bench/crash.py). The labels are the record, so a retried take gets those runners
+        instead of a second set."""
+        assert self.observation is not None
+        found = [
+            runner
+            for runner in self.observation.runners
+            if runner.status is policy.Status.RESERVED
+            and runner.registration is not None
+            and runner.registration.label_value(policy.RESERVED_FOR) == unique_id
+        ]
+        if not found:
+            return None
+        record = models.ReservationRecord(
+            found[0].profile,
+            count,
+            sorted(r.id for r in found),
+            self.clock(),
+            qualified_repo,
+            run_id,
+        )
+        log.warning(
+            "take %s: GitHub already has it on runner(s) %s (from before a restart); "
+            "answering with them",
+            unique_id,
+            record.runner_ids,
+        )
+        self._reservations[unique_id] = record
+        self._unsaved[unique_id] = record
+        return record
+
     def _remembered_answer(self, runner_ids: list[int]) -> list[dict[str, Any]]:
         """The answer for a reservation made earlier, leaving out runners gone since."""
         observed = {r.id: r for r in self.observation.runners} if self.observation else {}
@@ -1208,7 +1266,13 @@ class Monitor:
                 self.github.remove_label(registration_id, label)
             except Exception as error:  # noqa: BLE001 - reported; the runner is held
                 clean = False
-                log.error("rolling back runner %d's label %s failed: %s", runner_id, label, error)
+                log.error(
+                    "rolling back runner %d's label %s failed: %s",
+                    runner_id,
+                    label,
+                    error,
+                    extra={"runner_id": runner_id},
+                )
         return clean
 
     def _take_done(self, take: _Take) -> None:
@@ -1374,7 +1438,11 @@ class Monitor:
                 f"the JIT config of runner {row.id} has already been served", status=410
             )
         if row.jit_config is not None:
-            log.info("serving the JIT config of runner %d to its guest (token)", row.id)
+            log.info(
+                "serving the JIT config of runner %d to its guest (token)",
+                row.id,
+                extra={"runner_id": row.id},
+            )
             self.registrations.invalidate_in(JIT_SERVED_REFRESH, self.clock())
         return row.jit_config
 
@@ -1395,7 +1463,12 @@ class Monitor:
         row = models.get_runner(runner.id)
         config = row.jit_config if row is not None else None
         if config is not None:
-            log.info("serving the JIT config of runner %d to %s", runner.id, address)
+            log.info(
+                "serving the JIT config of runner %d to %s",
+                runner.id,
+                address,
+                extra={"runner_id": runner.id},
+            )
             self.registrations.invalidate_in(JIT_SERVED_REFRESH, self.clock())
         return config
 
@@ -1437,7 +1510,12 @@ class Monitor:
             self.screenshots.save(runner_id, raw)
         except MonitorError as error:
             # Not saved (say the disk is full), but the picture may be fine: the click gets it.
-            log.warning("cannot save the screenshot of runner %d: %s", runner_id, error)
+            log.warning(
+                "cannot save the screenshot of runner %d: %s",
+                runner_id,
+                error,
+                extra={"runner_id": runner_id},
+            )
         # A PNG (what QEMU 7.1+ and the test driver give) is returned as it is, not encoded
         # again; only a PPM pays a second encode, on a click.
         return to_png(raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 import time
 from collections.abc import Callable
@@ -217,3 +218,14 @@ def rebuilt_profile(
         rebuild_disk_size = "{disk_size}"
         """
     )
+
+
+def set_settings(path: Path, settings: dict[str, str]) -> None:
+    """Give top-level keys of a config that write_config wrote these values (TOML text, e.g.
+    `"1"` or `'"name"'`): a key it wrote has its line replaced, another is added on top."""
+    text = path.read_text()
+    for key, value in settings.items():
+        text, replaced = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text)
+        if not replaced:
+            text = f"{key} = {value}\n{text}"  # top-level keys come before the tables
+    path.write_text(text)
