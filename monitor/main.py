@@ -44,13 +44,38 @@ HTTP_THREADS = 48
 READY_POLL_SECONDS = 0.2
 
 
+class RunnerFormatter(logging.Formatter):
+    """Adds `runner=<id>` to a line about one runner (`extra={"runner_id": …}`), so that
+    `journalctl -u monitor | grep runner=42` follows a runner from creation to destruction.
+    Under journald (`$JOURNAL_STREAM`) each line starts with its syslog priority (`<3>` for
+    ERROR…), which journald turns into the entry's PRIORITY: `journalctl -p warning` works."""
+
+    PRIORITIES = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+    def __init__(self, fmt: str, journald: bool) -> None:
+        super().__init__(fmt)
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        runner_id = getattr(record, "runner_id", None)
+        if runner_id is not None:
+            text += f" runner={runner_id}"
+        if self.journald:
+            text = f"<{self.PRIORITIES.get(record.levelname, 6)}>{text}"
+        return text
+
+
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("MONITOR_LOG_LEVEL") or "INFO").upper()
     # journald adds timestamps itself; a terminal wants them.
+    journald = "JOURNAL_STREAM" in os.environ
     fmt = "%(levelname)s %(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
+    if not journald:
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RunnerFormatter(fmt, journald))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # APScheduler logs every job run at INFO.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # peewee logs every query with its parameters at DEBUG, JIT configs included: never.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import logging
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ import pytest
 from monitor import systemd
 from monitor.github_standin import GitHubStandIn
 from monitor.loop import Monitor
+from monitor.main import RunnerFormatter
 from tests.conftest import GITHUB_TOKEN
 from tests.conftest import write_config
 from tests.fakes import FakeGitHub
@@ -164,3 +166,43 @@ def test_unit_is_a_notify_service_with_a_watchdog():
     service = unit()["Service"]
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert service["WatchdogSec"] == "60"
+
+
+def test_log_lines_carry_the_runner_and_journald_priorities():
+    record = logging.LogRecord(
+        "monitor.loop",
+        logging.INFO,
+        "x",
+        1,
+        "destroying runner %d: %s",
+        (7, "its job is done"),
+        None,
+    )
+    record.runner_id = 7
+    plain = RunnerFormatter("%(levelname)s %(name)s: %(message)s", journald=False)
+    assert (
+        plain.format(record) == "INFO monitor.loop: destroying runner 7: its job is done runner=7"
+    )
+    journal = RunnerFormatter("%(levelname)s %(name)s: %(message)s", journald=True)
+    error = logging.LogRecord("monitor.loop", logging.ERROR, "x", 1, "failed", (), None)
+    assert journal.format(error) == "<3>ERROR monitor.loop: failed"
+
+
+def test_run_logs_what_it_did_and_why_with_the_runner(tmp_path):
+    standin = GitHubStandIn(token=GITHUB_TOKEN)
+    standin.start()
+    port = free_port()
+    path = write_config(tmp_path, github_api_url=standin.base_url, extra=f"listen_port = {port}\n")
+    try:
+        with Daemon("run", "--config", str(path), cwd=tmp_path, env={"JOURNAL_STREAM": "1:2"}) as d:
+            deadline = time.monotonic() + 30
+            while len(standin.runners()) < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            code, output = d.terminate()
+    finally:
+        standin.stop()
+    assert code == 0
+    lines = output.splitlines()
+    assert "<6>INFO monitor.loop: creating runner 0 (ci-runner-linux.0) runner=0" in lines
+    assert all(line.startswith("<") for line in lines if line), output
