@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     app = bottle.Bottle()
     lookup = [str(VIEWS)]
     boot_logs = bootlog.BootLogStore(config.data_path)
+    # One thread writes the reservation history, in the order the takes were answered.
+    history_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
     credentials = auth.Credentials(
         upstream_token=config.api_token,
         token_hashes=config.api_tokens,
@@ -208,19 +211,25 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         asked_at = monitor.clock()
 
         def remember(runner_ids: list[int], outcome: str) -> None:
-            try:
-                models.record_take(
-                    unique_id,
-                    profile_key,
-                    qualified_repo,
-                    run_id,
-                    runner_ids,
-                    outcome,
-                    asked_at,
-                    monitor.clock(),
-                )
-            except Exception as error:  # noqa: BLE001 - the answer matters more than history
-                log.warning("cannot record take %s in the history: %s", unique_id, error)
+            answered_at = monitor.clock()
+
+            def write() -> None:
+                try:
+                    models.record_take(
+                        unique_id,
+                        profile_key,
+                        qualified_repo,
+                        run_id,
+                        runner_ids,
+                        outcome,
+                        asked_at,
+                        answered_at,
+                    )
+                except Exception as error:  # noqa: BLE001 - history must not fail a take
+                    log.warning("cannot record take %s in the history: %s", unique_id, error)
+
+            # Off the request: a locked store would make the client wait out its busy timeout.
+            history_writer.submit(write)
 
         try:
             answer = monitor.call(

@@ -4,6 +4,7 @@ and sorting; the dashboard's table. The monitor thread runs for real with test_a
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -24,6 +25,15 @@ def rig(make_rig):
     return rig
 
 
+def history(rig, query: str = "", rows: int = 1) -> dict:
+    """`/reservations`, once it has `rows` rows (takes are written to it off the request)."""
+    deadline = time.monotonic() + 10
+    while (body := rig.client.get(f"/reservations{query}").json)["total"] < rows:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.01)
+    return body
+
+
 def registration_of(rig, runner_id: int):
     return next(r for r in rig.github.runners.values() if f".{runner_id}@" in r.name)
 
@@ -32,7 +42,7 @@ def test_a_take_is_followed_from_the_ask_to_the_end_of_its_job(rig):
     unique_id = str(uuid.uuid4())
     (entry,) = rig.client.post(rig.take_url(unique_id=unique_id, run="41"), headers=AUTH).json
     rig.client.post(rig.take_url(unique_id=unique_id, run="41"), headers=AUTH)  # a retry
-    (row,) = rig.client.get("/reservations").json["reservations"]
+    (row,) = history(rig)["reservations"]
     assert (row["unique_id"], row["runner_id"], row["outcome"]) == (
         unique_id,
         entry["id"],
@@ -59,7 +69,7 @@ def test_null_answers_and_failures_are_history_too(rig):
         rig.client.post(rig.take_url(profile="windows"), headers=AUTH)
     rig.github.fail_next("add_labels", test_api.MonitorError("GitHub said no", 502))
     rig.client.post(rig.take_url(), headers=AUTH, status=502)
-    rows = rig.client.get("/reservations?sort=asked_at&order=asc").json["reservations"]
+    rows = history(rig, "?sort=asked_at&order=asc", rows=3)["reservations"]
     assert [(r["profile"], r["outcome"]) for r in rows] == [
         ("windows", "reserved"),
         ("windows", "null"),
