@@ -69,12 +69,17 @@ def make_rig(make_config, store):
         rig.monitor.stop()
 
 
-@pytest.fixture
-def rig(make_rig) -> Rig:
-    rig = make_rig(targets={"linux": 3, "windows": 1})
+def idle_rig(make_rig, **targets: int) -> Rig:
+    """A rig whose runners (`targets` per profile) are all registered, started and Idle."""
+    rig = make_rig(targets=targets)
     rig.converge()
     rig.all_online()
     return rig
+
+
+@pytest.fixture
+def rig(make_rig) -> Rig:
+    return idle_rig(make_rig, linux=3, windows=1)
 
 
 def eventually(probe, timeout: float = 10.0):

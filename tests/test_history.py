@@ -19,10 +19,7 @@ make_rig = test_api.make_rig  # the fixture
 
 @pytest.fixture
 def rig(make_rig):
-    rig = make_rig(targets={"linux": 2, "windows": 1})
-    rig.converge()
-    rig.all_online()
-    return rig
+    return test_api.idle_rig(make_rig, linux=2, windows=1)
 
 
 def history(rig, query: str = "", rows: int = 1) -> dict:

@@ -17,10 +17,7 @@ make_rig = test_api.make_rig  # the fixture
 
 @pytest.fixture
 def rig(make_rig):
-    rig = make_rig(targets={"linux": 3, "windows": 1})
-    rig.converge()
-    rig.all_online()
-    return rig
+    return test_api.idle_rig(make_rig, linux=3, windows=1)
 
 
 def statuses(rig, profile: str) -> list[str]:

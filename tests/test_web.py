@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import webtest
 
@@ -141,3 +143,6 @@ def test_wheel_ships_views_static_and_demo(tmp_path):
     assert f"{data}/static/style.css" in names
     assert "monitor/demo/monitor.toml" in names
     assert "monitor/demo/profiles/linux/guest.xml" in names
+    # The API's description, as /openapi.json serves it.
+    shipped = json.loads(zipfile.ZipFile(wheel).read("monitor/openapi.json"))
+    assert shipped == json.loads((web.ROOT / "monitor" / "openapi.json").read_text())
