@@ -691,8 +691,9 @@ def _required(query: bottle.FormsDict, name: str) -> str:
 
 
 def _runner_id(text: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        raise MonitorError(f"runner id must be a number, got {text!r}", 422)
+    # Bounded: SQLite integers are 64-bit (a larger one was a 500, found by schemathesis).
+    if not text.isdigit() or not text.isascii() or len(text) > 18:
+        raise MonitorError(f"runner id must be a number below 10^18, got {text!r}", 422)
     return int(text)
 
 

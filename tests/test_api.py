@@ -691,3 +691,10 @@ def test_select_runner_for_an_artifact_naming_an_unknown_profile_is_404(rig, mon
     response = rig.client.post(url, status=404)
     assert "macos" in assert_error(response, 404)
     assert "X-RateLimit-Remaining" in response.headers
+
+
+def test_runner_ids_beyond_64_bits_are_422_not_500(rig):
+    huge = "1930477067118100394712485593088"
+    for path in (f"/events?runner_id={huge}", f"/runner/{huge}/boot.log"):
+        assert_error(rig.client.get(path, status=422), 422)
+    assert_error(rig.client.post(f"/runner/{huge}/destroy", headers=AUTH, status=422), 422)
