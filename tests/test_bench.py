@@ -3,6 +3,7 @@ running them in full, see docs/benchmarks.md, never by a timed assertion here)."
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,34 @@ def test_screenshot_pass_benchmark_runs():
     assert "PASS: first passes encoded every guest" in output
     assert "| test driver PNG, first (all changed)   |   2   0   0 |" in output
     assert "| QEMU-like PPM, second (unchanged)      |   0   2   0 |" in output
+
+
+def test_scale_benchmark_runs_and_reports_every_part(tmp_path):
+    """`bench/scale.py --quick` (10 and 50 runners, a 20 s API window: about 40 s). The
+    per-runner CPU is checked against 10 × the issue's 1 ms, and the change's delay against
+    the loosest bound the cache allows: timings in CI are noisy, the full run judges them."""
+    results_path = tmp_path / "scale.json"
+    output = run("scale.py", "--quick", "--json", str(results_path))
+    for heading in ("Reconcile passes", "Resident memory", "Screenshot passes", "GitHub API"):
+        assert heading in output
+    results = json.loads(results_path.read_text())
+    assert results["mode"] == "quick"
+    assert [entry["size"] for entry in results["sizes"]] == [10, 50]
+    for entry in results["sizes"]:
+        assert entry["passes"]["passes"] == 10
+        assert entry["passes"]["cpu_median"] / entry["size"] <= 10 * 0.001
+        assert entry["memory"]["VmRSS"] > entry["rss_before"] > 0
+        assert entry["screenshots_steady"]["cpu"] >= 0
+    assert set(results["derived"]["sizes"]) == {"10", "50"}
+    assert results["derived"]["sizes"]["50"]["previous_size"] == 10
+    api = next(entry["api"] for entry in results["sizes"] if "api" in entry)
+    # Steady runners: the one list fetch (forced in quick mode) is answered 304, uncounted.
+    assert api["steady"]["counted"] == 0
+    assert api["steady"]["list_fetches"] >= 1
+    assert api["steady"]["not_modified"] == api["steady"]["list_fetches"]
+    # The runner going busy is seen, with one counted fetch (the list changed).
+    assert api["change"]["delays"]["busy"] <= 2 * 35
+    assert api["change"]["counted"] >= 1
+    shots = next(entry["screenshots"] for entry in results["sizes"] if "screenshots" in entry)
+    assert shots["first"]["encoded"] == [10] and shots["second"]["unchanged"] == [10]
+    assert results["driver"]["size"] == 50
