@@ -113,9 +113,15 @@ def test_version_after_a_restart_comes_from_the_files(shots, tmp_path):
 
     # The hash is gone with the old process, but the thumbnail is there to show.
     assert restarted.version(1) is not None
-    # The first capture after a restart is encoded again, and gets a hash-based version.
-    assert restarted.save(1, image_bytes((64, 48), "navy")) is True
+    # The same screen after a restart equals the file saved before it: not encoded again
+    # (at 1000 runners that first pass cost ~15 s of CPU), and the version is the hash again.
+    mtime = restarted.screenshot_path(1).stat().st_mtime_ns
+    assert restarted.save(1, image_bytes((64, 48), "navy")) is False
+    assert restarted.unchanged == 1 and restarted.encoded == 0
+    assert restarted.screenshot_path(1).stat().st_mtime_ns == mtime
     assert restarted.version(1) == shots.version(1)
+    # A changed screen is encoded.
+    assert restarted.save(1, image_bytes((64, 48), "teal")) is True
 
 
 # Conversion and thumbnails -------------------------------------------------------------------
