@@ -36,6 +36,9 @@ COMMANDS = (
     "override",
     "drain",
     "undrain",
+    "pause",
+    "resume",
+    "maintenance",
     "destroy",
     "screenshot",
     "events",
@@ -113,6 +116,10 @@ def add_commands(commands: Any) -> None:
         ("undrain", "undrain a profile: its target again"),
     ):
         command(name, text).add_argument("profile")
+    command("pause", "pause the host: create and rebuild nothing; runners keep serving")
+    command("resume", "resume the host after a pause")
+    maintenance = command("maintenance", "maintenance on (every profile drained) or off")
+    maintenance.add_argument("state", choices=("on", "off"))
     destroy = command("destroy", "destroy a runner (it is replaced)")
     destroy.add_argument("id", type=int)
     destroy.add_argument("--force", action="store_true", help="even if it is Busy")
@@ -281,6 +288,19 @@ def _drain(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -
     return 0
 
 
+def _host(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.command == "maintenance":
+        path, on = "/host/maintenance", args.state == "on"
+    else:
+        path, on = "/host/pause", args.command == "pause"
+    holds = client.call("POST" if on else "DELETE", path, auth=True)
+    if args.json:
+        return _print_json(out, holds)
+    state = [name for name in ("paused", "maintenance") if holds[name]]
+    print(f"host: {', '.join(state) or 'running'}", file=out)
+    return 0
+
+
 def _destroy(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     answer = client.call(
         "POST", f"/runner/{args.id}/destroy", auth=True, force="1" if args.force else None
@@ -330,6 +350,9 @@ _HANDLERS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]
     "override": _override,
     "drain": _drain,
     "undrain": _drain,
+    "pause": _host,
+    "resume": _host,
+    "maintenance": _host,
     "destroy": _destroy,
     "screenshot": _screenshot,
     "events": _events,

@@ -119,6 +119,15 @@ def test_take_override_drain_destroy_screenshot_and_events(daemon, tmp_path):
     wait_until_idle(daemon["base"], 3)  # replaced: the other tests see the pool whole
 
 
+def test_pause_resume_and_maintenance(daemon):
+    assert cli(daemon, "pause").stdout.strip() == "host: paused"
+    assert "paused" in cli(daemon, "status").stdout
+    assert cli(daemon, "maintenance", "on").stdout.strip() == "host: paused, maintenance"
+    assert json.loads(cli(daemon, "maintenance", "off", "--json").stdout)["maintenance"] is False
+    assert cli(daemon, "resume").stdout.strip() == "host: running"
+    wait_until_idle(daemon["base"], 3)
+
+
 def test_take_wait_shows_progress_and_gives_up(daemon):
     first = cli(daemon, "take", "windows", "--json")
     assert first.returncode == 0 and json.loads(first.stdout)
