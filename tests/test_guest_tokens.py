@@ -150,7 +150,9 @@ def test_an_address_alone_opens_nothing_in_token_mode(rig):
 
 def test_a_destroyed_runner_s_token_is_dead(rig):
     token = token_of(rig, 0)
-    models.mark_destroyed([0], datetime.now(UTC))
+    rig.client.post("/runner/0/destroy", headers=test_api.AUTH)
+    rig.converge(2)
+    assert models.get_runner(0).destroyed_at is not None
     rig.client.get("/boot", headers=as_guest(token), status=403)
 
 
