@@ -724,7 +724,11 @@ def _static(root: Path | None, path: str, mount: str) -> Any:
         raise MonitorError("Not found", 404) from None
     if target != base and base not in target.parents:
         raise MonitorError("Not found", 404)
-    if target.is_dir():
+    try:
+        is_dir = target.is_dir()
+    except OSError:  # e.g. a name longer than the file system allows (found by schemathesis)
+        raise MonitorError("Not found", 404) from None
+    if is_dir:
         if path and not path.endswith("/"):
             raise bottle.HTTPResponse(status=301, headers={"Location": f"{mount}{path}/"})
         raise MonitorError("Not found (no directory listings)", 404)

@@ -700,3 +700,9 @@ def test_runner_ids_beyond_64_bits_are_422_not_500(rig):
     for path in (f"/events?runner_id={huge}", f"/runner/{huge}/boot.log"):
         assert_error(rig.client.get(path, status=422), 422)
     assert_error(rig.client.post(f"/runner/{huge}/destroy", headers=AUTH, status=422), 422)
+
+
+def test_a_path_longer_than_the_file_system_allows_is_404(trees):
+    long_name = "x" * 300  # past NAME_MAX (255): the OS refuses it with ENAMETOOLONG
+    for path in (f"/static/{long_name}", f"/image-deps/{long_name}/y", f"/cache/servo/{long_name}"):
+        assert_error(trees.client.get(path, status=404), 404)
