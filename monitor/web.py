@@ -554,10 +554,10 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         query = bottle.request.query
         page = _bounded(query, "page", 1, 1, 1_000_000)
         per_page = _bounded(query, "per_page", HISTORY_PAGE, 1, HISTORY_PAGE_MAX)
-        sort = query.get("sort", "asked_at")
+        sort = _single(query, "sort") or "asked_at"
         if sort not in models.HISTORY_SORTS:
             raise MonitorError(f"sort must be one of {', '.join(models.HISTORY_SORTS)}", 422)
-        order = query.get("order", "desc")
+        order = _single(query, "order") or "desc"
         if order not in ("asc", "desc"):
             raise MonitorError("order must be asc or desc", 422)
         profile = query.getunicode("profile") or None
@@ -674,8 +674,16 @@ def _allow(error: bottle.HTTPResponse) -> dict[str, str]:
     return {"Allow": allow} if allow else {}
 
 
+def _single(query: bottle.FormsDict, name: str) -> str | None:
+    """A query parameter given at most once (a repeated one is a 422, not the last copy)."""
+    values = query.getall(name)
+    if len(values) > 1:
+        raise MonitorError(f"{name} may be given once, got {len(values)} values", 422)
+    return values[0] if values else None
+
+
 def _bounded(query: bottle.FormsDict, name: str, default: int, low: int, high: int) -> int:
-    text = query.get(name)
+    text = _single(query, name)
     if text is None or text == "":
         return default
     if not text.isdigit() or not text.isascii() or not low <= int(text) <= high:

@@ -104,7 +104,8 @@ def test_pages_sorting_filters_and_links(rig, store):
 
 
 @pytest.mark.parametrize(
-    "query", ["page=0", "per_page=101", "per_page=x", "sort=secret", "order=sideways"]
+    "query",
+    ["page=0", "per_page=101", "per_page=x", "sort=secret", "order=sideways", "page=1&page=2"],
 )
 def test_bad_history_queries_are_422(rig, query):
     assert_error(rig.client.get(f"/reservations?{query}", status=422), 422)

@@ -177,6 +177,7 @@ def settings_file(path: Path, guest_address: str) -> Path:
     return path
 
 
+DEFAULT_SEED = "20261122"
 SHRINKING = ("drainProfile", "pauseHost", "maintenanceOn", "destroyRunner")
 
 
@@ -203,8 +204,10 @@ def test_schemathesis_finds_no_server_error_or_nonconformance(live: Rig, tmp_pat
         "30",
         "--no-color",
     ]
-    seed = os.environ.get("SCHEMATHESIS_SEED")
-    if seed:
+    # A fixed seed by default, so that CI is repeatable; set SCHEMATHESIS_SEED=random (or
+    # another number) to explore, as `st run` by hand does (docs/api.md).
+    seed = os.environ.get("SCHEMATHESIS_SEED", DEFAULT_SEED)
+    if seed != "random":
         command += ["--seed", seed]
 
     def fuzz(*selection: str) -> None:
