@@ -57,6 +57,7 @@ from tests import conftest  # noqa: E402
 from tests.conftest import API_TOKEN  # noqa: E402
 from tests.conftest import GITHUB_TOKEN  # noqa: E402
 from tests.conftest import require_libvirtd  # noqa: E402
+from tests.conftest import set_settings  # noqa: E402
 from tests.conftest import write_config  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
@@ -342,12 +343,8 @@ def running_rig(
         extra=extra,
     )
     # GitHub's runner list every second, so that each status lasts long enough to be seen.
-    text = path.read_text()
-    for key, value in {"api_cache_timeout": "1", **(settings or {})}.items():
-        text, found = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
-        if not found:
-            text = f"{key} = {value}\n{text}"  # the file starts with top-level keys
-    path.write_text(text + profiles)
+    set_settings(path, {"api_cache_timeout": "1", **(settings or {})})
+    path.write_text(path.read_text() + profiles)
     config = config_module.load(path, environ={})
     models.open_store(config.data_path)
     github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
