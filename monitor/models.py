@@ -362,9 +362,7 @@ def set_guest_token(runner_id: int, sha256: str) -> None:
 
 def runner_by_guest_token(sha256: str) -> Runner | None:
     """The live runner whose guest was given the token with this hash."""
-    return Runner.get_or_none(
-        (Runner.guest_token_sha256 == sha256) & Runner.destroyed_at.is_null()
-    )
+    return Runner.get_or_none((Runner.guest_token_sha256 == sha256) & Runner.destroyed_at.is_null())
 
 
 def claim_jit_config(runner_id: int, at: datetime) -> bool:
@@ -560,18 +558,19 @@ def last_take_id() -> int | None:
 
 
 def record_job_started(runner_ids: Iterable[int], at: datetime) -> None:
-    ids = list(runner_ids)
-    if ids:
-        TakeRecord.update(started_at=at).where(
-            TakeRecord.runner_id.in_(ids) & TakeRecord.started_at.is_null()
-        ).execute()
+    _stamp_takes(TakeRecord.started_at, runner_ids, at)
 
 
 def record_runner_ended(runner_ids: Iterable[int], at: datetime) -> None:
+    _stamp_takes(TakeRecord.ended_at, runner_ids, at)
+
+
+def _stamp_takes(field: Field, runner_ids: Iterable[int], at: datetime) -> None:
+    """Set `field` to `at` in these runners' history rows where it is not set yet."""
     ids = list(runner_ids)
     if ids:
-        TakeRecord.update(ended_at=at).where(
-            TakeRecord.runner_id.in_(ids) & TakeRecord.ended_at.is_null()
+        TakeRecord.update({field: at}).where(
+            TakeRecord.runner_id.in_(ids) & field.is_null()
         ).execute()
 
 
