@@ -412,7 +412,7 @@ def wait_for_screenshots(rig: Rig, timeout: float = 60.0) -> float:
     while True:
         observation = rig.monitor.observation
         runners = observation.runners if observation else []
-        missing = [r.id for r in runners if rig.monitor.screenshot_version(r.id) is None]
+        missing = [r.id for r in runners if rig.monitor.guests.screenshot_version(r.id) is None]
         if runners and not missing:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
@@ -456,14 +456,14 @@ def sample_monitor(
     samples: list[dict[str, Any]] = []
     while not stop.wait(0.5):
         observation = rig.monitor.observation
-        last_pass = rig.monitor.screenshots.last_pass
+        last_pass = rig.monitor.guests.screenshots.last_pass
         samples.append(
             {
                 "t": round(time.time() - start_at.value, 2),
                 "runners": len(observation.runners) if observation else 0,
                 "idle": rig.idle_count(),
                 "waiting": len(web._server.task_dispatcher.queue),  # a look inside waitress
-                "screens_encoded": rig.monitor.screenshots.encoded,
+                "screens_encoded": rig.monitor.guests.screenshots.encoded,
                 "last_pass_seconds": last_pass.wall_seconds if last_pass else None,
                 "cpu": time.process_time(),
             }

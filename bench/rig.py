@@ -196,7 +196,7 @@ class Rig:
                 if registration["status"] != "online":
                     self.standin.set_status(registration["id"], "online")
             # Don't wait api_cache_timeout (30 s) for the next look at GitHub.
-            self.monitor.registrations.invalidate()
+            self.monitor.registrations.cache.invalidate()
             time.sleep(0.25)
         # No more simulated agents: runners created later stay as they are.
         self.standin.agent_online_after(None)

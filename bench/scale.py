@@ -159,7 +159,7 @@ def settle_screenshots(rig: Rig, size: int, timeout: float) -> dict[str, Any]:
         observation = monitor.observation
         assert observation is not None
         guests = {r.id: r.guest_name for r in observation.runners if r.guest_name is not None}
-        result = monitor.screenshots.refresh(guests, rig.hypervisor.screenshot_raw)
+        result = monitor.guests.screenshots.refresh(guests, rig.hypervisor.screenshot_raw)
         if result.encoded == 0 and result.unchanged == size and result.failed == 0:
             return {"cpu": result.cpu_seconds, "wall": result.wall_seconds}
         if time.monotonic() > deadline:
@@ -275,7 +275,7 @@ def measure_api(rig: Rig, size: int, window: float, worst_case: bool) -> dict[st
     used = standin.rate_limit_used()
     started = time.monotonic()
     if not worst_case:
-        rig.monitor.registrations.invalidate()
+        rig.monitor.registrations.cache.invalidate()
     time.sleep(window)
     elapsed = time.monotonic() - started
     steady = classify(standin.requests()[seen:])

@@ -409,7 +409,8 @@ class PolicyInput:
     override: Override | None = None
     # `reserved-by` values (`owner/repo/actions/runs/N`) of workflow runs GitHub reports
     # completed: a runner still Reserved for one will never be used and is reclaimed.
-    finished_runs: frozenset[str] = frozenset()
+    # `reserved-by` value -> the run's conclusion.
+    finished_runs: Mapping[str, str] = field(default_factory=dict)
     # Operator holds (persisted by the loop): drained profiles have target 0 (their Idle
     # runners go, Busy and Reserved ones finish, nothing new is made, no image is rebuilt);
     # a paused host creates nothing and rebuilds nothing, and keeps the runners it has.
@@ -443,6 +444,9 @@ class RunnerChanges:
 
     destroy: list[int]
     create: dict[str, int]
+    # Why each runner in `destroy` goes, for the log and the event log (not compared: two
+    # decisions are the same when they change the same runners).
+    reasons: Mapping[int, str] = field(default_factory=dict, compare=False)
 
     def is_empty(self) -> bool:
         """True when nothing is destroyed and the create counts sum to 0."""
@@ -756,18 +760,47 @@ def runs_to_check(runners: Sequence[Runner], now: datetime, min_held: timedelta)
 
 
 def decide(inp: PolicyInput, now: datetime) -> RunnerChanges:
-    """The changes for this pass: `compute_runner_changes`, unless the operator asked to
-    destroy every runner that is not Busy (§5.9), which ignores targets and timeouts."""
+    """The changes for this pass, each destroy with its reason: `compute_runner_changes`,
+    unless the operator asked to destroy every runner that is not Busy (§5.9), which ignores
+    targets and timeouts."""
     if not inp.settings.destroy_all_non_busy_runners:
         changes = compute_runner_changes(inp, now)
         replace = [i for i in outdated_to_replace(inp, now) if i not in changes.destroy]
         if replace:
-            return RunnerChanges(destroy=changes.destroy + replace, create=changes.create)
-        return changes
-    if inp.runners is None:
-        raise MonitorError("Policy has no Runners!")
-    destroy = sorted(r.id for r in inp.runners if r.status != Status.BUSY and not r.in_flight)
-    return RunnerChanges(destroy=destroy, create={})
+            changes = RunnerChanges(destroy=changes.destroy + replace, create=changes.create)
+    else:
+        if inp.runners is None:
+            raise MonitorError("Policy has no Runners!")
+        destroy = sorted(r.id for r in inp.runners if r.status != Status.BUSY and not r.in_flight)
+        changes = RunnerChanges(destroy=destroy, create={})
+    by_id = {runner.id: runner for runner in inp.runners or ()}
+    reasons = {i: destroy_reason(by_id[i], inp) for i in changes.destroy if i in by_id}
+    return RunnerChanges(destroy=changes.destroy, create=changes.create, reasons=reasons)
+
+
+def destroy_reason(runner: Runner, inp: PolicyInput) -> str:
+    """Why `decide` destroys `runner`, in words for the log and the event log."""
+    run = runner.reserved_by() if runner.status is Status.RESERVED else None
+    if run is not None and run in inp.finished_runs:
+        return f"its workflow run {run} ended ({inp.finished_runs[run]}) without using it"
+    if runner.id in inp.destroy_requested:
+        return "the operator asked for it"
+    if inp.settings.destroy_all_non_busy_runners:
+        return f"destroy_all_non_busy_runners is set (runner is {runner.status.value})"
+    image = inp.snapshots.get(runner.profile)
+    if runner.status is Status.IDLE and image and runner.image and runner.image != image:
+        return f"its image {runner.image} is outdated (the profile's is {image})"
+    return _STATUS_REASONS[runner.status]
+
+
+_STATUS_REASONS = {
+    Status.INVALID: "its guest is gone; unregistering",
+    Status.DONE_OR_UNREGISTERED: "its job is done (no registration)",
+    Status.STARTED_OR_CRASHED: "it did not come online in time",
+    Status.RESERVED: "it stayed reserved too long",
+    Status.IDLE: "more idle runners than the target",
+    Status.BUSY: "destroy requested",
+}
 
 
 def adjust_for_resource_limits(
@@ -880,3 +913,42 @@ def update_override(override: Override | None, runners: Sequence[Runner]) -> Ove
         profile_target_counts=dict(override.profile_target_counts),
         actual_runner_ids_by_profile_key=dict(sorted(claimed.items())),
     )
+
+
+# --- What a pass saw, and the labels a take writes ----------------------------------------------
+
+
+@dataclass
+class Observation:
+    """What the last pass saw and decided: read by the dashboard, never mutated after."""
+
+    at: datetime
+    runners: list[Runner]
+    counts: dict[str, RunnerCounts]
+    ignored: list[str]
+    changes: RunnerChanges | None
+    override: Override | None
+    error: str | None = None
+
+
+def reservation_labels(
+    unique_id: str, qualified_repo: str, run_id: str, now: datetime
+) -> list[str]:
+    """Upstream's reservation labels (spec §4.6)."""
+    return [
+        f"{RESERVED_FOR}:{unique_id}",
+        f"{RESERVED_SINCE}:{int(now.timestamp())}",
+        f"{RESERVED_BY}:{qualified_repo}/actions/runs/{run_id}",
+    ]
+
+
+# Upstream's JIT work folders by image kind; everything else is Linux-like.
+WORK_FOLDERS = {"windows": "C:\\a", "macos": "/Users/servo/a"}
+
+
+def work_folder(profile_name: str) -> str:
+    """The runner's work folder for a profile, by the kind of image its name says."""
+    for marker, folder in WORK_FOLDERS.items():
+        if marker in profile_name:
+            return folder
+    return "/a"

@@ -1,15 +1,23 @@
-"""A fixed-window request limit per key (the tokenless `/select-runner`, per repository).
+"""How often may we try again: limits on others, and back-off for ourselves. Pure: the caller
+passes the time.
 
-Pure: the caller passes the time. As GitHub's and rerobots' limits: `limit` requests per
-window of `window` seconds, counted from the window's start; the answer says how many are
-left and when the window resets (epoch seconds), for the `X-RateLimit-*` headers.
+`FixedWindowLimiter` limits requests per key (the tokenless `/select-runner`, per repository).
+As GitHub's and rerobots' limits: `limit` requests per window of `window` seconds, counted from
+the window's start; the answer says how many are left and when the window resets (epoch
+seconds), for the `X-RateLimit-*` headers.
+
+`Backoff` spaces our own retries of a failing operation (a profile's creates, a runner's
+destroy, GitHub's runner list) exponentially, honouring a peer's Retry-After.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
+from datetime import datetime
+from datetime import timedelta
 
 # Past this many keys, windows that have ended are dropped (anyone can send any repo name).
 PRUNE_AT = 10_000
@@ -60,3 +68,33 @@ class FixedWindowLimiter:
                 self._windows = {k: w for k, w in self._windows.items() if now < w[0] + self.window}
         reset = math.ceil(start + self.window)
         return Decision(allowed, self.limit, self.limit - count, reset)
+
+
+class Backoff:
+    """Exponential back-off per key (a profile, a runner id) after failed operations,
+    honouring a peer's Retry-After, so a persistent fault is retried at a bounded rate.
+    Not thread-safe: each user keeps its own, on one thread."""
+
+    def __init__(
+        self,
+        base: timedelta = timedelta(seconds=5),
+        cap: timedelta = timedelta(minutes=5),
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self._state: dict[Hashable, tuple[int, datetime]] = {}
+
+    def ready(self, key: Hashable, now: datetime) -> bool:
+        state = self._state.get(key)
+        return state is None or now >= state[1]
+
+    def failed(self, key: Hashable, now: datetime, retry_after: float | None = None) -> timedelta:
+        failures = self._state.get(key, (0, now))[0] + 1
+        delay = min(self.cap, self.base * 2 ** min(failures - 1, 16))
+        if retry_after is not None:
+            delay = max(delay, timedelta(seconds=retry_after))
+        self._state[key] = (failures, now + delay)
+        return delay
+
+    def succeeded(self, key: Hashable) -> None:
+        self._state.pop(key, None)

@@ -34,7 +34,7 @@ def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
         timezone="UTC",
     )
     scheduler.add_job(
-        monitor.refresh_registrations,
+        monitor.registrations.refresh,
         "interval",
         seconds=REGISTRATIONS_CHECK_SECONDS,
         id="refresh-registrations",
@@ -45,16 +45,19 @@ def make_scheduler(monitor: Monitor) -> BackgroundScheduler:
     )
     # Read-only libvirt work, off the monitor thread (libvirt connections are thread-safe).
     scheduler.add_job(
-        monitor.refresh_addresses, "interval", seconds=ADDRESSES_SECONDS, id="refresh-addresses"
+        monitor.guests.refresh_addresses,
+        "interval",
+        seconds=ADDRESSES_SECONDS,
+        id="refresh-addresses",
     )
     scheduler.add_job(
-        monitor.refresh_screenshots,
+        monitor.guests.refresh_screenshots,
         "interval",
         seconds=SCREENSHOTS_SECONDS,
         id="refresh-screenshots",
     )
     scheduler.add_job(
-        monitor.check_reserved_runs,
+        monitor.registrations.check_reserved_runs,
         "interval",
         seconds=RESERVED_RUNS_SECONDS,
         id="check-reserved-runs",

@@ -21,7 +21,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,10 @@ from monitor import dashboard
 from monitor import metrics
 from monitor import models
 from monitor import tokenless
+from monitor import wire
 from monitor.errors import MonitorError
+from monitor.guests import parse_address
 from monitor.loop import Monitor
-from monitor.loop import parse_address
 from monitor.ratelimit import FixedWindowLimiter
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,6 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     app = bottle.Bottle()
     lookup = [str(VIEWS)]
     boot_logs = bootlog.BootLogStore(config.data_path)
-    # One thread writes the reservation history, in the order the takes were answered.
-    history_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
     credentials = auth.Credentials(
         upstream_token=config.api_token,
         token_hashes=config.api_tokens,
@@ -208,42 +206,9 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     def run_take(profile_key: str, count: int, params: tuple[str, str, str]) -> Any:
         unique_id, qualified_repo, run_id = params
-        asked_at = monitor.clock()
-
-        def remember(runner_ids: list[int], outcome: str) -> None:
-            answered_at = monitor.clock()
-
-            def write() -> None:
-                try:
-                    models.record_take(
-                        unique_id,
-                        profile_key,
-                        qualified_repo,
-                        run_id,
-                        runner_ids,
-                        outcome,
-                        asked_at,
-                        answered_at,
-                    )
-                except Exception as error:  # noqa: BLE001 - history must not fail a take
-                    log.warning("cannot record take %s in the history: %s", unique_id, error)
-
-            # Off the request: a locked store would make the client wait out its busy timeout.
-            history_writer.submit(write)
-
-        try:
-            answer = monitor.call(
-                lambda: monitor.take(profile_key, count, unique_id, qualified_repo, run_id),
-                thread_timeout(count),  # upstream: recv timeout + count seconds
-            )
-        except MonitorError as error:
-            monitor.metrics.take_failed()
-            if error.status >= 500:  # the monitor or GitHub failed (not a refused request)
-                remember([], "failed")
-            raise
-        monitor.metrics.take_answered(answer)
-        remember([entry["id"] for entry in answer or []], "reserved" if answer else "null")
-        return answer
+        # Upstream waits its recv timeout plus a second per runner.
+        timeout = thread_timeout(count)
+        return monitor.takes.request(profile_key, count, unique_id, qualified_repo, run_id, timeout)
 
     # Dashboard ----------------------------------------------------------------------------
 
@@ -263,7 +228,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         health = dashboard.health(
             observation,
             registrations_at=monitor.registrations.fetched_at,
-            github_error=monitor.github_error,
+            github_error=monitor.registrations.error,
             rate_limit=getattr(monitor.github, "rate_limit", None),
             now=now,
             poll_interval=config.monitor_poll_interval,
@@ -274,8 +239,8 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         # so an unchanged one is the same object and compares at once.
         shown = (
             observation,
-            monitor.addresses,
-            monitor.screenshots.generation,
+            monitor.guests.addresses,
+            monitor.guests.screenshots.generation,
             health,
             models.last_event_id(),
             models.last_take_id(),
@@ -308,8 +273,8 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
                 profiles=dashboard.overview(
                     observation,
                     list(config.profiles),
-                    monitor.addresses,
-                    monitor.screenshots.version,
+                    monitor.guests.addresses,
+                    monitor.guests.screenshots.version,
                     rebuilds,
                     has_boot_log=boot_logs.exists,
                 ),
@@ -318,7 +283,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
                 holds=monitor.holds,
                 drained=monitor.holds.drained_profiles(config.profiles),
                 history=[
-                    dashboard.take_record_json(row) for row in models.recent_takes(HISTORY_SHOWN)
+                    wire.take_record_json(row) for row in models.recent_takes(HISTORY_SHOWN)
                 ],
                 seconds=dashboard.format_seconds,
             )
@@ -358,7 +323,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         return _json(
             {
                 "observed_at": observation.at.isoformat() if observation else None,
-                "github_error": monitor.github_error,
+                "github_error": monitor.registrations.error,
                 "libvirt_error": observation.error if observation else None,
             }
         )
@@ -450,23 +415,23 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     @app.get("/github-jitconfig")
     def github_jitconfig() -> bottle.HTTPResponse:
         if address_only:
-            return _json(monitor.jit_config_for(client_address()))
-        return _json(monitor.jit_config_for_token(guest_token()))
+            return _json(monitor.guests.jit_config_for(client_address()))
+        return _json(monitor.guests.jit_config_for_token(guest_token()))
 
     @app.get("/boot")
     def boot() -> bottle.HTTPResponse:
         if address_only:
-            script = monitor.boot_script_for(client_address())
+            script = monitor.guests.boot_script_for(client_address())
         else:
-            script = monitor.boot_script_for_token(guest_token())
+            script = monitor.guests.boot_script_for_token(guest_token())
         return bottle.HTTPResponse(script, content_type=TEXT)
 
     @app.post("/boot-log")
     def boot_log_upload() -> bottle.HTTPResponse:
         if address_only:
-            runner_id = monitor.runner_for_address(client_address()).id
+            runner_id = monitor.guests.runner_for_address(client_address()).id
         else:
-            runner_id = monitor.runner_for_guest_token(guest_token()).id
+            runner_id = monitor.guests.runner_for_guest_token(guest_token()).id
         length = bottle.request.content_length
         if length > boot_logs.max_bytes:  # refused before reading it
             raise MonitorError(f"a boot log chunk of {length} bytes is too big", 413)
@@ -500,7 +465,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
 
     @app.get("/runner/<runner_id>/screenshot/now")
     def runner_screenshot_now(runner_id: str) -> bottle.HTTPResponse:
-        png = monitor.screenshot_now(_runner_id(runner_id))
+        png = monitor.guests.screenshot_now(_runner_id(runner_id))
         return bottle.HTTPResponse(png, content_type=PNG, headers={"Cache-Control": "no-store"})
 
     # Policy override ----------------------------------------------------------------------
@@ -545,7 +510,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
         limit = _bounded(query, "limit", EVENTS_SHOWN, 1, EVENTS_MAX)
         runner = query.get("runner_id")
         rows = models.recent_events(limit, None if runner is None else _runner_id(runner))
-        return _json([dashboard.event_json(event) for event in rows])
+        return _json([wire.event_json(event) for event in rows])
 
     # Reservation history ------------------------------------------------------------------
 
@@ -574,7 +539,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             "total": total,
             "page": page,
             "per_page": per_page,
-            "reservations": [dashboard.take_record_json(row) for row in rows],
+            "reservations": [wire.take_record_json(row) for row in rows],
         }
         response = _json(body)
         last = max(1, -(-total // per_page))

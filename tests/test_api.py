@@ -37,7 +37,7 @@ class Rig:
     def converge(self, passes: int = 2) -> None:
         """Reconcile until nothing is in flight (the monitor thread does the work)."""
         for _ in range(passes):
-            self.monitor.refresh_registrations(force=True)
+            self.monitor.registrations.refresh(force=True)
             self.monitor.call(lambda: self.monitor.tick(self.clock()), 10)
             deadline = time.monotonic() + 10
             while self.monitor.in_flight and time.monotonic() < deadline:
@@ -383,7 +383,7 @@ def test_boot_log_of_a_malformed_runner_id_is_422(rig):
 
 def test_runner_screenshots(rig):
     assert_error(rig.client.get("/runner/0/screenshot.png", status=404), 404)
-    assert rig.monitor.refresh_screenshots() == 4
+    assert rig.monitor.guests.refresh_screenshots() == 4
     response = rig.client.get("/runner/0/screenshot.png?=12345")  # the page's cache-buster
     assert response.content_type == "image/png" and response.body == PNG
     now = rig.client.get("/runner/1/screenshot/now")
@@ -396,7 +396,7 @@ def test_runner_screenshots(rig):
 
 def test_runner_thumbnails(rig):
     assert_error(rig.client.get("/runner/0/thumbnail.png", status=404), 404)
-    rig.monitor.refresh_screenshots()
+    rig.monitor.guests.refresh_screenshots()
     response = rig.client.get("/runner/0/thumbnail.png?v=abc")  # the page's versioned URL
     assert response.content_type == "image/png" and response.body.startswith(b"\x89PNG")
     assert_error(rig.client.get("/runner/abc/thumbnail.png", status=422), 422)
@@ -476,7 +476,7 @@ def test_dashboard_html_answers_304_while_nothing_changes(rig):
     rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=304)
 
     # A new screenshot or a new event is a change.
-    rig.monitor.refresh_screenshots()
+    rig.monitor.guests.refresh_screenshots()
     shot = rig.client.get("/dashboard.html", headers={"If-None-Match": etag}, status=200)
     assert shot.headers["ETag"] != etag and "/runner/0/thumbnail.png?v=" in shot.text
     etag = shot.headers["ETag"]

@@ -162,7 +162,7 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -
 
 def one_pass(monitor: loop.Monitor) -> None:
     """What the scheduler does, at once: fetch GitHub's list, then a reconcile pass."""
-    monitor.refresh_registrations(force=True)
+    monitor.registrations.refresh(force=True)
     monitor.call(lambda: monitor.tick(monitor.clock()), 10)
 
 
@@ -435,7 +435,7 @@ def refreshing(monitor: loop.Monitor) -> Iterator[None]:
 
     def run() -> None:
         while not stop.wait(0.01):
-            monitor.refresh_registrations(force=True)
+            monitor.registrations.refresh(force=True)
 
     thread = threading.Thread(target=run, name="e2e-refresher", daemon=True)
     thread.start()
@@ -580,13 +580,13 @@ def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed(make_rig, monkeypatc
     kept = taken_runner(take(rig.port, str(uuid.uuid4()), 18000000102))
     one_pass(rig.monitor)
     time.sleep(1.1)  # reserved-since has whole seconds: held > 0 from here on
-    assert rig.monitor.check_reserved_runs() == [
+    assert rig.monitor.registrations.check_reserved_runs() == [
         f"{REPO}/actions/runs/18000000101",
         f"{REPO}/actions/runs/18000000102",
     ]
     rig.standin.set_run_status(REPO, 18000000101, "completed", "cancelled")
-    rig.monitor._run_checked_at.clear()  # as a minute later
-    rig.monitor.check_reserved_runs()
+    rig.monitor.registrations.run_checked_at.clear()  # as a minute later
+    rig.monitor.registrations.check_reserved_runs()
 
     def reclaimed() -> bool:
         one_pass(rig.monitor)
@@ -602,7 +602,7 @@ def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed(make_rig, monkeypatc
     # One call per waiting run per check (two checks), none since the runner went.
     gets = [r for r in rig.standin.requests if "/actions/runs/1800000010" in r.path]
     assert len(gets) == 4, gets
-    assert rig.monitor.check_reserved_runs() == []  # the other run was asked just now
+    assert rig.monitor.registrations.check_reserved_runs() == []  # the other run was asked just now
 
 
 # 5. Guests fetch their JIT config and boot script with their token, or by address -----------

@@ -10,7 +10,7 @@ from datetime import timedelta
 from monitor import dashboard
 from monitor import policy
 from monitor.github import RateLimit
-from monitor.loop import Observation
+from monitor.policy import Observation
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 POLL = timedelta(seconds=5)

@@ -181,7 +181,8 @@ def rig(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Rig]:
     built = Rig(config, standin, hypervisor, monitor, http, scheduler)
     try:
         e2e.bring_online(built, sum(TARGETS.values()))  # reads only .monitor and .standin
-        built.monitor.refresh_screenshots()  # what the screenshot job does every 5 s, at once
+        # What the screenshot job does every 5 s, at once.
+        built.monitor.guests.refresh_screenshots()
         yield built
     finally:
         built.stop_serving()
@@ -283,7 +284,7 @@ def test_runner_goes_idle_reserved_busy_without_a_reload(rig, open_page):
     (reserved,) = rig.runners("Reserved")
     rig.standin.set_busy(reserved.registration.id, True)
     # Look at GitHub now, not when the 30 s cache expires; the 2 s start when it has looked.
-    assert rig.monitor.refresh_registrations(force=True)
+    assert rig.monitor.registrations.refresh(force=True)
 
     expect(runner_row).to_have_attribute("data-status", "Busy", timeout=LIVE_DEADLINE_MS)
     expect(runner_row.locator("td.status")).to_contain_text("Busy")
@@ -394,7 +395,7 @@ def test_labels_are_shown_as_text_not_run(rig, open_page):
     page = opened.page
     runner = min(rig.runners(), key=lambda r: r.id)
     add_labels(rig, runner.registration.id, [SCRIPT_LABEL, f"x:{IMAGE_VALUE}"])
-    rig.monitor.refresh_registrations(force=True)
+    rig.monitor.registrations.refresh(force=True)
     chips = row(page, runner.id).locator("span.label")
 
     for view in ("polled", "reloaded"):  # the fragment replaced by the poll, then the full page

@@ -585,7 +585,8 @@ def test_address_only_mode_on_real_vms(tmp_path: Path, conn, guest_image):
 def address_of(rig: Rig, guest_name: str) -> str:
     """The guest's address as the monitor knows it. A guest that shows its token may be Idle
     before the monitor's periodic look at addresses (every 5 s) has found it."""
-    return wait_until(lambda: rig.monitor.addresses.get(guest_name), f"{guest_name}'s address")
+    guests = rig.monitor.guests
+    return wait_until(lambda: guests.addresses.get(guest_name), f"{guest_name}'s address")
 
 
 def guest_token(conn, guest_name: str) -> str | None:

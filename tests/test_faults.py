@@ -48,6 +48,7 @@ import pytest
 
 from monitor import loop
 from monitor import models
+from monitor import ratelimit
 from monitor import scheduler as scheduler_module
 from monitor import web
 from monitor.github import RestGitHub
@@ -105,8 +106,9 @@ class Rig(test_api_e2e.Rig):
     reservations: dict[str, int] = field(default_factory=dict)  # unique_id -> runner id
 
 
-def fast_backoff() -> loop.Backoff:
-    return loop.Backoff(base=timedelta(seconds=BACKOFF_BASE), cap=timedelta(seconds=BACKOFF_CAP))
+def fast_backoff() -> ratelimit.Backoff:
+    base, cap = timedelta(seconds=BACKOFF_BASE), timedelta(seconds=BACKOFF_CAP)
+    return ratelimit.Backoff(base=base, cap=cap)
 
 
 @pytest.fixture
@@ -137,8 +139,8 @@ def start_rig(standin: GitHubStandIn, monkeypatch: pytest.MonkeyPatch):
             timeout=github_timeout,
         )
         monitor = loop.Monitor(config, client, hypervisor)
-        monitor._create_backoff = fast_backoff()
-        monitor._destroy_backoff = fast_backoff()
+        monitor.workers.create_backoff = fast_backoff()
+        monitor.workers.destroy_backoff = fast_backoff()
         github.agent_online_after = 0.1  # every new runner's agent connects at once
         monitor.start()
         scheduler = scheduler_module.make_scheduler(monitor)
@@ -210,7 +212,7 @@ def settled(rig: Rig, since: datetime | None = None) -> bool:
     (a pass after `since`)."""
     monitor = rig.monitor
     observation = monitor.observation
-    if observation is None or monitor.github_error or observation.error or monitor.in_flight:
+    if observation is None or monitor.registrations.error or observation.error or monitor.in_flight:
         return False
     if since is not None and observation.at <= since:
         return False
@@ -231,7 +233,7 @@ def describe(rig: Rig) -> str:
     return (
         f"counts={observation.counts if observation else None} "
         f"error={observation.error if observation else None} "
-        f"github_error={rig.monitor.github_error} in_flight={rig.monitor.in_flight} "
+        f"github_error={rig.monitor.registrations.error} in_flight={rig.monitor.in_flight} "
         f"inventory={inventory(rig)}"
     )
 
@@ -284,7 +286,7 @@ class Probe:
                 except OSError as error:
                     status = repr(error)
                 self.replies.append((path, status, time.monotonic() - started))
-            if not self.rig.monitor._thread.is_alive():
+            if not self.rig.monitor.is_alive():
                 self.dead.append("monitor thread")
             if not self.rig.scheduler.running:
                 self.dead.append("scheduler")
@@ -335,7 +337,7 @@ class Fault:
         while "settled" not in marks:
             now = time.monotonic()
             observation = self.rig.monitor.observation
-            if "github" not in marks and self.rig.monitor.github_error is None:
+            if "github" not in marks and self.rig.monitor.registrations.error is None:
                 marks["github"] = now - self.ended
             if "pass" not in marks and observation.error is None and observation.at > ended_at:
                 marks["pass"] = now - self.ended
@@ -463,7 +465,7 @@ def test_github_fault(case: GitHubFault, start_rig, driver_config, standin, row)
     resets_at = case.inject(standin)
     fault = Fault(rig, row, began=began).start()
     # The list is next fetched within api_cache_timeout (1 s): the fault lasts from then.
-    wait_until(lambda: rig.monitor.github_error, "the fault to be seen", timeout=5)
+    wait_until(lambda: rig.monitor.registrations.error, "the fault to be seen", timeout=5)
     assert healthz(rig)["github_error"]
     if resets_at is None:
         time.sleep(case.duration)
@@ -696,7 +698,7 @@ def take_during_the_fault(rig: Rig, fault: Fault) -> None:
     knows that the ended job's registration is gone (before, a take may choose that runner,
     and GitHub refuses its labels: a 502 the client retries)."""
     gone = fault.finished
-    wait_until(lambda: rig.monitor.registrations.get(gone) is None, "a fetch", timeout=5)
+    wait_until(lambda: rig.monitor.registrations.cache.get(gone) is None, "a fetch", timeout=5)
     taken = reserve(rig)
     fault.row["take"] = f"a take during the fault got runner {taken}"
 

@@ -11,6 +11,7 @@ import pytest
 from monitor import config as config_module
 from monitor import loop
 from monitor import models
+from monitor import policy
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import LibvirtHypervisor
@@ -39,13 +40,13 @@ def rig(tmp_path: Path, standin: GitHubStandIn):
     clock = Clock()
     monitor = loop.Monitor(config, github, hypervisor, clock=clock)
     yield config, standin, hypervisor, clock, monitor
-    monitor._workers.shutdown(wait=True)
+    monitor.workers.shutdown()
     hypervisor.close()
     models.close_store()
 
 
-def step(monitor: loop.Monitor, clock: Clock) -> loop.Observation:
-    monitor.refresh_registrations(force=True)
+def step(monitor: loop.Monitor, clock: Clock) -> policy.Observation:
+    monitor.registrations.refresh(force=True)
     observation = monitor.tick(clock())
     settle(monitor)
     return observation
@@ -123,14 +124,14 @@ def test_github_faults_do_not_stop_the_monitor(rig):
     for _ in range(3):
         step(monitor, clock)
         clock.advance(15)  # past the back-off
-    assert monitor.github_error is None or "500" in monitor.github_error
+    assert monitor.registrations.error is None or "500" in monitor.registrations.error
     standin.inject_fault(429, count=2, retry_after=1, path_contains="/actions/runners")
     for _ in range(4):
         step(monitor, clock)
         clock.advance(15)
     for _ in range(3):
         step(monitor, clock)
-    assert monitor.github_error is None
+    assert monitor.registrations.error is None
     assert guests(hypervisor) == ["ci-runner-linux.0", "ci-runner-linux.1", "ci-runner-windows.2"]
     assert len(registrations(standin)) == 3
     # Registrations that failed half-way were cleaned up: nothing leaked on either side.
@@ -150,7 +151,7 @@ def test_threads_and_scheduler_bring_the_pool_online(rig):
         deadline = time.monotonic() + 30
         idle = 0
         while time.monotonic() < deadline:
-            monitor.registrations.invalidate()  # don't wait api_cache_timeout (30 s) here
+            monitor.registrations.cache.invalidate()  # don't wait api_cache_timeout (30 s) here
             observation = monitor.observation
             if observation is not None:
                 idle = sum(r.status.value == "Idle" for r in observation.runners)

@@ -7,8 +7,6 @@ workers post back (`settle`), so every step is deterministic.
 from __future__ import annotations
 
 import itertools
-import queue
-import time
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -17,6 +15,8 @@ import pytest
 
 from monitor import loop
 from monitor import models
+from monitor import registrations
+from monitor import takes
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.policy import Registration
@@ -39,22 +39,7 @@ class Clock:
 
 def settle(monitor: loop.Monitor, timeout: float = 10.0) -> None:
     """Run worker outcomes on this thread until nothing is in flight."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            item = monitor.next_request(timeout=0.02)
-        except queue.Empty:
-            if not monitor.in_flight:
-                return
-            assert time.monotonic() < deadline, f"still in flight: {monitor.in_flight}"
-            continue
-        if item is loop._RECONCILE:
-            monitor._reconcile_queued.clear()  # the tests tick explicitly
-            continue
-        if item is loop._REFRESH_VIEW:
-            monitor._view_refresh_queued.clear()
-            continue
-        monitor._handle(item)
+    monitor.run_pending(timeout)
 
 
 @pytest.fixture
@@ -65,12 +50,12 @@ def env(make_config, store):
     clock = Clock()
     monitor = loop.Monitor(config, github, hypervisor, clock=clock)
     yield config, github, hypervisor, clock, monitor
-    monitor._workers.shutdown(wait=True)
+    monitor.workers.shutdown()
 
 
 def step(monitor: loop.Monitor, clock: Clock):
     """One scheduler refresh plus one reconcile, then let the workers finish."""
-    monitor.refresh_registrations(force=True)
+    monitor.registrations.refresh(force=True)
     observation = monitor.tick(clock())
     settle(monitor)
     return observation
@@ -170,15 +155,15 @@ def test_runner_stuck_offline_past_start_timeout_is_replaced(env):
 def test_github_list_failure_backs_off_and_recovers(env):
     _, github, hypervisor, clock, monitor = env
     github.fail_next("list_runners", TransientError("rate limited", status=429, retry_after=30))
-    assert monitor.refresh_registrations() is False
-    assert "rate limited" in monitor.github_error
+    assert monitor.registrations.refresh() is False
+    assert "rate limited" in monitor.registrations.error
     # Backing off: the cache is not due again until Retry-After has passed.
     clock.advance(10)
-    assert monitor.refresh_registrations() is False
+    assert monitor.registrations.refresh() is False
     assert [c for c in github.calls if c[0] == "list_runners"] == [("list_runners", None)]
     clock.advance(25)
-    assert monitor.refresh_registrations() is True
-    assert monitor.github_error is None
+    assert monitor.registrations.refresh() is True
+    assert monitor.registrations.error is None
     kinds = [e.kind for e in models.recent_events()]
     assert "github-error" in kinds and "github-ok" in kinds
 
@@ -195,28 +180,29 @@ def test_repeated_github_list_failures_back_off_exponentially_up_to_a_cap(env):
     tried_at = []
     for _ in range(20 * 60):
         before = attempts()
-        monitor.refresh_registrations()
+        monitor.registrations.refresh()
         if attempts() > before:
             tried_at.append((clock() - started).total_seconds())
         clock.advance(1)
     gaps = [later - earlier for earlier, later in itertools.pairwise(tried_at)]
-    base, cap = loop.GITHUB_BACKOFF_BASE.total_seconds(), loop.GITHUB_BACKOFF_CAP.total_seconds()
+    base = registrations.GITHUB_BACKOFF_BASE.total_seconds()
+    cap = registrations.GITHUB_BACKOFF_CAP.total_seconds()
     doubling = [base * 2**n for n in range(10) if base * 2**n < cap]
     assert gaps[: len(doubling)] == doubling and len(doubling) >= 5
     assert set(gaps[len(doubling) :]) == {cap}
     # The fault ends: the next try succeeds and the spacing starts from the base again.
     github._failures.clear()
-    clock.advance(loop.GITHUB_BACKOFF_CAP.total_seconds())
-    assert monitor.refresh_registrations() is True
-    assert monitor.github_error is None
+    clock.advance(registrations.GITHUB_BACKOFF_CAP.total_seconds())
+    assert monitor.registrations.refresh() is True
+    assert monitor.registrations.error is None
     github.fail_next("list_runners", TransientError("502 Bad Gateway", status=502))
-    assert monitor.refresh_registrations(force=True) is False
-    assert monitor.registrations._not_before == clock() + loop.GITHUB_BACKOFF_BASE
+    assert monitor.registrations.refresh(force=True) is False
+    assert monitor.registrations.cache.not_before == clock() + registrations.GITHUB_BACKOFF_BASE
 
 
 def test_libvirt_list_failure_skips_the_pass(env):
     _, github, hypervisor, clock, monitor = env
-    monitor.refresh_registrations(force=True)
+    monitor.registrations.refresh(force=True)
     hypervisor.fail_next("list_guests", MonitorError("libvirt: connection reset", status=503))
     assert monitor.tick(clock()) is None
     assert "connection reset" in monitor.observation.error
@@ -344,7 +330,7 @@ def test_late_reply_is_dropped_without_crashing(env):
     with pytest.raises(MonitorError) as raised:
         monitor.call(lambda: calls.append(1), timeout=0.05)
     assert raised.value.status == 503
-    monitor._handle(monitor.next_request(timeout=0))  # the thread gets to it after all
+    monitor.handle(monitor.next_request(timeout=0))  # the thread gets to it after all
     assert calls == []  # abandoned: not run, and nothing raised
 
 
@@ -355,7 +341,7 @@ def test_monitor_thread_answers_calls_and_survives_errors(env):
         assert monitor.call(lambda: 42, timeout=5) == 42
         with pytest.raises(ZeroDivisionError):
             monitor.call(lambda: 1 / 0, timeout=5)
-        monitor._post(lambda: 1 / 0)  # an unexpected error in the thread is logged only
+        monitor.post(lambda: 1 / 0)  # an unexpected error in the thread is logged only
         assert monitor.call(lambda: "alive", timeout=5) == "alive"
     finally:
         monitor.stop()
@@ -403,7 +389,7 @@ def test_busy_runner_survives_a_github_outage(env):
     github.fail_next("list_runners", TransientError("GitHub is down"), times=1000)
     for _ in range(10):
         clock.advance(60)  # far past monitor_start_timeout
-        monitor.refresh_registrations()
+        monitor.registrations.refresh()
         monitor.tick(clock())
         settle(monitor)
     assert "ci-runner-linux.0" in hypervisor.guests
@@ -460,8 +446,8 @@ class TestRegistrationCache:
 
     T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
-    def fresh(self) -> loop.RegistrationCache:
-        cache = loop.RegistrationCache(timedelta(seconds=30))
+    def fresh(self) -> registrations.RegistrationCache:
+        cache = registrations.RegistrationCache(timedelta(seconds=30))
         cache.store([], self.T0, cache.begin_fetch())
         return cache
 
@@ -516,7 +502,7 @@ def test_github_connection_pool_covers_every_concurrent_caller():
     from monitor import scheduler
 
     workers = 4  # Monitor's default create/destroy pool
-    assert github.POOL_SIZE >= loop.RESERVE_WORKERS + workers + 2  # + scheduler threads
+    assert github.POOL_SIZE >= takes.RESERVE_WORKERS + workers + 2  # + scheduler threads
     assert scheduler is not None
 
 
@@ -524,28 +510,32 @@ def test_client_requests_and_outcomes_are_served_in_order_before_a_reconcile(env
     _, github, hypervisor, clock, monitor = env
     monitor.request_reconcile()
     outcome = lambda: None  # noqa: E731
-    monitor._post(outcome)
-    request = loop._Request(lambda: None)
-    monitor._enqueue(loop._CALL, request)
+    monitor.post(outcome)
+    asked = lambda: None  # noqa: E731
+    with pytest.raises(MonitorError):  # nobody runs the queue: the call times out, queued
+        monitor.call(asked, timeout=0.01)
     items = [monitor.next_request(timeout=0) for _ in range(3)]
-    assert items == [outcome, request, loop._RECONCILE]
+    assert items[0] is outcome
+    assert isinstance(items[1], loop.Request) and items[1].func is asked
+    assert items[2] is loop.RECONCILE
 
 
 def test_polling_delay_spreads_a_low_budget_until_its_reset():
     from monitor.github import RateLimit
+    from monitor.registrations import polling_delay
 
     now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
     normal = timedelta(seconds=30)
     reset = now + timedelta(minutes=40)
-    assert loop.polling_delay(None, now, normal) is None
-    assert loop.polling_delay(RateLimit(5000, 500, 4500, reset, "core"), now, normal) is None
+    assert polling_delay(None, now, normal) is None
+    assert polling_delay(RateLimit(5000, 500, 4500, reset, "core"), now, normal) is None
     # 40 minutes over half of the 240 calls left: one look every 20 s, but never more often
     # than normal; 20 left: one every 4 minutes.
-    assert loop.polling_delay(RateLimit(5000, 240, 4760, reset, "core"), now, normal) == normal
+    assert polling_delay(RateLimit(5000, 240, 4760, reset, "core"), now, normal) == normal
     low = RateLimit(5000, 20, 4980, reset, "core")
-    assert loop.polling_delay(low, now, normal) == timedelta(minutes=4)
-    assert loop.polling_delay(RateLimit(5000, 0, 5000, reset, "core"), now, normal) == reset - now
-    assert loop.polling_delay(low, reset + timedelta(seconds=1), normal) is None  # reset now
+    assert polling_delay(low, now, normal) == timedelta(minutes=4)
+    assert polling_delay(RateLimit(5000, 0, 5000, reset, "core"), now, normal) == reset - now
+    assert polling_delay(low, reset + timedelta(seconds=1), normal) is None  # reset now
 
 
 def test_a_low_github_budget_slows_the_runner_list_down(env):
@@ -553,11 +543,11 @@ def test_a_low_github_budget_slows_the_runner_list_down(env):
 
     _, github, hypervisor, clock, monitor = env
     github.rate_limit = RateLimit(5000, 20, 4980, clock() + timedelta(minutes=40), "core")
-    assert monitor.refresh_registrations()
+    assert monitor.registrations.refresh()
     clock.advance(monitor.config.api_cache_timeout.total_seconds() + 1)
-    assert not monitor.refresh_registrations()  # due normally, but the budget is low
+    assert not monitor.registrations.refresh()  # due normally, but the budget is low
     clock.advance(4 * 60)
-    assert monitor.refresh_registrations()
+    assert monitor.registrations.refresh()
 
 
 def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed_at_once(env):
@@ -575,13 +565,13 @@ def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed_at_once(env):
     monitor.observation = step(monitor, clock)
 
     # Just taken: nothing is asked yet (the job may still be picked up).
-    assert monitor.check_reserved_runs() == []
-    clock.advance(loop.RUN_CHECK_AFTER.total_seconds() + 1)
+    assert monitor.registrations.check_reserved_runs() == []
+    clock.advance(registrations.RUN_CHECK_AFTER.total_seconds() + 1)
     github.runs[cancelled] = ("completed", "cancelled")
-    assert monitor.check_reserved_runs() == [cancelled, running]
-    assert monitor.finished_runs == {cancelled: "cancelled"}
+    assert monitor.registrations.check_reserved_runs() == [cancelled, running]
+    assert monitor.registrations.finished_runs == {cancelled: "cancelled"}
     # Asked at most once a minute per run.
-    assert monitor.check_reserved_runs() == []
+    assert monitor.registrations.check_reserved_runs() == []
 
     step(monitor, clock)
     gone = linux[0].name.removesuffix("@host")

@@ -72,7 +72,7 @@ def test_metrics_follow_runners_through_their_states(make_rig):
 def test_github_calls_and_rate_limit_come_from_the_real_client(make_e2e_rig):
     rig = make_e2e_rig(2)
     client = test_api.webtest.TestApp(test_api.web.make_app(rig.config, rig.monitor))
-    rig.monitor.refresh_screenshots()
+    rig.monitor.guests.refresh_screenshots()
     samples = scrape(client)
     posts = samples[("monitor_github_api_calls_total", (("method", "POST"), ("status", "201")))]
     assert posts == 2  # the two JIT configs
@@ -83,7 +83,7 @@ def test_github_calls_and_rate_limit_come_from_the_real_client(make_e2e_rig):
     assert samples[("monitor_screenshot_pass_duration_seconds_count", ())] == 1
 
     rig.standin.inject_fault(502, count=1, path_contains="/actions/runners")
-    rig.monitor.refresh_registrations(force=True)
+    rig.monitor.registrations.refresh(force=True)
     deadline = time.monotonic() + 5
     while ("monitor_github_api_errors_total", ()) not in (after := scrape(client)):
         assert time.monotonic() < deadline

@@ -45,7 +45,7 @@ def make_app(make_config, store):
 
     yield make
     for monitor in monitors:
-        monitor._workers.shutdown(wait=True)
+        monitor.workers.shutdown()
 
 
 def test_document_is_valid_openapi_3_1():

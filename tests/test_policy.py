@@ -1159,11 +1159,11 @@ def test_a_reserved_runner_whose_run_finished_is_destroyed_before_its_timeout():
         profiles=profiles(("linux", 2, 0, 0)),
         settings=Settings(),
         runners=runners,
-        finished_runs=frozenset({cancelled}),
+        finished_runs={cancelled: "cancelled"},
     )
     assert policy.decide(inp, NOW).destroy == [1]
     # Without the news, both wait out monitor_reserve_timeout (60 s) as before.
-    assert policy.decide(replace(inp, finished_runs=frozenset()), NOW).destroy == []
+    assert policy.decide(replace(inp, finished_runs={}), NOW).destroy == []
 
 
 def test_runs_worth_checking_are_those_runners_waited_for_long_enough():

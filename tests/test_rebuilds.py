@@ -6,7 +6,6 @@ off, in test_e2e_vms.py."""
 from __future__ import annotations
 
 import os
-import queue
 import time
 from datetime import timedelta
 
@@ -47,29 +46,19 @@ def make_env(make_config, store, tmp_path, monkeypatch):
 
     yield make
     for monitor in monitors:
-        monitor._stopping.set()
-        monitor.rebuilds.shutdown()
-        monitor._workers.shutdown(wait=True)
+        monitor.stop()
 
 
 def run_until(monitor: loop.Monitor, condition, what: str, timeout: float = 10.0) -> None:
     """Handle worker outcomes on this thread (as the monitor thread would) until `condition`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        try:
-            item = monitor.next_request(timeout=0.02)
-        except queue.Empty:
-            continue
-        if item in (loop._RECONCILE, loop._REFRESH_VIEW):
-            monitor._reconcile_queued.clear()
-            monitor._view_refresh_queued.clear()
-            continue
-        monitor._handle(item)
+    try:
+        monitor.run_pending(timeout, until=condition)
+    except TimeoutError as error:
+        raise AssertionError(f"timed out waiting for {what}: {error}") from None
 
 
 def tick(monitor: loop.Monitor, clock: Clock):
-    monitor.refresh_registrations(force=True)
+    monitor.registrations.refresh(force=True)
     observation = monitor.tick(clock())
     run_until(monitor, lambda: not monitor.in_flight, "creates and destroys")
     return observation
@@ -110,17 +99,17 @@ def test_a_profile_without_an_image_builds_one_then_makes_runners_from_it(make_e
     # The rebuild guest asks for its boot script with the token it was given (or, in
     # address-only mode, by its address), like a runner would.
     token = hypervisor.guest_tokens[guest]
-    assert token and monitor.boot_script_for_token(token) == BOOT_SCRIPT
+    assert token and monitor.guests.boot_script_for_token(token) == BOOT_SCRIPT
     with pytest.raises(MonitorError) as refused:
-        monitor.boot_script_for_token("not-its-token")
+        monitor.guests.boot_script_for_token("not-its-token")
     assert refused.value.status == 403
     hypervisor.addresses[guest] = "192.168.151.150"
-    assert monitor.boot_script_for("192.168.151.150") == BOOT_SCRIPT
+    assert monitor.guests.boot_script_for("192.168.151.150") == BOOT_SCRIPT
 
     snapshot = finish_rebuild(monitor, hypervisor)
     assert guest not in hypervisor.guests  # removed, its disk kept as the image
     with pytest.raises(MonitorError):
-        monitor.boot_script_for_token(token)  # the token ended with its rebuild
+        monitor.guests.boot_script_for_token(token)  # the token ended with its rebuild
     volume = rebuilds.image_volume("ci-template", "built", snapshot)
     assert hypervisor.volume_path(volume) is not None
     assert os.readlink(config.data_path / "profiles" / "built" / "snapshot") == snapshot
@@ -252,7 +241,7 @@ def test_stale_rebuild_guests_are_swept(make_env):
     stale = "ci-rebuild-built@2026-10-01T000000.000000000Z"
     volume = "ci-template-built@2026-10-01T000000.000000000Z.qcow2"
     hypervisor.create_image_guest(stale, TEST_GUEST_XML, volume, 1, None, None)
-    monitor.refresh_registrations(force=True)
+    monitor.registrations.refresh(force=True)
     monitor.tick(clock())
     run_until(monitor, lambda: stale not in hypervisor.guests, "the sweep")
     run_until(monitor, lambda: hypervisor.volume_path(volume) is None, "its volume to go")

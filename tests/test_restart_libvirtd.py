@@ -102,7 +102,7 @@ def stop_monitor(monitor, hypervisor):
 
 
 def step(monitor, clock):
-    monitor.refresh_registrations(force=True)
+    monitor.registrations.refresh(force=True)
     observation = monitor.tick(clock())
     settle(monitor, timeout=60)
     return observation

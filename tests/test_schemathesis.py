@@ -116,7 +116,7 @@ def live(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Rig]:
     rig = Rig(config, standin, hypervisor, monitor, Served(web.make_app(config, monitor)))
     try:
         bring_online(rig, RUNNERS)
-        monitor.refresh_screenshots()
+        monitor.guests.refresh_screenshots()
         yield rig
     finally:
         rig.http.close()

@@ -335,7 +335,7 @@ def env(make_config, store):
     step(monitor, clock)  # registers, creates and starts the three guests
     step(monitor, clock)  # and observes them
     yield monitor, hypervisor, clock
-    monitor._workers.shutdown(wait=True)
+    monitor.workers.shutdown()
 
 
 def guest_names(monitor: loop.Monitor) -> dict[int, str]:
@@ -347,17 +347,17 @@ def test_job_encodes_only_changed_screens(env):
     guests = guest_names(monitor)
     assert len(guests) == 3
 
-    assert monitor.refresh_screenshots() == 3
-    assert monitor.refresh_screenshots() == 0
-    assert monitor.screenshots.last_pass.unchanged == 3
+    assert monitor.guests.refresh_screenshots() == 3
+    assert monitor.guests.refresh_screenshots() == 0
+    assert monitor.guests.screenshots.last_pass.unchanged == 3
 
     changed_id, changed_name = next(iter(guests.items()))
     hypervisor.screens[changed_name] = image_bytes((64, 48), "darkred", fmt="PPM")
-    old_version = monitor.screenshot_version(changed_id)
+    old_version = monitor.guests.screenshot_version(changed_id)
 
-    assert monitor.refresh_screenshots() == 1
-    assert monitor.screenshots.last_pass.unchanged == 2
-    assert monitor.screenshot_version(changed_id) != old_version
+    assert monitor.guests.refresh_screenshots() == 1
+    assert monitor.guests.screenshots.last_pass.unchanged == 2
+    assert monitor.guests.screenshot_version(changed_id) != old_version
     assert (monitor.config.data_path / "runners" / str(changed_id) / "thumbnail.png").exists()
 
 
@@ -365,38 +365,38 @@ def test_job_goes_on_when_one_guest_fails(env):
     monitor, hypervisor, _clock = env
     hypervisor.fail_next("screenshot_raw", MonitorError("libvirt: cannot take it", 503))
 
-    assert monitor.refresh_screenshots() == 2
-    assert monitor.screenshots.last_pass.failed == 1
+    assert monitor.guests.refresh_screenshots() == 2
+    assert monitor.guests.screenshots.last_pass.failed == 1
     assert sum(call[0] == "screenshot_raw" for call in hypervisor.calls) == 3
 
 
 def test_job_drops_the_screenshot_of_a_destroyed_runner(env):
     monitor, hypervisor, clock = env
-    monitor.refresh_screenshots()
+    monitor.guests.refresh_screenshots()
     victim_id, victim_name = next(iter(guest_names(monitor).items()))
     hypervisor.destroy_guest(victim_name)  # behind the monitor's back
 
     step(monitor, clock)
-    monitor.refresh_screenshots()
+    monitor.guests.refresh_screenshots()
 
-    assert monitor.screenshot_version(victim_id) is None
+    assert monitor.guests.screenshot_version(victim_id) is None
     assert not (monitor.config.data_path / "runners" / str(victim_id)).exists()
 
 
 def test_screenshot_now_returns_png_and_updates_the_thumbnail(env):
     monitor, hypervisor, _clock = env
     runner_id, name = next(iter(guest_names(monitor).items()))
-    monitor.refresh_screenshots()
+    monitor.guests.refresh_screenshots()
     hypervisor.screens[name] = image_bytes((640, 480), (200, 10, 10), fmt="PPM")
 
-    png = monitor.screenshot_now(runner_id)
+    png = monitor.guests.screenshot_now(runner_id)
 
     with Image.open(io.BytesIO(png)) as image:
         assert image.format == "PNG" and image.size == (640, 480)
-    thumbnail = open_png(monitor.screenshots.thumbnail_path(runner_id))
+    thumbnail = open_png(monitor.guests.screenshots.thumbnail_path(runner_id))
     assert thumbnail.getpixel((100, 100)) == (200, 10, 10)
     # The next pass finds that screen already saved.
-    assert monitor.refresh_screenshots() == 0
+    assert monitor.guests.refresh_screenshots() == 0
 
 
 def test_screenshot_now_of_a_stopped_guest_is_409(env):
@@ -405,7 +405,7 @@ def test_screenshot_now_of_a_stopped_guest_is_409(env):
     hypervisor.guests[name].active = False
 
     with pytest.raises(MonitorError) as info:
-        monitor.screenshot_now(runner_id)
+        monitor.guests.screenshot_now(runner_id)
 
     assert info.value.status == 409
 

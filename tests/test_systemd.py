@@ -136,7 +136,7 @@ def test_a_wedged_monitor_thread_stops_feeding_the_watchdog(notify_socket, make_
     try:
         notify_socket.collect(lambda: len(notify_socket.having("WATCHDOG=1")) >= 2, 5)
         release = threading.Event()
-        monitor._post(lambda: release.wait(10))  # the monitor thread is stuck in a call
+        monitor.post(lambda: release.wait(10))  # the monitor thread is stuck in a call
         wedged_at = time.monotonic()
         time.sleep(1.5)
         notify_socket.collect(lambda: True, 0)

@@ -22,12 +22,12 @@ def app(make_config, store):
     monitor = loop.Monitor(config, github, hypervisor, clock=clock)
     client = webtest.TestApp(web.make_app(config, monitor))
     yield client, monitor, github, clock
-    monitor._workers.shutdown(wait=True)
+    monitor.workers.shutdown()
 
 
 def observe(monitor, clock, passes: int = 2) -> None:
     for _ in range(passes):
-        monitor.refresh_registrations(force=True)
+        monitor.registrations.refresh(force=True)
         monitor.tick(clock())
         settle(monitor)
 
@@ -107,7 +107,7 @@ def test_unexpected_error_is_500_without_traceback(app, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(monitor, "jit_config_for_token", explode)
+    monkeypatch.setattr(monitor.guests, "jit_config_for_token", explode)
     response = client.get(
         "/github-jitconfig", headers={"Authorization": "Bearer guest"}, status=500
     )
