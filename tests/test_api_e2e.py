@@ -31,6 +31,7 @@ import pytest
 
 from monitor import loop
 from monitor import models
+from monitor import registrations
 from monitor import web
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
@@ -574,7 +575,7 @@ def test_half_failed_reservation_is_rolled_back(make_rig):
 
 def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed(make_rig, monkeypatch):
     """Without the check it would stay Reserved for monitor_reserve_timeout (60 s here)."""
-    monkeypatch.setattr(loop, "RUN_CHECK_AFTER", timedelta(0))
+    monkeypatch.setattr(registrations, "RUN_CHECK_AFTER", timedelta(0))
     rig = make_rig(2)
     taken = taken_runner(take(rig.port, str(uuid.uuid4()), 18000000101))
     kept = taken_runner(take(rig.port, str(uuid.uuid4()), 18000000102))

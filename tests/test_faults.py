@@ -49,6 +49,7 @@ import pytest
 from monitor import loop
 from monitor import models
 from monitor import ratelimit
+from monitor import registrations
 from monitor import scheduler as scheduler_module
 from monitor import web
 from monitor.github import RestGitHub
@@ -114,8 +115,8 @@ def fast_backoff() -> ratelimit.Backoff:
 @pytest.fixture
 def start_rig(standin: GitHubStandIn, monkeypatch: pytest.MonkeyPatch):
     """`start(config, hypervisor)`: a running monitor, brought to the steady state."""
-    monkeypatch.setattr(loop, "GITHUB_BACKOFF_BASE", timedelta(seconds=BACKOFF_BASE))
-    monkeypatch.setattr(loop, "GITHUB_BACKOFF_CAP", timedelta(seconds=BACKOFF_CAP))
+    monkeypatch.setattr(registrations, "GITHUB_BACKOFF_BASE", timedelta(seconds=BACKOFF_BASE))
+    monkeypatch.setattr(registrations, "GITHUB_BACKOFF_CAP", timedelta(seconds=BACKOFF_CAP))
     monkeypatch.setattr(scheduler_module, "REGISTRATIONS_CHECK_SECONDS", CHECK_EVERY)
     rigs: list[Rig] = []
 

@@ -170,7 +170,7 @@ def test_unit_is_a_notify_service_with_a_watchdog():
 
 def test_log_lines_carry_the_runner_and_journald_priorities():
     record = logging.LogRecord(
-        "monitor.loop",
+        "monitor.workers",
         logging.INFO,
         "x",
         1,
@@ -180,9 +180,8 @@ def test_log_lines_carry_the_runner_and_journald_priorities():
     )
     record.runner_id = 7
     plain = RunnerFormatter("%(levelname)s %(name)s: %(message)s", journald=False)
-    assert (
-        plain.format(record) == "INFO monitor.loop: destroying runner 7: its job is done runner=7"
-    )
+    expected = "INFO monitor.workers: destroying runner 7: its job is done runner=7"
+    assert plain.format(record) == expected
     journal = RunnerFormatter("%(levelname)s %(name)s: %(message)s", journald=True)
     error = logging.LogRecord("monitor.loop", logging.ERROR, "x", 1, "failed", (), None)
     assert journal.format(error) == "<3>ERROR monitor.loop: failed"
@@ -204,5 +203,5 @@ def test_run_logs_what_it_did_and_why_with_the_runner(tmp_path):
         standin.stop()
     assert code == 0
     lines = output.splitlines()
-    assert "<6>INFO monitor.loop: creating runner 0 (ci-runner-linux.0) runner=0" in lines
+    assert "<6>INFO monitor.workers: creating runner 0 (ci-runner-linux.0) runner=0" in lines
     assert all(line.startswith("<") for line in lines if line), output
