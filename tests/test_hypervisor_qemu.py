@@ -31,7 +31,7 @@ from monitor.errors import MonitorError  # noqa: E402
 from monitor.errors import TransientError  # noqa: E402
 from monitor.hypervisor import SOURCE_POOL_PREFIX  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
-from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.images import make_seed_iso  # noqa: E402
 from tests.conftest import require_libvirtd  # noqa: E402
 
