@@ -629,6 +629,16 @@ def test_lost_connection_is_transient_and_reconnects(hv, base):
     assert _conn(hv) is not lost
 
 
+def test_role_and_domain_xml_import_without_libvirt():
+    # Everything outside the package types a hypervisor with the Protocol; that must not need
+    # the binding.
+    probe = (
+        "import sys; sys.modules['libvirt'] = None; "
+        "import monitor.hypervisor, monitor.hypervisor.domain_xml"
+    )
+    subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True, timeout=60)
+
+
 def test_unreachable_libvirt_is_transient(tmp_path):
     hv = LibvirtHypervisor(f"test://{tmp_path}/missing-node.xml")
 

@@ -428,7 +428,7 @@ def test_hung_libvirtd_makes_calls_fail_instead_of_blocking(conn):
             )
             assert isinstance(error, TransientError), error
             assert "keepalive" in str(error)
-            assert hv._conn is None  # dropped: the next call opens a new connection
+            assert hv.connection._conn is None  # dropped: the next call opens a new connection
 
             # Still hung: opening a new connection gives up after open_timeout.
             error, timings["reconnect"] = _call_in_thread(hv.list_guests, "", timeout=60)

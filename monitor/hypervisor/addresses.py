@@ -177,10 +177,10 @@ class GuestAddresses:
         macs_by_network: dict[str, set[str]] = {}
         interfaces = [] if devices is None else devices.findall("interface[@type='network']")
         for interface in interfaces:
-            source, mac = interface.find("source"), interface.find("mac")
-            if source is not None and mac is not None and source.get("network"):
+            source, mac_element = interface.find("source"), interface.find("mac")
+            if source is not None and mac_element is not None and source.get("network"):
                 macs = macs_by_network.setdefault(source.get("network", ""), set())
-                macs.add(mac.get("address", "").lower())
+                macs.add(mac_element.get("address", "").lower())
         leases: set[tuple[str, str, int]] = set()
         for network_name, macs in sorted(macs_by_network.items()):
             with self.connection.calling(conn, f"read the DHCP leases of network {network_name}"):
