@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
@@ -45,16 +46,26 @@ _GUEST_STATES = {
 
 
 class Guests:
-    """The domains on `connection`, with their disks in `storage`."""
+    """The domains, with their disks in `storage`.
 
-    def __init__(self, connection: Connection, storage: StoragePool) -> None:
+    `connect` returns the libvirt connection to call (see `LibvirtHypervisor._connection`);
+    `connection` turns the errors of those calls into `MonitorError`s.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        connect: Callable[[], libvirt.virConnect],
+        storage: StoragePool,
+    ) -> None:
         self.connection = connection
+        self._connect = connect
         self.storage = storage
         self.addresses = GuestAddresses(connection)
 
     def list_guests(self, prefix: str) -> list[Guest]:
         """Return every guest (defined or running) whose name starts with `prefix`."""
-        conn = self.connection.get()
+        conn = self._connect()
         with self.connection.calling(conn, "list guests"):
             domains = conn.listAllDomains(0)
         guests = []
@@ -85,7 +96,7 @@ class Guests:
         """
         if not name or "/" in name:
             raise MonitorError(f"invalid guest name {name!r}")
-        conn = self.connection.get()
+        conn = self._connect()
         if self._lookup(conn, name) is not None:
             raise MonitorError(f"cannot create guest {name}: it already exists", status=409)
         pool = self.storage.lookup(conn)
@@ -111,7 +122,7 @@ class Guests:
     def start_guest(self, name: str) -> None:
         """Start a defined guest, first noting the DHCP leases its MACs already have (see
         `monitor.hypervisor.addresses`)."""
-        conn = self.connection.get()
+        conn = self._connect()
         dom = self._domain(conn, name)
         self.addresses.note_leases_before_start(conn, dom, name)
         with self.connection.calling(conn, f"start guest {name}"):
@@ -123,7 +134,7 @@ class Guests:
         Idempotent: a missing domain, a stopped one, or a missing volume is fine. Only the
         runner's own volume is deleted; base images are shared and never touched.
         """
-        conn = self.connection.get()
+        conn = self._connect()
         dom = self._lookup(conn, name)
         if dom is not None:
             self._stop_and_undefine(conn, dom, name)
@@ -168,7 +179,7 @@ class Guests:
             raise MonitorError(f"cannot create guest {name}: no seed ISO {seed}", 404)
         source_path = None if source is None else os.path.abspath(source)
 
-        conn = self.connection.get()
+        conn = self._connect()
         if self._lookup(conn, name) is not None:
             raise MonitorError(f"cannot create guest {name}: it already exists", 409)
         pool = self.storage.lookup(conn)
@@ -202,7 +213,7 @@ class Guests:
         waiting for I/O), "shutoff", "paused" or "other" (shutting down, crashed,
         suspended to RAM), or None when there is no such guest: enough to wait for a rebuild
         guest to power itself off."""
-        conn = self.connection.get()
+        conn = self._connect()
         dom = self._lookup(conn, name)
         if dom is None:
             return None
@@ -219,7 +230,7 @@ class Guests:
         """Stop (if running) and undefine rebuild guest `name`, with its NVRAM but without
         any storage: its disk is the base-image volume, the product of the rebuild, and
         `delete_volume` removes it when that is wanted. Idempotent."""
-        conn = self.connection.get()
+        conn = self._connect()
         dom = self._lookup(conn, name)
         if dom is not None:
             self._stop_and_undefine(conn, dom, name)
@@ -248,12 +259,12 @@ class Guests:
     def ipv4_address(self, name: str) -> str | None:
         """Return the guest's first usable IPv4 address, or None (see
         `GuestAddresses.ipv4_address`)."""
-        conn = self.connection.get()
+        conn = self._connect()
         return self.addresses.ipv4_address(conn, self._domain(conn, name), name)
 
     def _screenshot(self, name: str) -> tuple[str, bytes]:
         """(MIME type, bytes) of the running guest's screen, as libvirt streams it."""
-        conn = self.connection.get()
+        conn = self._connect()
         dom = self._domain(conn, name)
         with self.connection.calling(conn, f"take a screenshot of guest {name}"):
             if not dom.isActive():

@@ -28,8 +28,10 @@ class LibvirtHypervisor:
         self, uri: str | None, storage_pool: str = "default", *, open_timeout: float = OPEN_TIMEOUT
     ) -> None:
         self.connection = Connection(uri, open_timeout)
-        self.storage = StoragePool(self.connection, storage_pool)
-        self.guests = Guests(self.connection, self.storage)
+        # Every call of the parts goes through `_connection`, so a subclass can wrap the
+        # connection they use (the fault-injection tests make its methods fail).
+        self.storage = StoragePool(self.connection, self._connection, storage_pool)
+        self.guests = Guests(self.connection, self._connection, self.storage)
 
     @property
     def errors(self) -> int:
@@ -116,5 +118,5 @@ class LibvirtHypervisor:
         self.connection.close()
 
     def _connection(self) -> libvirt.virConnect:
-        """The open libvirt connection, for tests that look behind the adapter."""
+        """The libvirt connection every call uses, opened if need be (`Connection.get`)."""
         return self.connection.get()

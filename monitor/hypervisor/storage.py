@@ -12,6 +12,7 @@ import logging
 import os
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,15 +34,22 @@ log = logging.getLogger(__name__)
 
 
 class StoragePool:
-    """The libvirt storage pool `name` on `connection`: its runner and base-image volumes."""
+    """The libvirt storage pool `name`: its runner and base-image volumes.
 
-    def __init__(self, connection: Connection, name: str) -> None:
+    `connect` returns the libvirt connection to call (see `LibvirtHypervisor._connection`);
+    `connection` turns the errors of those calls into `MonitorError`s.
+    """
+
+    def __init__(
+        self, connection: Connection, connect: Callable[[], libvirt.virConnect], name: str
+    ) -> None:
         self.connection = connection
+        self._connect = connect
         self.name = name
 
     def volume_names(self) -> list[str]:
         """Names of all the volumes in the pool (refreshed first), sorted."""
-        conn = self.connection.get()
+        conn = self._connect()
         pool = self.lookup(conn)
         self.refresh(conn, pool)
         with self.connection.calling(conn, f"list volumes of {self.name}"):
@@ -60,7 +68,7 @@ class StoragePool:
     def volume_path(self, volume: str) -> Path | None:
         """Return the path of `volume` in the storage pool, or None if the pool has no such
         volume (as libvirt knows it: no refresh, so this is cheap)."""
-        conn = self.connection.get()
+        conn = self._connect()
         pool = self.lookup(conn)
         found = self.find_volume(conn, pool, volume)
         if found is None:
@@ -77,7 +85,7 @@ class StoragePool:
         pool refresh; the caller (the monitor thread) must not create overlays on `volume`
         meanwhile.
         """
-        conn = self.connection.get()
+        conn = self._connect()
         pool = self.lookup(conn)
         self.refresh(conn, pool)
         found = self.find_volume(conn, pool, volume)
