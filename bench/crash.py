@@ -75,7 +75,7 @@ from urllib.parse import urlencode
 
 from bench.rig import StandInProcess
 from monitor import policy
-from monitor.hypervisor import LibvirtHypervisor
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from tests.conftest import API_TOKEN
 from tests.conftest import set_settings
 from tests.conftest import write_config

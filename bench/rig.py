@@ -24,7 +24,7 @@ from typing import Any
 from monitor import config as config_module
 from monitor import models
 from monitor.github import RestGitHub
-from monitor.hypervisor import LibvirtHypervisor
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.loop import Monitor
 from monitor.main import tune_interpreter
 from monitor.scheduler import make_scheduler

@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 from bench.rig import PROFILE  # noqa: E402
 from bench.rig import Rig  # noqa: E402
 from bench.rig import quiet_logging  # noqa: E402
-from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.screenshots import ScreenshotStore  # noqa: E402
 from tests.conftest import GITHUB_TOKEN  # noqa: E402
 from tests.conftest import NODE_XML  # noqa: E402

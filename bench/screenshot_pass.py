@@ -39,7 +39,7 @@ from PIL import ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.screenshots import PassResult  # noqa: E402
 from monitor.screenshots import ScreenshotStore  # noqa: E402
 from tests.conftest import NODE_XML  # noqa: E402

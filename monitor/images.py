@@ -3,7 +3,7 @@
 Upstream's ubuntu profiles boot their rebuild guest with a NoCloud seed: an ISO 9660 image
 labelled CIDATA holding the profile's `user-data` and `meta-data` (spec §7.3), which
 cloud-init in the guest reads at first boot. Building it runs an external tool, so it lives
-here rather than in `hypervisor.py`, which only talks to libvirt.
+here rather than in `hypervisor/`, which only talks to libvirt.
 
 Imports only `errors` and the standard library.
 """

@@ -175,7 +175,7 @@ def run(
     import waitress
 
     from monitor.github import RestGitHub
-    from monitor.hypervisor import LibvirtHypervisor
+    from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
     from monitor.loop import Monitor
     from monitor.scheduler import make_scheduler
     from monitor.web import make_app

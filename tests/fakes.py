@@ -12,6 +12,7 @@ from pathlib import Path
 
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
+from monitor.hypervisor import Guest
 from monitor.policy import Registration
 
 
@@ -148,11 +149,13 @@ class FakeHypervisor(Armable):
         self.screens: dict[str, bytes] = {}
         # The token each guest was given (None: created without one).
         self.guest_tokens: dict[str, str | None] = {}
+        self.errors = 0  # failed hypervisor calls, as /metrics reads them
 
-    def list_guests(self, prefix: str) -> list[FakeGuest]:
+    def list_guests(self, prefix: str) -> list[Guest]:
         self._call("list_guests", prefix)
         with self._lock:
-            return [g for g in self.guests.values() if g.name.startswith(prefix)]
+            guests = [g for g in self.guests.values() if g.name.startswith(prefix)]
+            return [Guest(g.name, g.active) for g in guests]
 
     def create_guest(
         self, name: str, template_xml: str, base_image: Path, guest_token: str | None = None

@@ -36,7 +36,7 @@ from monitor import web
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX
-from monitor.hypervisor import LibvirtHypervisor
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
 from tests import conftest
 from tests.conftest import config_for_test_driver

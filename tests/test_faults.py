@@ -54,7 +54,7 @@ from monitor import scheduler as scheduler_module
 from monitor import web
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
-from monitor.hypervisor import LibvirtHypervisor
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
 from tests import test_api_e2e
 from tests import test_restart_libvirtd

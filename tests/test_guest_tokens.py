@@ -16,7 +16,7 @@ import pytest
 from monitor import models
 from monitor.hypervisor import GUEST_TOKEN_CMDLINE_PREFIX
 from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX
-from monitor.hypervisor import runner_domain_xml
+from monitor.hypervisor.domain_xml import runner_domain_xml
 from tests import test_api
 from tests.conftest import TEST_GUEST_XML
 from tests.test_api import assert_error

@@ -42,13 +42,13 @@ from monitor.errors import MonitorError  # noqa: E402
 from monitor.errors import TransientError  # noqa: E402
 from monitor.hypervisor import EVENT_LOOP_THREAD_NAME  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
-from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
-from monitor.hypervisor import image_guest_domain_xml  # noqa: E402
-from monitor.hypervisor import pick_ipv4  # noqa: E402
-from monitor.hypervisor import runner_domain_xml  # noqa: E402
-from monitor.hypervisor import sniff_image  # noqa: E402
-from monitor.hypervisor import start_event_loop  # noqa: E402
-from monitor.hypervisor import to_png  # noqa: E402
+from monitor.hypervisor.addresses import pick_ipv4  # noqa: E402
+from monitor.hypervisor.connection import start_event_loop  # noqa: E402
+from monitor.hypervisor.domain_xml import image_guest_domain_xml  # noqa: E402
+from monitor.hypervisor.domain_xml import runner_domain_xml  # noqa: E402
+from monitor.hypervisor.domain_xml import sniff_image  # noqa: E402
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.screenshots import to_png  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -629,6 +629,16 @@ def test_lost_connection_is_transient_and_reconnects(hv, base):
     assert _conn(hv) is not lost
 
 
+def test_role_and_domain_xml_import_without_libvirt():
+    # Everything outside the package types a hypervisor with the Protocol; that must not need
+    # the binding.
+    probe = (
+        "import sys; sys.modules['libvirt'] = None; "
+        "import monitor.hypervisor, monitor.hypervisor.domain_xml"
+    )
+    subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True, timeout=60)
+
+
 def test_unreachable_libvirt_is_transient(tmp_path):
     hv = LibvirtHypervisor(f"test://{tmp_path}/missing-node.xml")
 
@@ -653,7 +663,8 @@ import libvirt
 calls = []
 register = libvirt.virEventRegisterDefaultImpl
 libvirt.virEventRegisterDefaultImpl = lambda: calls.append(1) or register()
-from monitor.hypervisor import EVENT_LOOP_THREAD_NAME, LibvirtHypervisor
+from monitor.hypervisor import EVENT_LOOP_THREAD_NAME
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 uri, pool = sys.argv[1:]
 hypervisors = [LibvirtHypervisor(uri, pool) for _ in range(6)]
 barrier = threading.Barrier(len(hypervisors))
@@ -778,7 +789,7 @@ def test_open_of_hung_libvirtd_is_transient_not_blocking(silent_libvirtd):
         assert time.monotonic() - start < 5
         assert "no answer within 0.5 s" in str(info.value)
         assert info.value.status == 503
-        openings.append(hv._opening)
+        openings.append(hv.connection._opening)
     assert openings[0] is not None and openings[0] is openings[1]
 
     # The daemon goes away: the pending open fails, and so does the call waiting for it.

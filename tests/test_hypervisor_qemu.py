@@ -31,7 +31,7 @@ from monitor.errors import MonitorError  # noqa: E402
 from monitor.errors import TransientError  # noqa: E402
 from monitor.hypervisor import SOURCE_POOL_PREFIX  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
-from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.images import make_seed_iso  # noqa: E402
 from tests.conftest import require_libvirtd  # noqa: E402
 
@@ -428,7 +428,7 @@ def test_hung_libvirtd_makes_calls_fail_instead_of_blocking(conn):
             )
             assert isinstance(error, TransientError), error
             assert "keepalive" in str(error)
-            assert hv._conn is None  # dropped: the next call opens a new connection
+            assert hv.connection._conn is None  # dropped: the next call opens a new connection
 
             # Still hung: opening a new connection gives up after open_timeout.
             error, timings["reconnect"] = _call_in_thread(hv.list_guests, "", timeout=60)

@@ -14,7 +14,7 @@ from monitor import models
 from monitor import policy
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
-from monitor.hypervisor import LibvirtHypervisor
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.scheduler import make_scheduler
 from tests.conftest import NODE_XML
 from tests.conftest import standin_fixtures

@@ -22,7 +22,7 @@ from tests.test_loop import Clock
 from tests.test_loop import settle
 
 libvirt = pytest.importorskip("libvirt")
-from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 

@@ -35,7 +35,7 @@ from monitor import models
 from monitor import web
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
-from monitor.hypervisor import LibvirtHypervisor
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from tests.conftest import API_TOKEN
 from tests.conftest import config_for_test_driver
 from tests.conftest import standin_fixtures

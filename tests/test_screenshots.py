@@ -415,7 +415,7 @@ def test_screenshot_now_of_a_stopped_guest_is_409(env):
 
 def test_pass_over_test_driver_guests_skips_unchanged_screens(tmp_path):
     pytest.importorskip("libvirt")
-    from monitor.hypervisor import LibvirtHypervisor
+    from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 
     node = tmp_path / "node.xml"
     node.write_text(NODE_XML)
