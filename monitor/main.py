@@ -274,7 +274,7 @@ def _listen_address(host: str, port: int) -> str:
 def demo(host: str, port: int, data_dir: Path | None) -> int:
     """The embedded demo: libvirt's test driver, the GitHub stand-in playing the runner agent
     and a trickle of workflow jobs, and a shipped two-profile config."""
-    from monitor.github_standin import GitHubStandIn
+    from monitor.standin import GitHubStandIn
 
     temporary = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="monitor-demo-")) if data_dir is None else data_dir
