@@ -94,8 +94,9 @@ class Runner:
     def reserved_for(self) -> str | None:
         """The id of the job that reserved this runner (its `reserved-for:` label), or None."""
         for label in self.labels:
-            if label["name"].startswith(RESERVED_FOR):
-                return label["name"].removeprefix(RESERVED_FOR)
+            name: str = label["name"]
+            if name.startswith(RESERVED_FOR):
+                return name.removeprefix(RESERVED_FOR)
         return None
 
 
