@@ -130,7 +130,7 @@ _STANDIN_CHILD = """
 import logging, sys
 sys.setswitchinterval(0.0005)  # as the monitor: GitHub's answers do not queue for a GIL
 from bench.rig import Server
-from monitor.github_standin import GitHubStandIn
+from monitor.standin import GitHubStandIn
 logging.basicConfig(level=logging.ERROR)
 standin = GitHubStandIn(token=sys.argv[1])
 server = Server(standin.app, int(sys.argv[2]), "bench-standin")

@@ -6,7 +6,7 @@ turns their JSON into small frozen dataclasses, and turns every failure into `Mo
 retries by itself; the monitor loop tries again on a later tick. It imports only `errors`,
 `policy` (for `Registration`) and urllib3, and never logs or raises the token or a JIT config.
 
-The same client works against api.github.com and against `monitor.github_standin`; only the
+The same client works against api.github.com and against `monitor.standin`; only the
 base URL differs.
 """
 

@@ -4,7 +4,8 @@
     monitor check-config [--config PATH]  validate, print profiles and budgets; exit 0 or 2
     monitor demo [--port N]               libvirt's test driver + the GitHub stand-in
 
-Nothing else reads the process environment: it is handed to `config.load` here.
+Nothing else reads the process environment: it is handed to `config.load` and
+`logs.setup_logging` here.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import secrets
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -26,6 +24,7 @@ from typing import Any
 from monitor import __version__
 from monitor import cli
 from monitor import config as config_module
+from monitor import logs
 from monitor import models
 from monitor import policy
 from monitor import serving
@@ -35,51 +34,12 @@ from monitor.errors import MonitorError
 
 log = logging.getLogger("monitor")
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
 EXIT_CONFIG = 2
 # Clients wait on a take for its GitHub label calls (tens of ms, seconds when GitHub is slow),
 # so a burst of workflows needs many threads; each is mostly idle.
 HTTP_THREADS = 48
 # How often the start-up notifier looks whether the first reconcile has happened.
 READY_POLL_SECONDS = 0.2
-
-
-class RunnerFormatter(logging.Formatter):
-    """Adds `runner=<id>` to a line about one runner (`extra={"runner_id": …}`), so that
-    `journalctl -u monitor | grep runner=42` follows a runner from creation to destruction.
-    Under journald (`$JOURNAL_STREAM`) each line starts with its syslog priority (`<3>` for
-    ERROR…), which journald turns into the entry's PRIORITY: `journalctl -p warning` works."""
-
-    PRIORITIES = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
-
-    def __init__(self, fmt: str, journald: bool) -> None:
-        super().__init__(fmt)
-        self.journald = journald
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        runner_id = getattr(record, "runner_id", None)
-        if runner_id is not None:
-            text += f" runner={runner_id}"
-        if self.journald:
-            text = f"<{self.PRIORITIES.get(record.levelname, 6)}>{text}"
-        return text
-
-
-def setup_logging(level: str | None = None) -> None:
-    level = (level or os.environ.get("MONITOR_LOG_LEVEL") or "INFO").upper()
-    # journald adds timestamps itself; a terminal wants them.
-    journald = "JOURNAL_STREAM" in os.environ
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not journald:
-        fmt = "%(asctime)s " + fmt
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RunnerFormatter(fmt, journald))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-    # APScheduler logs every job run at INFO.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    # peewee logs every query with its parameters at DEBUG, JIT configs included: never.
-    logging.getLogger("peewee").setLevel(logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    setup_logging()
+    logs.setup_logging(os.environ)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "run":
@@ -127,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CONFIG
         return run(config)
     if args.command == "demo":
-        return demo(args.host, args.port, args.data_dir)
+        from monitor.demo import demo
+
+        return demo(args.host, args.port, args.data_dir, load_config=load_config, run=run)
     if args.command in cli.COMMANDS:
         return cli.main(args)
     parser.error(f"unknown command {args.command}")
@@ -269,90 +231,3 @@ def _notify_when_ready(
 
 def _listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def demo(host: str, port: int, data_dir: Path | None) -> int:
-    """The embedded demo: libvirt's test driver, the GitHub stand-in playing the runner agent
-    and a trickle of workflow jobs, and a shipped two-profile config."""
-    from monitor.github_standin import GitHubStandIn
-
-    temporary = data_dir is None
-    root = Path(tempfile.mkdtemp(prefix="monitor-demo-")) if data_dir is None else data_dir
-    root.mkdir(parents=True, exist_ok=True)
-    github_token = secrets.token_hex(16)
-    standin = GitHubStandIn(token=github_token)
-    standin.agent_online_after = 3.0
-    github_url = standin.start()
-    # Jobs run on the runners the demo's workflows reserve through the monitor's API.
-    standin.start_job_simulation(every=1.0, duration=15.0, reserve_idle=False)
-    api_token = secrets.token_hex(16)
-    stop = threading.Event()
-    try:
-        config_path = write_demo_config(root, github_url, host, port)
-        environ = {"SERVO_CI_MONITOR_API_TOKEN": api_token, "GITHUB_TOKEN": github_token}
-        config = load_config(config_path, environ=environ)
-        log.info("demo: GitHub stand-in at %s, state in %s", github_url, root)
-        log.info("demo: dashboard on http://%s:%d/", host, port)
-        workflows = threading.Thread(
-            target=demo_workflows,
-            args=(f"http://{_listen_address(host, port)}", api_token, list(config.profiles), stop),
-            name="demo-workflows",
-            daemon=True,
-        )
-        workflows.start()
-        return run(config)
-    finally:
-        stop.set()
-        standin.stop()
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def demo_workflows(
-    base_url: str, api_token: str, profiles: list[str], stop: threading.Event, every: float = 7.0
-) -> None:
-    """A trickle of simulated workflow runs reserving runners as Servo's workflows do:
-    `POST /profile/<key>/take?unique_id&qualified_repo&run_id` with the API token."""
-    import random
-    import urllib.error
-    import urllib.request
-    import uuid
-
-    run_id = 1000
-    while not stop.wait(every):
-        run_id += 1
-        profile = random.choice(profiles)
-        query = f"unique_id={uuid.uuid4()}&qualified_repo=demo/servo&run_id={run_id}"
-        request = urllib.request.Request(
-            f"{base_url}/profile/{profile}/take?{query}",
-            method="POST",
-            headers={"Authorization": f"Bearer {api_token}"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                answer = response.read().decode()
-        except (OSError, urllib.error.HTTPError) as error:
-            log.info("demo: workflow run %d could not take a %s runner: %s", run_id, profile, error)
-            continue
-        log.info("demo: workflow run %d took %s: %s", run_id, profile, answer[:60])
-
-
-def write_demo_config(root: Path, github_url: str, host: str, port: int) -> Path:
-    """Copy the shipped demo profiles and config into `root`, filled in for this run."""
-    profiles = root / "profiles"
-    if profiles.exists():
-        shutil.rmtree(profiles)
-    shutil.copytree(DEMO_DIR / "profiles", profiles)
-    base_image = root / "demo-base.img"
-    if not base_image.exists():
-        with open(base_image, "wb") as image:
-            image.truncate(64 * 1024 * 1024)  # sparse; the test driver never reads it
-    template = (DEMO_DIR / "monitor.toml").read_text()
-    text = (
-        template.replace("@GITHUB_API_URL@", github_url)
-        .replace("@HOST@", host)
-        .replace("@PORT@", str(port))
-    )
-    path = root / "monitor.toml"
-    path.write_text(text)
-    return path

@@ -14,7 +14,7 @@ import pytest
 
 from monitor import config as config_module
 from monitor import models
-from monitor.github_standin import GitHubStandIn
+from monitor.standin import GitHubStandIn
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # The tokens write_config puts in .env.

@@ -34,10 +34,10 @@ from monitor import models
 from monitor import registrations
 from monitor import web
 from monitor.github import RestGitHub
-from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
+from monitor.standin import GitHubStandIn
 from tests import conftest
 from tests.conftest import config_for_test_driver
 from tests.conftest import standin_fixtures

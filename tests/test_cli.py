@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.github_standin import GitHubStandIn
+from monitor.standin import GitHubStandIn
 from tests.conftest import FIXTURES
 from tests.conftest import write_config
 

@@ -40,9 +40,9 @@ from monitor import models  # noqa: E402
 from monitor import scheduler as scheduler_module  # noqa: E402
 from monitor import web  # noqa: E402
 from monitor.github import RestGitHub  # noqa: E402
-from monitor.github_standin import GitHubStandIn  # noqa: E402
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.serving import BackgroundServer  # noqa: E402
+from monitor.standin import GitHubStandIn  # noqa: E402
 from tests import test_api_e2e as e2e  # noqa: E402
 from tests.conftest import API_TOKEN  # noqa: E402
 from tests.conftest import GITHUB_TOKEN  # noqa: E402

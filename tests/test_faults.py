@@ -53,9 +53,9 @@ from monitor import registrations
 from monitor import scheduler as scheduler_module
 from monitor import web
 from monitor.github import RestGitHub
-from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
+from monitor.standin import GitHubStandIn
 from tests import test_api_e2e
 from tests import test_restart_libvirtd
 from tests.conftest import config_for_test_driver

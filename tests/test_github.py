@@ -25,8 +25,8 @@ from monitor.github import Artifact
 from monitor.github import GitHub
 from monitor.github import JitConfig
 from monitor.github import RestGitHub
-from monitor.github_standin import GitHubStandIn
 from monitor.policy import Registration
+from monitor.standin import GitHubStandIn
 from tests.conftest import standin_fixtures
 
 TOKEN = "ghp_testtoken0123456789abcdefSECRET"

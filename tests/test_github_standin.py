@@ -25,7 +25,7 @@ import pytest
 import urllib3
 from openapi_schema_validator import OAS30Validator
 
-from monitor.github_standin import GitHubStandIn
+from monitor.standin import GitHubStandIn
 from tests.conftest import standin_fixtures
 
 TOKEN = "standin-test-token"
@@ -771,7 +771,7 @@ def test_runs_as_a_script():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.github_standin", "--port", str(port), "--token", "t"],
+        [sys.executable, "-m", "monitor.standin", "--port", str(port), "--token", "t"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

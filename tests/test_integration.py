@@ -13,9 +13,9 @@ from monitor import loop
 from monitor import models
 from monitor import policy
 from monitor.github import RestGitHub
-from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.scheduler import make_scheduler
+from monitor.standin import GitHubStandIn
 from tests.conftest import NODE_XML
 from tests.conftest import standin_fixtures
 from tests.conftest import write_config

@@ -10,7 +10,7 @@ import urllib.error
 
 import pytest
 
-from monitor.github_standin import GitHubStandIn
+from monitor.standin import GitHubStandIn
 from tests.conftest import write_config
 from tests.test_cli import Daemon
 from tests.test_cli import free_port

@@ -16,7 +16,7 @@ from monitor import config as config_module
 from monitor import loop
 from monitor import models
 from monitor.github import RestGitHub
-from monitor.github_standin import GitHubStandIn
+from monitor.standin import GitHubStandIn
 from tests.conftest import write_config
 from tests.test_loop import Clock
 from tests.test_loop import settle

@@ -34,8 +34,8 @@ from monitor import loop
 from monitor import models
 from monitor import web
 from monitor.github import RestGitHub
-from monitor.github_standin import GitHubStandIn
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
+from monitor.standin import GitHubStandIn
 from tests.conftest import API_TOKEN
 from tests.conftest import config_for_test_driver
 from tests.conftest import standin_fixtures

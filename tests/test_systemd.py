@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from monitor import systemd
-from monitor.github_standin import GitHubStandIn
+from monitor.logs import RunnerFormatter
 from monitor.loop import Monitor
-from monitor.main import RunnerFormatter
+from monitor.standin import GitHubStandIn
 from tests.conftest import GITHUB_TOKEN
 from tests.conftest import write_config
 from tests.fakes import FakeGitHub

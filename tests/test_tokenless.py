@@ -16,7 +16,7 @@ from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.github import Artifact
 from monitor.github import RestGitHub
-from monitor.github_standin import GitHubStandIn
+from monitor.standin import GitHubStandIn
 from monitor.tokenless import check_args
 from monitor.tokenless import parse_args_file
 from monitor.tokenless import validate_select
