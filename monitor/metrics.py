@@ -146,8 +146,8 @@ class _StateCollector(Collector):
             "GitHub REST calls that failed (4xx/5xx answers or no answer).",
         )
         made = dict(github.api_calls)
-        for (method, status), count in sorted(made.items()):
-            calls.add_metric([method, status], count)
+        for (method, answer), count in sorted(made.items()):
+            calls.add_metric([method, answer], count)
         errors.add_metric([], sum(n for (_, s), n in made.items() if s == "error" or int(s) >= 400))
         yield calls
         yield errors
