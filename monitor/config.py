@@ -178,32 +178,36 @@ def _string(value: Any) -> str:
 
 
 def _nonempty(value: Any) -> str:
-    if not _string(value):
+    text = _string(value)
+    if not text:
         raise ValueError("expected a non-empty string, got ''")
-    return value
+    return text
 
 
 def _name(value: Any) -> str:
     """A name that goes into libvirt guest names, runner names and file paths."""
-    if not _NAME.fullmatch(_string(value)):
+    name = _string(value)
+    if not _NAME.fullmatch(name):
         raise ValueError(
             f"expected a name of letters, digits, '-', '_' and '.' (not starting with"
             f" '-', '_' or '.'), got {value!r}"
         )
-    return value
+    return name
 
 
 def _suffix(value: Any) -> str:
     # Registrations are named `<guest>@<suffix>` and recognised by that ending.
-    if not _nonempty(value) or "@" in value or any(c.isspace() for c in value):
+    suffix = _nonempty(value)
+    if "@" in suffix or any(c.isspace() for c in suffix):
         raise ValueError(f"expected a host name without '@' or spaces, got {value!r}")
-    return value
+    return suffix
 
 
 def _scope(value: Any) -> str:
-    if not _SCOPE.fullmatch(_string(value)):
+    scope = _string(value)
+    if not _SCOPE.fullmatch(scope):
         raise ValueError(f"expected '/repos/<owner>/<repo>' or '/orgs/<org>', got {value!r}")
-    return value
+    return scope
 
 
 def _memory(value: Any) -> int:
@@ -223,20 +227,22 @@ def _path(value: Any) -> Path:
 
 
 def _http_url(value: Any) -> str:
+    url = _string(value)
     try:
-        parts = urlsplit(_string(value))
+        parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed "[" of an IPv6 address
         parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-    return value.rstrip("/")
+    return url.rstrip("/")
 
 
 def _base_url(value: Any) -> str:
     # Upstream refuses to start too: "external_base_url setting must end with slash!".
-    if not _string(value).endswith("/"):
+    url = _string(value)
+    if not url.endswith("/"):
         raise ValueError(f"must end with '/', got {value!r}")
-    return value
+    return url
 
 
 def _addresses(value: Any) -> tuple[str, ...]:
@@ -278,13 +284,13 @@ def _urls(value: Any) -> tuple[str, ...]:
 def _rebuild_mode(value: Any) -> str:
     if value not in REBUILD_MODES:
         raise ValueError(f'expected "rolling" or "drain", got {value!r}')
-    return value
+    return _string(value)
 
 
 def _guest_auth(value: Any) -> str:
     if value not in GUEST_AUTH_MODES:
         raise ValueError(f'expected "token" or "address", got {value!r}')
-    return value
+    return _string(value)
 
 
 def _sha256_hex(value: Any) -> str:
@@ -305,7 +311,7 @@ def _positive_seconds(value: Any) -> timedelta:
 def _image_type(value: Any) -> str:
     if value != "Rust":
         raise ValueError(f'expected "Rust" (the only image type), got {value!r}')
-    return value
+    return _string(value)
 
 
 # Schemas: key -> (converter, required). An absent optional key takes the dataclass default
@@ -573,9 +579,10 @@ def _subtable(
         if required:
             raise ConfigError(f"{path}: [{key}]: required table is missing (it may be empty)")
         return None
-    if not isinstance(raw[key], dict):
-        raise ConfigError(f"{path}: [{key}]: expected a table, got {raw[key]!r}")
-    return raw[key]
+    table = raw[key]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{key}]: expected a table, got {table!r}")
+    return table
 
 
 def _toml_key(key: str) -> str:

@@ -20,6 +20,7 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
@@ -27,6 +28,7 @@ from datetime import UTC
 from datetime import datetime
 from typing import Any
 from typing import Protocol
+from typing import runtime_checkable
 from urllib.parse import urljoin
 from urllib.parse import urlsplit
 
@@ -87,10 +89,20 @@ class RateLimit:
     resource: str
 
 
+@runtime_checkable
 class GitHub(Protocol):
-    """The GitHub operations the monitor needs, at one scope (a repo or an org)."""
+    """The GitHub operations the monitor needs, at one scope (a repo or an org), and what the
+    adapter counts of its calls (for /metrics and the polling delay)."""
 
-    rate_limit: RateLimit | None
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        """The primary rate limit from the latest answer; None before one said it."""
+        ...
+
+    @property
+    def api_calls(self) -> Mapping[tuple[str, str], int]:
+        """Calls made so far, by (method, HTTP status or "error" when no answer came)."""
+        ...
 
     def list_runners(self) -> list[Registration]:
         """Every self-hosted runner registered at the scope (all pages)."""

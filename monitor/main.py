@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 from monitor import __version__
@@ -29,8 +30,12 @@ from monitor import models
 from monitor import policy
 from monitor import serving
 from monitor import systemd
+from monitor.config import Config
 from monitor.errors import ConfigError
 from monitor.errors import MonitorError
+
+if TYPE_CHECKING:
+    from monitor.github import GitHub
 
 log = logging.getLogger("monitor")
 
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_CONFIG
 
 
-def load_config(path: Path, environ: dict[str, str] | None = None) -> Any:
+def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
     """Load and validate a config, static resource checks included (exit 2 material)."""
     config = config_module.load(path, environ=environ)
     try:
@@ -127,9 +132,9 @@ def tune_interpreter() -> None:
 
 
 def run(
-    config: Any,
+    config: Config,
     *,
-    github: Any = None,
+    github: GitHub | None = None,
     hypervisor: Any = None,
     on_ready: Callable[[Any], None] | None = None,
 ) -> int:

@@ -26,6 +26,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from monitor import policy
+from monitor.github import GitHub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TAKE_OUTCOMES = ("reserved", "null", "failed")
@@ -134,7 +135,7 @@ class _StateCollector(Collector):
             at.add_metric([], _timestamp(observation.at))
         yield at
 
-        github = monitor.github
+        github: GitHub = monitor.github
         calls = CounterMetricFamily(
             "monitor_github_api_calls",
             "GitHub REST calls by method and answer (HTTP status, or error without one).",
@@ -144,9 +145,9 @@ class _StateCollector(Collector):
             "monitor_github_api_errors",
             "GitHub REST calls that failed (4xx/5xx answers or no answer).",
         )
-        made = dict(getattr(github, "api_calls", {}))
-        for (method, status), count in sorted(made.items()):
-            calls.add_metric([method, status], count)
+        made = dict(github.api_calls)
+        for (method, answer), count in sorted(made.items()):
+            calls.add_metric([method, answer], count)
         errors.add_metric([], sum(n for (_, s), n in made.items() if s == "error" or int(s) >= 400))
         yield calls
         yield errors
@@ -154,7 +155,7 @@ class _StateCollector(Collector):
             "monitor_github_rate_limit_remaining",
             "GitHub API requests left in the current window (X-RateLimit-Remaining).",
         )
-        limit = getattr(github, "rate_limit", None)
+        limit = github.rate_limit
         if limit is not None:
             remaining.add_metric([], limit.remaining)
         yield remaining

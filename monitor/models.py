@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
+from peewee import AutoField
 from peewee import BooleanField
 from peewee import CharField
 from peewee import DoubleField
@@ -32,6 +34,9 @@ from monitor.policy import Override
 from monitor.policy import RunnerRecord
 
 log = logging.getLogger(__name__)
+
+# `Model.delete()` calls carry `type: ignore[misc]`: types-peewee declares `delete` with a
+# descriptor that mypy finds "ambiguous" on any model class.
 
 SCHEMA_VERSION = 5
 DB_FILENAME = "monitor.sqlite3"
@@ -95,6 +100,7 @@ class Runner(BaseModel):
 class Event(BaseModel):
     """One thing the monitor did or saw, and why."""
 
+    id = AutoField()  # as Peewee would add: named, so that the type checker knows it
     at = TimestampField(index=True)
     kind = CharField()
     message = TextField()
@@ -125,6 +131,7 @@ class TakeRecord(BaseModel):
     this job wait?": asked → answered (the monitor), answered → started (GitHub's queue),
     started → ended (the job on the runner)."""
 
+    id = AutoField()  # as Peewee would add: named, so that the type checker knows it
     unique_id = CharField(index=True)
     profile = CharField()
     qualified_repo = CharField()
@@ -246,7 +253,7 @@ def _get(key: str) -> str | None:
 
 def _set(key: str, value: str | None) -> None:
     if value is None:
-        Setting.delete().where(Setting.key == key).execute()
+        Setting.delete().where(Setting.key == key).execute()  # type: ignore[misc]
     else:
         Setting.insert(key=key, value=value).on_conflict_replace().execute()
 
@@ -341,9 +348,11 @@ def live_records() -> dict[int, RunnerRecord]:
         .where(Runner.destroyed_at.is_null())
         .tuples()
     )
+    # The stubs keep the model as the row type; `.tuples()` gives plain tuples.
+    rows = cast(Iterable[tuple[int, str, datetime, str | None]], query)
     return {
         runner_id: RunnerRecord(profile=profile, created_at=created_at, image=image)
-        for runner_id, profile, created_at, image in query
+        for runner_id, profile, created_at, image in rows
     }
 
 
@@ -484,7 +493,9 @@ def _insert_rows(fields: tuple[Field, ...], rows: list[tuple], *, replace: bool 
 
 def prune_reservations(before: datetime) -> int:
     """Forget reservations older than `before` (their runners are long gone)."""
-    return Reservation.delete().where(Reservation.created_at < before).execute()
+    return Reservation.delete().where(  # type: ignore[misc]
+        Reservation.created_at < before
+    ).execute()
 
 
 # Override -----------------------------------------------------------------------------------
@@ -526,9 +537,10 @@ def record_take(
                 TakeRecord.unique_id == unique_id
             )
         }
+        given: list[int | None] = [*runner_ids] or [None]  # one row without a runner
         rows = [
             (unique_id, profile, qualified_repo, run_id, runner_id, outcome, asked_at, answered_at)
-            for runner_id in (runner_ids or [None])
+            for runner_id in given
             if runner_id is None or runner_id not in known
         ]
         fields = (
@@ -544,7 +556,9 @@ def record_take(
         if rows:
             last_id = _insert_rows(fields, rows)
             if last_id % TRIM_EVERY < len(rows):
-                TakeRecord.delete().where(TakeRecord.id <= last_id - HISTORY_KEEP_ROWS).execute()
+                TakeRecord.delete().where(  # type: ignore[misc]
+                    TakeRecord.id <= last_id - HISTORY_KEEP_ROWS
+                ).execute()
 
 
 def recent_takes(limit: int) -> list[TakeRecord]:
@@ -670,7 +684,7 @@ def _trim_events_if_crossed(last_id: int, inserted: int) -> None:
     if last_id // TRIM_EVERY == (last_id - inserted) // TRIM_EVERY:
         return
     cutoff = Event.select(Event.id).order_by(Event.id.desc()).offset(MAX_EVENTS).limit(1)
-    Event.delete().where(Event.id <= cutoff).execute()
+    Event.delete().where(Event.id <= cutoff).execute()  # type: ignore[misc]
 
 
 def last_event_id() -> int | None:

@@ -34,6 +34,7 @@ from typing import Any
 from monitor import images
 from monitor import models
 from monitor import policy
+from monitor.config import Config
 from monitor.errors import MonitorError
 from monitor.screenshots import to_png
 
@@ -122,7 +123,7 @@ class Rebuilds:
 
     def __init__(
         self,
-        config: Any,
+        config: Config,
         hypervisor: Any,
         *,
         post: Callable[[Callable[[], None]], None],

@@ -3,23 +3,22 @@ to fail. Integration tests use the real stand-in and libvirt's test driver inste
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from dataclasses import field
 from pathlib import Path
+from typing import Any
 
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
+from monitor.github import Artifact
+from monitor.github import JitConfig
+from monitor.github import RateLimit
 from monitor.hypervisor import Guest
 from monitor.policy import Registration
-
-
-@dataclass(frozen=True)
-class FakeJit:
-    registration: Registration
-    encoded_jit_config: str = field(repr=False)
 
 
 class Armable:
@@ -41,6 +40,8 @@ class Armable:
 
 
 class FakeGitHub(Armable):
+    """A `monitor.github.GitHub`: registrations and workflow runs kept in memory."""
+
     def __init__(self) -> None:
         super().__init__()
         self.runners: dict[int, Registration] = {}
@@ -48,28 +49,37 @@ class FakeGitHub(Armable):
         self.runs: dict[str, tuple[str, str | None]] = {}
         self._ids = itertools.count(1000)
         self.label_delay = 0.0  # seconds each add_labels call takes
-        self.rate_limit = None  # a github.RateLimit, as RestGitHub keeps the latest
+        self.rate_limit: RateLimit | None = None  # as RestGitHub keeps the latest
+        # No REST calls are made here: nothing is counted.
+        self.api_calls: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def list_runners(self) -> list[Registration]:
         self._call("list_runners")
         with self._lock:
             return list(self.runners.values())
 
-    def generate_jitconfig(self, name, labels, *, runner_group_id=1, work_folder="_work"):
+    def generate_jitconfig(
+        self,
+        name: str,
+        labels: Sequence[str],
+        *,
+        runner_group_id: int = 1,
+        work_folder: str = "_work",
+    ) -> JitConfig:
         self._call("generate_jitconfig", name)
         with self._lock:
             if any(r.name == name for r in self.runners.values()):
                 raise MonitorError(f"GitHub: runner {name} already exists", status=502)
             registration = Registration(next(self._ids), name, "offline", False, tuple(labels))
             self.runners[registration.id] = registration
-        return FakeJit(registration, f"jit-secret-{registration.id}")
+        return JitConfig(registration, f"jit-secret-{registration.id}")
 
     def delete_runner(self, registration_id: int) -> bool:
         self._call("delete_runner", registration_id)
         with self._lock:
             return self.runners.pop(registration_id, None) is not None
 
-    def add_labels(self, registration_id: int, labels) -> tuple[str, ...]:
+    def add_labels(self, registration_id: int, labels: Sequence[str]) -> tuple[str, ...]:
         self._call("add_labels", (registration_id, tuple(labels)))
         time.sleep(self.label_delay)
         from dataclasses import replace
@@ -94,16 +104,21 @@ class FakeGitHub(Armable):
             self.runners[registration_id] = replace(runner, labels=labels)
             return True
 
-    def set(self, registration_id: int, **changes) -> None:
+    def set(self, registration_id: int, **changes: Any) -> None:
         from dataclasses import replace
 
         with self._lock:
             self.runners[registration_id] = replace(self.runners[registration_id], **changes)
 
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list:
+    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
         """No workflow run has artifacts here (test_tokenless.py uses the real stand-in)."""
         self._call("list_artifacts", qualified_repo)
         return []
+
+    def download_artifact(self, url: str) -> bytes:
+        """There is no artifact to download: GitHub's answer to an unknown one."""
+        self._call("download_artifact", url)
+        raise MonitorError(f"GitHub GET {url}: 404 Not Found", status=502)
 
     def workflow_run_status(self, qualified_repo: str, run_id: str) -> tuple[str, str | None]:
         """A run is in progress until a test puts (status, conclusion) in `runs`."""

@@ -28,6 +28,7 @@ from monitor.github import RestGitHub
 from monitor.policy import Registration
 from monitor.standin import GitHubStandIn
 from tests.conftest import standin_fixtures
+from tests.fakes import FakeGitHub
 
 TOKEN = "ghp_testtoken0123456789abcdefSECRET"
 SCOPE = "/repos/servo/servo"
@@ -54,6 +55,10 @@ def counted(standin: GitHubStandIn, status: int | None = None) -> int:
 def test_satisfies_protocol(github: RestGitHub):
     client: GitHub = github
     assert client.rate_limit is None
+    assert client.api_calls == {}
+    # Every member of the Protocol, on the client and on the unit tests' fake.
+    assert isinstance(github, GitHub)
+    assert isinstance(FakeGitHub(), GitHub)
 
 
 @pytest.mark.parametrize("scope", ["/repos/servo/servo", "/orgs/servo"])
