@@ -179,6 +179,7 @@ class Guests:
     def boot_script_for(self, address: str) -> str:
         """The boot script of the profile of the runner, or of the image rebuild guest, at
         `address` (upstream recognised rebuild guests by their address too)."""
+        profile: str | None
         try:
             profile = self.runner_for_address(address).profile
         except MonitorError:

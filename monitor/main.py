@@ -33,6 +33,7 @@ from monitor import systemd
 from monitor.config import Config
 from monitor.errors import ConfigError
 from monitor.errors import MonitorError
+from monitor.hypervisor import Hypervisor
 
 if TYPE_CHECKING:
     from monitor.github import GitHub
@@ -135,7 +136,7 @@ def run(
     config: Config,
     *,
     github: GitHub | None = None,
-    hypervisor: Any = None,
+    hypervisor: Hypervisor | None = None,
     on_ready: Callable[[Any], None] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
@@ -212,9 +213,7 @@ def run(
         log.info("stopping scheduler and monitor thread")
         scheduler.shutdown(wait=False)
         monitor.stop()
-        closer = getattr(hypervisor, "close", None)
-        if closer is not None:
-            closer()
+        hypervisor.close()
         models.close_store()
         log.info("stopped")
     return 0

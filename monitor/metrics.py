@@ -163,7 +163,7 @@ class _StateCollector(Collector):
         libvirt_errors = CounterMetricFamily(
             "monitor_libvirt_errors", "libvirt calls that failed (the connection lost included)."
         )
-        libvirt_errors.add_metric([], getattr(monitor.hypervisor, "errors", 0))
+        libvirt_errors.add_metric([], monitor.hypervisor.errors)
         yield libvirt_errors
 
 

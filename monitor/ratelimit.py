@@ -90,7 +90,7 @@ class Backoff:
 
     def failed(self, key: Hashable, now: datetime, retry_after: float | None = None) -> timedelta:
         failures = self._state.get(key, (0, now))[0] + 1
-        delay = min(self.cap, self.base * 2 ** min(failures - 1, 16))
+        delay = min(self.cap, self.base * (1 << min(failures - 1, 16)))
         if retry_after is not None:
             delay = max(delay, timedelta(seconds=retry_after))
         self._state[key] = (failures, now + delay)

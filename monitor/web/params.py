@@ -1,0 +1,134 @@
+"""Request parsing for the routes: query parameters, path parameters, credentials and the
+client's address. Plain functions over `bottle.request` (the web thread's own request) that
+raise `MonitorError` with the status a bad input deserves (422 for a malformed parameter,
+401/403 for credentials)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+import uuid
+from typing import Any
+
+import bottle
+
+from monitor import auth
+from monitor.errors import MonitorError
+from monitor.guests import parse_address
+
+_QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+# Token routes take no body; a signed request's is hashed up to this much.
+MAX_SIGNED_BODY = 1 << 20
+
+
+def require_token(credentials: auth.Credentials) -> auth.Credential:
+    """Upstream's auth, checked before parameters: no credential → 401, a wrong or
+    revoked one → 403. A request may carry a bearer token or an HMAC signature."""
+    request = bottle.request
+    signed = request.get_header(auth.SIGNATURE_HEADER)
+    if signed is None:
+        return credentials.check_bearer(request.get_header("Authorization"))
+    query = request.environ.get("QUERY_STRING", "")
+    target = request.environ.get("PATH_INFO", "/") + (f"?{query}" if query else "")
+    return credentials.check_signature(
+        signed,
+        request.get_header(auth.TIMESTAMP_HEADER),
+        request.method,
+        target,
+        request.body.read(MAX_SIGNED_BODY),
+        time.time(),
+    )
+
+
+def guest_token() -> str:
+    """The token the guest was given through libvirt, sent as `Authorization: Bearer`."""
+    scheme, _, token = bottle.request.get_header("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise MonitorError(
+            "Authorization: Bearer <guest token> required (the guest's SMBIOS OEM string "
+            "monitor-guest-token=…)",
+            401,
+        )
+    return token.strip()
+
+
+def client_address(trusted_proxies: Any) -> str:
+    """The guest's address: the TCP peer, or X-Real-IP when the peer is a trusted proxy
+    (upstream believed X-Real-IP from anyone, so a guest could claim another's IP)."""
+    peer = bottle.request.environ.get("REMOTE_ADDR", "")
+    forwarded = bottle.request.get_header("X-Real-IP")
+    if forwarded and _in_networks(peer, trusted_proxies):
+        try:
+            return str(ipaddress.ip_address(forwarded.strip()))
+        except ValueError:
+            raise MonitorError(f"bad X-Real-IP header: {forwarded!r}", 422) from None
+    return peer
+
+
+def take_params() -> tuple[str, str, str]:
+    """A take's `unique_id`, `qualified_repo` and `run_id`, each required and checked."""
+    query = bottle.request.query
+    unique_id = required_param(query, "unique_id")
+    qualified_repo = required_param(query, "qualified_repo")
+    run_id = required_param(query, "run_id")
+    try:
+        uuid.UUID(unique_id)  # validated only: artifact names and labels use it as given
+    except ValueError:
+        raise MonitorError(f"unique_id must be a UUID, got {unique_id!r}", 422) from None
+    if not _QUALIFIED_REPO.fullmatch(qualified_repo):
+        raise MonitorError(f"qualified_repo must be <owner>/<repo>, got {qualified_repo!r}", 422)
+    if not run_id.isdigit() or not run_id.isascii():
+        raise MonitorError(f"run_id must be a number, got {run_id!r}", 422)
+    return unique_id, qualified_repo, run_id
+
+
+def parse_count(text: str, take_max_count: int) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise MonitorError(f"count must be a number, got {text!r}", 422)
+    count = int(text)
+    if not 1 <= count <= take_max_count:
+        raise MonitorError(f"count must be 1 to {take_max_count}, got {count}", 422)
+    return count
+
+
+def parse_runner_id(text: str) -> int:
+    # Bounded: SQLite integers are 64-bit (a larger one was a 500, found by schemathesis).
+    if not text.isdigit() or not text.isascii() or len(text) > 18:
+        raise MonitorError(f"runner id must be a number below 10^18, got {text!r}", 422)
+    return int(text)
+
+
+def single_param(query: bottle.FormsDict, name: str) -> str | None:
+    """A query parameter given at most once (a repeated one is a 422, not the last copy)."""
+    values = query.getall(name)
+    if len(values) > 1:
+        raise MonitorError(f"{name} may be given once, got {len(values)} values", 422)
+    return values[0] if values else None
+
+
+def bounded_param(query: bottle.FormsDict, name: str, default: int, low: int, high: int) -> int:
+    text = single_param(query, name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not text.isascii() or not low <= int(text) <= high:
+        raise MonitorError(f"{name} must be a number from {low} to {high}, got {text!r}", 422)
+    return int(text)
+
+
+def required_param(query: bottle.FormsDict, name: str) -> str:
+    value = query.get(name)
+    if value is None or value == "":
+        raise MonitorError(f"missing query parameter {name}", 422)
+    return query.getunicode(name) or value
+
+
+def etags(header: str) -> set[str]:
+    """The entity tags of an If-None-Match header (weak ones compared as strong: the page
+    only asks whether its copy is current)."""
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+def _in_networks(address: str, networks: Any) -> bool:
+    parsed = parse_address(address)
+    return parsed is not None and any(parsed in network for network in networks)
