@@ -27,7 +27,7 @@ from monitor.github import JitConfig
 from monitor.github import RestGitHub
 from monitor.github_standin import GitHubStandIn
 from monitor.policy import Registration
-from tests.conftest import standin_fixtures
+from tests.support.under_pytest import standin_fixtures
 
 TOKEN = "ghp_testtoken0123456789abcdefSECRET"
 SCOPE = "/repos/servo/servo"

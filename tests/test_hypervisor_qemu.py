@@ -33,7 +33,7 @@ from monitor.hypervisor import SOURCE_POOL_PREFIX  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
 from monitor.hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.images import make_seed_iso  # noqa: E402
-from tests.conftest import require_libvirtd  # noqa: E402
+from tests.support.under_pytest import require_libvirtd  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 

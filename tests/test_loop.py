@@ -1,14 +1,13 @@
 """The monitor loop with hand-written fakes and a real SQLite store.
 
 The test thread plays the monitor thread: it calls `tick(now)` and then runs what the
-workers post back (`settle`), so every step is deterministic.
+workers post back (`settle` in tests/support/monitor_thread.py), so every step is
+deterministic.
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
-import time
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -24,37 +23,9 @@ from monitor.policy import Status
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeGuest
 from tests.fakes import FakeHypervisor
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-def settle(monitor: loop.Monitor, timeout: float = 10.0) -> None:
-    """Run worker outcomes on this thread until nothing is in flight."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            item = monitor.next_request(timeout=0.02)
-        except queue.Empty:
-            if not monitor.in_flight:
-                return
-            assert time.monotonic() < deadline, f"still in flight: {monitor.in_flight}"
-            continue
-        if item is loop._RECONCILE:
-            monitor._reconcile_queued.clear()  # the tests tick explicitly
-            continue
-        if item is loop._REFRESH_VIEW:
-            monitor._view_refresh_queued.clear()
-            continue
-        monitor._handle(item)
+from tests.support.clock import Clock
+from tests.support.monitor_thread import settle
+from tests.support.monitor_thread import step
 
 
 @pytest.fixture
@@ -66,14 +37,6 @@ def env(make_config, store):
     monitor = loop.Monitor(config, github, hypervisor, clock=clock)
     yield config, github, hypervisor, clock, monitor
     monitor._workers.shutdown(wait=True)
-
-
-def step(monitor: loop.Monitor, clock: Clock):
-    """One scheduler refresh plus one reconcile, then let the workers finish."""
-    monitor.refresh_registrations(force=True)
-    observation = monitor.tick(clock())
-    settle(monitor)
-    return observation
 
 
 def statuses(observation) -> dict[str, str]:
