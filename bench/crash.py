@@ -73,19 +73,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from bench.rig import StandInProcess
 from monitor import policy
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
-from tests.conftest import API_TOKEN
-from tests.conftest import set_settings
-from tests.conftest import write_config
-from tests.test_cli import Daemon
-from tests.test_cli import free_port
-from tests.test_e2e_vms import POOL
-from tests.test_e2e_vms import URI
-from tests.test_e2e_vms import remove_guests
-from tests.test_e2e_vms import retry_transient
-from tests.test_restart_libvirtd import QEMU_GUEST_XML
+from tests.support.configs import set_settings
+from tests.support.configs import write_config
+from tests.support.constants import API_TOKEN
+from tests.support.daemons import Daemon
+from tests.support.daemons import StandInProcess
+from tests.support.daemons import free_port
+from tests.support.libvirtd import POOL
+from tests.support.libvirtd import QEMU_GUEST_XML
+from tests.support.libvirtd import URI
+from tests.support.libvirtd import remove_guests
+from tests.support.libvirtd import retry_transient
 
 PROFILE = "crash"
 SUFFIX = "host"  # write_config's github_api_suffix

@@ -11,7 +11,7 @@ client in a separate process (so it does not share the servers' GIL) drives each
 
 Pass: requests/s of (a) >= 0.70 × requests/s of (b). Exits 1 otherwise.
 
-    .venv/bin/python bench/dashboard_rps.py [--runners 50 --duration 5 --rounds 2]
+    .venv/bin/python -m bench.dashboard_rps [--runners 50 --duration 5 --rounds 2]
 """
 
 from __future__ import annotations
@@ -23,17 +23,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import bottle
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.rig import Rig  # noqa: E402
-from bench.rig import Server  # noqa: E402
-from bench.rig import quiet_logging  # noqa: E402
-from monitor.main import HTTP_THREADS  # noqa: E402
-from monitor.web import make_app  # noqa: E402
+from bench.rig import Rig
+from bench.rig import quiet_logging
+from monitor.main import HTTP_THREADS
+from monitor.web import make_app
+from tests.support.served import Server
 
 TARGET_RATIO = 0.70
 PATH = "/dashboard.json"
@@ -95,7 +92,8 @@ def run_client(port: int, args: argparse.Namespace) -> dict[str, float]:
     """One measuring window, from a fresh client process."""
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "bench.dashboard_rps",
         "--client",
         str(port),
         "--connections",

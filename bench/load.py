@@ -40,9 +40,9 @@ of the monitor's process, the clients' and the jobs'. `--dump FILE` keeps every 
 half-second timeline of the monitor (runners, Idle ones, requests waiting for a waitress
 thread, screenshots encoded) for a closer look.
 
-    .venv/bin/python bench/load.py          # --clients 200 --seconds 60 --runners 100
-    .venv/bin/python bench/load.py --think 1  # paced: each client pauses 0-2 s between requests
-    .venv/bin/python bench/load.py --clients 40 --seconds 10 --json   # results as JSON
+    .venv/bin/python -m bench.load          # --clients 200 --seconds 60 --runners 100
+    .venv/bin/python -m bench.load --think 1  # paced: each client pauses 0-2 s between requests
+    .venv/bin/python -m bench.load --clients 40 --seconds 10 --json   # results as JSON
 """
 
 from __future__ import annotations
@@ -68,17 +68,15 @@ from typing import Any
 
 import urllib3
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.rig import API_TOKEN  # noqa: E402
-from bench.rig import PROFILE  # noqa: E402
-from bench.rig import Rig  # noqa: E402
-from bench.rig import quiet_logging  # noqa: E402
-from monitor import dashboard  # noqa: E402
-from monitor import models  # noqa: E402
-from monitor.main import HTTP_THREADS  # noqa: E402
-from monitor.serving import BackgroundServer  # noqa: E402
-from monitor.web import make_app  # noqa: E402
+from bench.rig import PROFILE
+from bench.rig import Rig
+from bench.rig import quiet_logging
+from monitor import dashboard
+from monitor import models
+from monitor.main import HTTP_THREADS
+from monitor.serving import BackgroundServer
+from monitor.web import make_app
+from tests.support.constants import API_TOKEN
 
 KINDS = ("take", "json", "html", "thumbnail", "screenshot")
 DEFAULT_MIX = "take=25,json=25,html=25,thumbnail=15,screenshot=10"

@@ -32,9 +32,9 @@ per-runner cost at the largest size <= 1.5 x that at the size before it (linear 
 worse), <= 15 counted GitHub calls an hour in the steady window, and each change shown within
 35 s.
 
-    .venv/bin/python bench/scale.py                 # 10 100 1000 runners, 240 s window (~7 min)
-    .venv/bin/python bench/scale.py --quick         # CI: 10 and 50 runners, 20 s window (~45 s)
-    .venv/bin/python bench/scale.py --sizes 10 100 --window 60 --json results.json
+    .venv/bin/python -m bench.scale                 # 10 100 1000 runners, 240 s window (~7 min)
+    .venv/bin/python -m bench.scale --quick         # CI: 10 and 50 runners, 20 s window (~45 s)
+    .venv/bin/python -m bench.scale --sizes 10 100 --window 60 --json results.json
 """
 
 from __future__ import annotations
@@ -60,17 +60,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.rig import PROFILE  # noqa: E402
-from bench.rig import Rig  # noqa: E402
-from bench.rig import quiet_logging  # noqa: E402
-from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
-from monitor.screenshots import ScreenshotStore  # noqa: E402
-from tests.conftest import GITHUB_TOKEN  # noqa: E402
-from tests.conftest import NODE_XML  # noqa: E402
-from tests.conftest import TEST_GUEST_XML  # noqa: E402
+from bench.rig import PROFILE
+from bench.rig import Rig
+from bench.rig import quiet_logging
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
+from monitor.screenshots import ScreenshotStore
+from tests.support.constants import GITHUB_TOKEN
+from tests.support.constants import NODE_POOL as POOL
+from tests.support.constants import NODE_XML
+from tests.support.constants import ROOT
+from tests.support.constants import TEST_GUEST_XML
 
 # Targets (issue [6/6]).
 CPU_PER_RUNNER_LIMIT = 0.001  # seconds of monitor CPU per runner per pass
@@ -104,7 +103,6 @@ QUICK = {
 PASS_GAP = 0.02  # seconds between timed passes
 CHILD_TIMEOUT = 3600.0
 RESULT_PREFIX = "SCALE-RESULT "
-POOL = "default-pool"  # the storage pool in tests/conftest.NODE_XML
 
 
 # -- measuring (in a child) --------------------------------------------------------------------
@@ -443,7 +441,7 @@ def driver_child(size: int) -> dict[str, Any]:
 
 def run_child(argument: str, value: str) -> dict[str, Any]:
     child_process = subprocess.run(
-        [sys.executable, __file__, argument, value],
+        [sys.executable, "-m", "bench.scale", argument, value],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

@@ -18,7 +18,7 @@ Scenarios, each `--rounds` times with a fresh store (the median is shown):
 Fails (exit 1) if a pass does not encode, or skip, every guest as expected. There is no speed
 target: the numbers are recorded in docs/benchmarks.md.
 
-    .venv/bin/python bench/screenshot_pass.py [--guests 20 --rounds 3]
+    .venv/bin/python -m bench.screenshot_pass [--guests 20 --rounds 3]
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ from pathlib import Path
 from PIL import Image
 from PIL import ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
+from monitor.screenshots import PassResult
+from monitor.screenshots import ScreenshotStore
+from tests.support.constants import NODE_POOL as POOL
+from tests.support.constants import NODE_XML
+from tests.support.constants import TEST_GUEST_XML
 
-from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
-from monitor.screenshots import PassResult  # noqa: E402
-from monitor.screenshots import ScreenshotStore  # noqa: E402
-from tests.conftest import NODE_XML  # noqa: E402
-from tests.conftest import TEST_GUEST_XML  # noqa: E402
-
-POOL = "default-pool"  # the storage pool in tests/conftest.NODE_XML
 PPM_SIZE = (1024, 768)
 
 

@@ -10,7 +10,7 @@ add-labels call is measured with the monitor's own client (median of a few), and
 Pass: p50 <= 1.5 × round trip and p99 <= 3 × round trip, every take answered 200 with its
 own runner. Exits 1 otherwise.
 
-    .venv/bin/python bench/take_latency.py [--runners 50 --clients 16 --delay 0.05 --takes 48]
+    .venv/bin/python -m bench.take_latency [--runners 50 --clients 16 --delay 0.05 --takes 48]
 """
 
 from __future__ import annotations
@@ -25,18 +25,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.rig import API_TOKEN  # noqa: E402
-from bench.rig import PROFILE  # noqa: E402
-from bench.rig import SCOPE  # noqa: E402
-from bench.rig import Rig  # noqa: E402
-from bench.rig import Server  # noqa: E402
-from bench.rig import quiet_logging  # noqa: E402
-from monitor.main import HTTP_THREADS  # noqa: E402
-from monitor.web import make_app  # noqa: E402
+from bench.rig import PROFILE
+from bench.rig import SCOPE
+from bench.rig import Rig
+from bench.rig import quiet_logging
+from monitor.main import HTTP_THREADS
+from monitor.web import make_app
+from tests.support.constants import API_TOKEN
+from tests.support.served import Server
 
 P50_LIMIT = 1.5
 P99_LIMIT = 3.0
@@ -160,7 +157,8 @@ def run_clients_elsewhere(port: int, clients: int, takes: int) -> list[TakeResul
     process, and client threads here would share (and be charged to) the monitor's GIL.
     (One process for all clients: sixteen would oversubscribe a 2-core machine.)"""
     child = subprocess.run(
-        [sys.executable, __file__, "--clients-only", str(port), str(clients), str(takes)],
+        [sys.executable, "-m", "bench.take_latency", "--clients-only"]
+        + [str(port), str(clients), str(takes)],
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT + 30,

@@ -36,6 +36,7 @@ from monitor import models
 from monitor import policy
 from monitor.config import Config
 from monitor.errors import MonitorError
+from monitor.ratelimit import Backoff
 from monitor.screenshots import to_png
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class Rebuilds:
         hypervisor: Any,
         *,
         post: Callable[[Callable[[], None]], None],
-        backoff: Any,
+        backoff: Backoff,
         stopping: threading.Event,
         clock: Callable[[], datetime],
     ) -> None:
@@ -230,7 +231,7 @@ class Rebuilds:
             self._backoff.succeeded(build.profile)
             log.info("the image of %s is rebuilt: %s", build.profile, build.volume)
             models.record_event("rebuilt", f"new image {build.volume}", profile=build.profile)
-            self._pool.submit(self._prune, build.profile, build.snapshot)
+            self._pool.submit(self.prune_images, build.profile, build.snapshot)
         else:
             delay = self._backoff.failed(build.profile, now)
             self.failures[build.profile] = (str(error), now + delay)
@@ -307,7 +308,7 @@ class Rebuilds:
         except (MonitorError, OSError) as error:
             log.warning("cleaning up the rebuild guest %s failed: %s", guest, error)
 
-    def _prune(self, profile: str, current: str) -> None:
+    def prune_images(self, profile: str, current: str) -> None:
         """Keep the KEEP_IMAGES newest images of `profile` (and the current one); delete
         older ones, except one that still backs a runner (the hypervisor refuses: 409)."""
         prefix = f"{self.config.libvirt_template_guest_prefix}-{profile}@"

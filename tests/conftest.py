@@ -1,143 +1,36 @@
-"""Shared fixtures: a real config file written per test, a real SQLite store per test."""
+"""Shared fixtures: a real config file written per test, a real SQLite store per test, the rigs
+of tests/support, and the connection and guest image of the real-VM tests. Helpers and
+constants live in tests/support."""
 
 from __future__ import annotations
 
+import logging
 import os
-import re
-import textwrap
+import secrets
+import subprocess
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from monitor import config as config_module
 from monitor import models
+from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.standin import GitHubStandIn
+from tests.support import served
+from tests.support import vms
+from tests.support.configs import write_config
+from tests.support.constants import GITHUB_TOKEN
+from tests.support.libvirtd import NETWORK
+from tests.support.libvirtd import POOL
+from tests.support.libvirtd import QEMU_GUEST_XML
+from tests.support.libvirtd import URI
+from tests.support.rigs import Rig
+from tests.support.under_pytest import require_libvirtd
 
-FIXTURES = Path(__file__).parent / "fixtures"
-# The tokens write_config puts in .env.
-API_TOKEN = "test-api-token"
-GITHUB_TOKEN = "test-gh-token"
-
-TEST_GUEST_XML = """\
-<domain type='test'>
-  <name>{profile}.init</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='/dev/null'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='network'><source network='default'/><model type='virtio'/></interface>
-    <graphics type='vnc' autoport='yes'/>
-  </devices>
-</domain>
-"""
-
-
-# A private libvirt test-driver node: the network and storage pool the test guests use.
-NODE_XML = """\
-<node>
-  <network>
-    <name>default</name>
-    <bridge name='virbr0'/>
-    <forward/>
-    <ip address='192.168.122.1' netmask='255.255.255.0'>
-      <dhcp><range start='192.168.122.2' end='192.168.122.254'/></dhcp>
-    </ip>
-  </network>
-  <pool type='dir'>
-    <name>default-pool</name>
-    <target><path>/default-pool</path></target>
-  </pool>
-</node>
-"""
-
-
-def write_config(
-    root: Path,
-    *,
-    github_api_url: str = "http://127.0.0.1:9/",
-    targets: dict[str, int] | None = None,
-    extra: str = "",
-    guest_xml: str = TEST_GUEST_XML,
-    libvirt_uri: str = "test:///default",
-    storage_pool: str = "default-pool",
-    available_memory: str = "16G",
-) -> Path:
-    """A monitor.toml (+ .env, profiles, base image) for profiles linux and windows."""
-    targets = {"linux": 2, "windows": 1} if targets is None else targets
-    root.mkdir(parents=True, exist_ok=True)
-    base = root / "base.img"
-    if not base.exists():
-        with open(base, "wb") as image:
-            image.truncate(16 * 1024 * 1024)
-    profiles = []
-    for name, target in targets.items():
-        directory = root / "profiles" / name
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "guest.xml").write_text(guest_xml.format(profile=name))
-        profiles.append(
-            textwrap.dedent(
-                f"""
-                [profiles.{name}]
-                profile_name = "{name}"
-                github_runner_label = "self-hosted-image:{name}"
-                target_count = {target}
-                requires_1g_hugepages = 0
-                requires_normal_memory = "1G"
-                base_image = "base.img"
-                """
-            )
-        )
-    text = textwrap.dedent(
-        f"""
-        listen_on = ["127.0.0.1"]
-        external_base_url = "http://127.0.0.1:8000/"
-        github_api_url = "{github_api_url}"
-        github_api_scope = "/repos/test/servo"
-        github_api_suffix = "host"
-        allowed_qualified_repo_prefix = "test/"
-        libvirt_uri = "{libvirt_uri}"
-        libvirt_storage_pool = "{storage_pool}"
-        data_path = "data"
-        profiles_path = "profiles"
-        monitor_poll_interval = 5
-        api_cache_timeout = 30
-        monitor_start_timeout = 120
-        monitor_reserve_timeout = 60
-        available_1g_hugepages = 0
-        available_normal_memory = "{available_memory}"
-        """
-    )
-    path = root / "monitor.toml"
-    path.write_text(text + extra + "".join(profiles))
-    (root / ".env").write_text(
-        f"SERVO_CI_MONITOR_API_TOKEN={API_TOKEN}\nGITHUB_TOKEN={GITHUB_TOKEN}\n"
-    )
-    return path
-
-
-def config_for_test_driver(
-    root: Path, github_api_url: str, targets: dict[str, int], extra: str = ""
-):
-    """A loaded config for the GitHub stand-in at `github_api_url` and libvirt's test driver on
-    a private node file under `root` (its own state: other tests' guests are not in it)."""
-    node = root / "node.xml"
-    node.write_text(NODE_XML)
-    path = write_config(
-        root,
-        github_api_url=github_api_url,
-        libvirt_uri=f"test://{node}",
-        targets=targets,
-        extra=extra,
-    )
-    return config_module.load(path, environ={})
+log = logging.getLogger(__name__)
 
 
 @pytest.fixture
@@ -156,76 +49,116 @@ def store(tmp_path):
     models.close_store()
 
 
-def standin_fixtures(token: str):
-    """A module-scoped GitHub stand-in (`server`) and a per-test view of it (`standin`) that
-    starts from a clean state. Use as: `server, standin = standin_fixtures(TOKEN)`."""
+@pytest.fixture
+def make_rig(make_config, store):
+    """Started in-process rigs (tests/support/rigs.py); stopped after the test."""
+    rigs = []
 
-    @pytest.fixture(scope="module")
-    def server():
-        standin = GitHubStandIn(token=token)
-        standin.start()
-        yield standin
-        standin.stop()
+    def make(**kwargs) -> Rig:
+        rig = Rig(make_config(**kwargs))
+        rig.monitor.start()
+        rigs.append(rig)
+        return rig
 
-    @pytest.fixture
-    def standin(server: GitHubStandIn):
-        server.reset()
-        server.agent_online_after = None
-        yield server
-        server.stop_job_simulation()
-        server.clear_faults()
-
-    return server, standin
+    yield make
+    for rig in rigs:
+        rig.monitor.stop()
 
 
-def require_libvirtd(reason: str, hint: str = "run `bash tests/libvirtd.sh` as root") -> None:
-    """Skip a test that needs the real libvirtd, or fail it under MONITOR_REQUIRE_LIBVIRTD=1
-    (CI), where a missing daemon is a broken set-up rather than a machine without one."""
-    message = f"{reason}; {hint}"
-    if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+@pytest.fixture
+def make_served_rig(
+    tmp_path: Path, standin: GitHubStandIn
+) -> Iterator[Callable[..., served.Rig]]:
+    """One served rig per test (tests/support/served.py) on the module's `standin`."""
+    rigs: list[served.Rig] = []
+
+    def make(target: int, extra: str = "", *, online: bool = True) -> served.Rig:
+        assert not rigs, "one rig per test"
+        rig = served.start_rig(tmp_path, standin, target, extra, online=online)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        served.stop_rig(rig)
+    models.close_store()
 
 
-def wait_until(
-    condition: Callable[[], Any], what: str, timeout: float, interval: float = 0.05
-) -> Any:
-    """Poll `condition` until it is truthy and return it; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(interval)
+@pytest.fixture(scope="module")
+def conn():
+    """A connection of the test's own, to look at libvirtd from outside the monitor."""
+    libvirt = pytest.importorskip("libvirt")
+    try:
+        connection = libvirt.open(URI)
+    except libvirt.libvirtError as e:
+        require_libvirtd(f"cannot connect to {URI}: {e}")
+    try:
+        if not connection.storagePoolLookupByName(POOL).isActive():
+            require_libvirtd(f"storage pool {POOL} is not active")
+        if not connection.networkLookupByName(NETWORK).isActive():
+            require_libvirtd(f"network {NETWORK} is not active")
+    except libvirt.libvirtError as e:
+        require_libvirtd(f"no pool or network {POOL}: {e}")
+    free = vms.free_addresses(connection)
+    if free < vms.MIN_FREE_ADDRESSES:
+        # Each guest gets a fresh MAC, and dnsmasq keeps its lease for the lease time after
+        # it is gone (an hour on a network made by an older tests/libvirtd.sh): runs in
+        # quick succession use the range up, and guests then boot to no address (a timeout
+        # that says nothing about the cause).
+        require_libvirtd(
+            f"only {free} addresses of network {NETWORK}'s DHCP range are free (a lease "
+            "outlives its guest)",
+            "wait for some to expire, or run `bash tests/libvirtd.sh` again",
+        )
+    yield connection
+    connection.close()
 
 
-def rebuilt_profile(
-    *, mode: str, target: int, timeout: int, disk_size: str, name: str = "built"
-) -> str:
-    """A `[profiles.<name>]` table without `base_image`: its image is rebuilt by the monitor
-    (to append to a config with `write_config(extra=...)`)."""
-    return textwrap.dedent(
-        f"""
-        [profiles.{name}]
-        profile_name = "{name}"
-        github_runner_label = "self-hosted-image:{name}"
-        target_count = {target}
-        requires_1g_hugepages = 0
-        requires_normal_memory = "1G"
-        rebuild_mode = "{mode}"
-        rebuild_timeout = {timeout}
-        rebuild_disk_size = "{disk_size}"
-        """
+@pytest.fixture(scope="module")
+def guest_image(conn) -> dict[str, Path]:
+    """The kernel and initramfs from tests/guest/build.sh (cached between runs)."""
+    work = Path(os.environ.get("MONITOR_GUEST_DIR", "/var/tmp/monitor-guest"))
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(vms.GUEST_SOURCES / "build.sh"), str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
+    assert result.returncode == 0, result.stderr
+    log.warning("guest image ready in %.2f s: %s", time.monotonic() - started, result.stderr)
+    return {"kernel": work / "vmlinuz", "initrd": work / "initrd.gz"}
 
 
-def set_settings(path: Path, settings: dict[str, str]) -> None:
-    """Give top-level keys of a config that write_config wrote these values (TOML text, e.g.
-    `"1"` or `'"name"'`): a key it wrote has its line replaced, another is added on top."""
-    text = path.read_text()
-    for key, value in settings.items():
-        text, replaced = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text)
-        if not replaced:
-            text = f"{key} = {value}\n{text}"  # top-level keys come before the tables
-    path.write_text(text)
+@pytest.fixture
+def real(tmp_path: Path):
+    """A config for the real libvirtd (tests/libvirtd.sh) with QEMU guests that need not boot,
+    a guest prefix of the test's own, and a GitHub stand-in: (config, standin, prefix). The
+    test's guests are removed after it."""
+    libvirt = pytest.importorskip("libvirt")
+    try:
+        connection = libvirt.open(URI)
+        connection.storagePoolLookupByName(POOL)
+        connection.networkLookupByName(NETWORK)
+        connection.close()
+    except libvirt.libvirtError as error:
+        require_libvirtd(f"no usable libvirtd at {URI} ({error})")
+    prefix = f"ci-test{secrets.token_hex(3)}"
+    standin = GitHubStandIn(token=GITHUB_TOKEN)
+    standin.start()
+    path = write_config(
+        tmp_path,
+        github_api_url=standin.base_url,
+        libvirt_uri=URI,
+        storage_pool=POOL,
+        guest_xml=QEMU_GUEST_XML,
+        extra=f'libvirt_runner_guest_prefix = "{prefix}"\n',
+    )
+    config = config_module.load(path, environ={})
+    yield config, standin, prefix
+    standin.stop()
+    cleanup = LibvirtHypervisor(URI, POOL)
+    for guest in cleanup.list_guests(prefix + "-"):
+        cleanup.destroy_guest(guest.name)
+    cleanup.close()

@@ -11,90 +11,23 @@ import uuid
 import pytest
 import webtest
 
-from monitor import loop
 from monitor import models
 from monitor import web
 from monitor.errors import MonitorError
 from tests.fakes import PNG
-from tests.fakes import FakeGitHub
-from tests.fakes import FakeHypervisor
-from tests.test_loop import Clock
-
-TOKEN = "test-api-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-JSON = "application/json"
-
-
-class Rig:
-    def __init__(self, config) -> None:
-        self.config = config
-        self.github = FakeGitHub()
-        self.hypervisor = FakeHypervisor()
-        self.clock = Clock()
-        self.monitor = loop.Monitor(self.config, self.github, self.hypervisor, clock=self.clock)
-        self.client = webtest.TestApp(web.make_app(self.config, self.monitor))
-
-    def converge(self, passes: int = 2) -> None:
-        """Reconcile until nothing is in flight (the monitor thread does the work)."""
-        for _ in range(passes):
-            self.monitor.registrations.refresh(force=True)
-            self.monitor.call(lambda: self.monitor.tick(self.clock()), 10)
-            deadline = time.monotonic() + 10
-            while self.monitor.in_flight and time.monotonic() < deadline:
-                time.sleep(0.01)
-
-    def all_online(self) -> None:
-        for registration in list(self.github.runners.values()):
-            self.github.set(registration.id, status="online")
-        self.converge(1)
-
-    def take_url(self, profile="linux", count=None, unique_id=None, repo="test/servo", run="7"):
-        path = f"/profile/{profile}/take" + (f"/{count}" if count is not None else "")
-        unique_id = unique_id or str(uuid.uuid4())
-        return f"{path}?unique_id={unique_id}&qualified_repo={repo}&run_id={run}"
-
-
-@pytest.fixture
-def make_rig(make_config, store):
-    rigs = []
-
-    def make(**kwargs) -> Rig:
-        rig = Rig(make_config(**kwargs))
-        rig.monitor.start()
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.monitor.stop()
-
-
-def idle_rig(make_rig, **targets: int) -> Rig:
-    """A rig whose runners (`targets` per profile) are all registered, started and Idle."""
-    rig = make_rig(targets=targets)
-    rig.converge()
-    rig.all_online()
-    return rig
+from tests.support.constants import API_TOKEN
+from tests.support.constants import AUTH
+from tests.support.constants import JSON
+from tests.support.rigs import Rig
+from tests.support.rigs import assert_error
+from tests.support.rigs import guest_rig
+from tests.support.rigs import idle_rig
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
 def rig(make_rig) -> Rig:
     return idle_rig(make_rig, linux=3, windows=1)
-
-
-def eventually(probe, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while (result := probe()) is None or result is False:
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-    return result
-
-
-def assert_error(response, status: int, content_type: str = JSON) -> str:
-    assert response.status_int == status
-    assert response.content_type == content_type
-    assert "Traceback" not in response.text
-    return response.json["error"]
 
 
 # Auth -------------------------------------------------------------------------------------
@@ -108,7 +41,7 @@ def test_take_without_token_is_401_and_checked_before_parameters(rig):
 def test_take_with_wrong_token_is_403(rig):
     response = rig.client.post(rig.take_url(), headers={"Authorization": "Bearer nope"}, status=403)
     assert_error(response, 403)
-    response = rig.client.post(rig.take_url(), headers={"Authorization": TOKEN}, status=403)
+    response = rig.client.post(rig.take_url(), headers={"Authorization": API_TOKEN}, status=403)
     assert_error(response, 403)  # the exact string `Bearer <token>` is required
 
 
@@ -131,7 +64,7 @@ def test_take_reserves_one_idle_runner_with_upstreams_labels(rig):
     since = [label for label in registration.labels if label.startswith("reserved-since:")]
     assert since == [f"reserved-since:{int(rig.clock().timestamp())}"]
     # The client is answered first; the monitor thread records the reservation right after.
-    reservation = eventually(lambda: models.get_reservation(unique_id))
+    reservation = wait_until(lambda: models.get_reservation(unique_id), "the reservation", 10)
     assert reservation.ids == [entry["id"]]
 
 
@@ -256,23 +189,6 @@ def test_select_runner_rate_limit_zero_means_none(make_rig):
 
 
 # Guests -----------------------------------------------------------------------------------
-
-
-ADDRESS_MODE = 'guest_auth = "address"\n'
-
-
-def guest_rig(make_rig, extra: str = "", **kwargs) -> Rig:
-    """Guests known by their address: upstream's mode (token mode: test_guest_tokens.py)."""
-    rig = make_rig(extra=ADDRESS_MODE + extra, **kwargs)
-    rig.converge()
-    rig.hypervisor.addresses = {
-        "ci-runner-linux.0": "192.168.100.10",
-        "ci-runner-linux.1": "192.168.100.11",
-        "ci-runner-windows.2": "192.168.100.12",
-    }
-    boot = rig.config.profiles["linux"].config_dir / "boot-script"
-    boot.write_text("#!/bin/sh\necho booting linux\n")
-    return rig
 
 
 def test_guest_gets_its_own_jit_config_and_boot_script(make_rig):
@@ -488,13 +404,15 @@ def test_dashboard_html_answers_304_while_nothing_changes(rig):
     rig.client.post(rig.take_url(), headers=AUTH)
     # The take changes the page more than once (its history row, then the runner Reserved):
     # poll as the page does until the runner shows Reserved.
-    changed = eventually(
+    changed = wait_until(
         lambda: (
             (r := rig.client.get("/dashboard.html", headers={"If-None-Match": etag})).status_int
             == 200
             and 'data-status="Reserved"' in r.text
             and r
-        )
+        ),
+        "the runner to show Reserved",
+        10,
     )
     assert changed.headers["ETag"] != etag
 
@@ -586,7 +504,7 @@ def test_taken_runners_show_as_reserved_on_the_dashboard_at_once(rig):
         return all(statuses[i] == "Reserved" for i in ids) and counts["idle"] == 1 or None
 
     # No reconcile pass is needed for this (the next one is seconds away).
-    assert eventually(reserved_on_dashboard, timeout=5)
+    assert wait_until(reserved_on_dashboard, "Reserved on the dashboard", 5)
 
 
 # Found in review ----------------------------------------------------------------------------
@@ -643,7 +561,7 @@ def test_a_take_in_progress_at_shutdown_is_answered_and_recorded(make_rig):
         )
     )
     client.start()
-    eventually(lambda: any(call[0] == "add_labels" for call in rig.github.calls))
+    wait_until(lambda: any(call[0] == "add_labels" for call in rig.github.calls), "add_labels", 10)
     rig.monitor.stop()  # while the label call is in flight
     client.join(10)
     assert answers and answers[0][0]["id"] == 0

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -17,15 +15,11 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from collections.abc import Iterator
-from dataclasses import dataclass
 from dataclasses import replace
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -33,217 +27,43 @@ from monitor import loop
 from monitor import models
 from monitor import registrations
 from monitor import web
-from monitor.github import RestGitHub
 from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX
-from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
-from monitor.serving import BackgroundServer
 from monitor.standin import GitHubStandIn
-from tests import conftest
-from tests.conftest import config_for_test_driver
-from tests.conftest import standin_fixtures
+from tests.support.constants import API_TOKEN
+from tests.support.constants import GITHUB_TOKEN
+from tests.support.constants import REPO
+from tests.support.constants import ROOT
+from tests.support.served import Reply
+from tests.support.served import Rig
+from tests.support.served import Served
+from tests.support.served import args_file
+from tests.support.served import bring_online
+from tests.support.served import fire_together
+from tests.support.served import idle_count
+from tests.support.served import one_pass
+from tests.support.served import publish_args
+from tests.support.served import request
+from tests.support.served import take
+from tests.support.served import take_path
+from tests.support.under_pytest import standin_fixtures
+from tests.support.waiting import WAIT
+from tests.support.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 SELECT_SCRIPT = ROOT / "tests" / "scripts" / "runner-select-queueless.sh"
-GITHUB_TOKEN = "test-gh-token"
-API_TOKEN = "test-api-token"  # what write_config puts in .env
-REPO = "test/servo"  # write_config allows the prefix "test/"
 FALLBACK_LABEL = "ubuntu-latest"
 BOOT_SCRIPT = "#!/bin/sh\n# e2e boot script\ncurl -fsS http://192.168.100.1:8000/github-jitconfig\n"
 NOT_A_GUEST = "10.254.254.254"
-WAIT = 30.0  # generous: every wait polls and ends as soon as its condition holds
 
 server, standin = standin_fixtures(GITHUB_TOKEN)
 
 
-# HTTP plumbing -------------------------------------------------------------------------------
-
-
-class Served(BackgroundServer):
-    """A WSGI app on 127.0.0.1:<free port>, served by waitress from a background thread."""
-
-    def __init__(self, app: Any) -> None:
-        super().__init__(app, threads=40, name="monitor-e2e-http")
-
-
-@dataclass
-class Reply:
-    status: int
-    content_type: str
-    body: bytes
-    headers: dict[str, str]
-
-    @property
-    def json(self) -> Any:
-        assert self.content_type == "application/json", (self.content_type, self.body)
-        return json.loads(self.body)
-
-
-def request(
-    port: int,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    timeout: float = WAIT,
-) -> Reply:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request(method, path, headers=headers or {})
-        response = connection.getresponse()
-        headers = {name.lower(): value for name, value in response.getheaders()}
-        return Reply(response.status, headers.get("content-type", ""), response.read(), headers)
-    finally:
-        connection.close()
-
-
-def take_path(unique_id: str, run_id: int | str, count: int | None = None) -> str:
-    suffix = "" if count is None else f"/{count}"
-    return (
-        f"/profile/linux/take{suffix}?unique_id={unique_id}&qualified_repo={REPO}&run_id={run_id}"
-    )
-
-
-def take(port: int, unique_id: str, run_id: int | str, count: int | None = None) -> Reply:
-    auth = {"Authorization": f"Bearer {API_TOKEN}"}
-    return request(port, "POST", take_path(unique_id, run_id, count), auth)
-
-
-def fire_together(calls: list[Callable[[], Reply]]) -> list[Reply]:
-    """Run every call from its own thread, all released at once by a barrier."""
-    barrier = threading.Barrier(len(calls))
-    results: list[Any] = [None] * len(calls)
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait(timeout=WAIT)
-            results[index] = calls[index]()
-        except BaseException as error:  # noqa: BLE001 - reported below
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT + 10)
-    assert not any(thread.is_alive() for thread in threads), "a request never came back"
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
-
-
-# The rig -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rig:
-    config: Any
-    standin: GitHubStandIn
-    hypervisor: LibvirtHypervisor
-    monitor: loop.Monitor
-    http: Served
-
-    @property
-    def port(self) -> int:
-        return self.http.port
-
-    def reserved_labels(self) -> dict[str, list[str]]:
-        """Registration name -> its reservation labels, for runners that have any."""
-        found = {}
-        for runner in self.standin.runners():
-            names = [label["name"] for label in runner["labels"]]
-            reserved = [name for name in names if name.startswith("reserved-")]
-            if reserved:
-                found[runner["name"]] = reserved
-        return found
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    return conftest.wait_until(condition, what, timeout)
-
-
-def one_pass(monitor: loop.Monitor) -> None:
-    """What the scheduler does, at once: fetch GitHub's list, then a reconcile pass."""
-    monitor.registrations.refresh(force=True)
-    monitor.call(lambda: monitor.tick(monitor.clock()), 10)
-
-
-def idle_count(monitor: loop.Monitor) -> int:
-    observation = monitor.observation
-    if observation is None:
-        return 0
-    return sum(runner.status.value == "Idle" for runner in observation.runners)
-
-
-def bring_online(rig: Rig, count: int) -> None:
-    """Passes until `count` runners are registered, then mark them online on the stand-in and
-    pass again until the monitor sees them all Idle."""
-
-    def registered() -> bool:
-        one_pass(rig.monitor)
-        return len(rig.standin.runners()) >= count and not rig.monitor.in_flight
-
-    wait_until(registered, f"{count} registrations")
-    for registration in rig.standin.runners():
-        rig.standin.set_status(registration["id"], "online")
-
-    def all_idle() -> bool:
-        one_pass(rig.monitor)
-        return idle_count(rig.monitor) == count
-
-    wait_until(all_idle, f"{count} idle runners")
-
-
 @pytest.fixture
-def make_rig(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Callable[..., Rig]]:
-    rigs: list[Rig] = []
-
-    def make(target: int, extra: str = "", *, online: bool = True) -> Rig:
-        assert not rigs, "one rig per test"
-        config = config_for_test_driver(tmp_path, standin.base_url, {"linux": target}, extra)
-        models.open_store(config.data_path)
-        github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
-        hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
-        monitor = loop.Monitor(config, github, hypervisor)  # real time: labels carry it
-        monitor.start()
-        rig = Rig(config, standin, hypervisor, monitor, Served(web.make_app(config, monitor)))
-        rigs.append(rig)
-        if online:
-            bring_online(rig, target)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.http.close()
-        rig.monitor.stop()
-        rig.hypervisor.close()
-    models.close_store()
+def make_rig(make_served_rig):
+    """The served rig of tests/support/served.py (one per test)."""
+    return make_served_rig
 
 
 # 1. Servo's runner-select-queueless decision step --------------------------------------------
-
-
-def args_file(unique_id: str, repo: str, run_id: str, *, image: str | None = "linux") -> str:
-    lines = [f"unique_id={unique_id}"]
-    if image is not None:
-        lines.append(f"self_hosted_image_name={image}")
-    lines += [f"qualified_repo={repo}", f"run_id={run_id}"]
-    return "".join(line + "\n" for line in lines)
-
-
-def publish_args(
-    standin: GitHubStandIn,
-    unique_id: str,
-    run_id: str,
-    *,
-    repo: str = REPO,
-    content: str | None = None,
-    created_at: datetime | None = None,
-) -> None:
-    """Upload the args artifact as the action does (one file named `args`)."""
-    text = args_file(unique_id, repo, run_id) if content is None else content
-    standin.add_artifact(
-        repo, run_id, f"servo-ci-runners_{unique_id}", {"args": text}, created_at=created_at
-    )
 
 
 def run_select(rig: Rig, unique_id: str, run_id: str, repo: str = REPO) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """API credentials: named tokens kept as SHA-256 hashes, HMAC-signed requests, revocation
 (`POST /revoke/<sha256>`) that outlives a restart. Through WebTest with the real monitor
-thread and store; GitHub and libvirt are the hand-written fakes of test_api.py."""
+thread and store; GitHub and libvirt are the hand-written fakes of tests/fakes.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from monitor import models
 from monitor import web
 from monitor.errors import ConfigError
 from monitor.errors import MonitorError
-from tests.conftest import API_TOKEN
-from tests.conftest import write_config
-from tests.test_api import Rig
+from tests.support.configs import write_config
+from tests.support.constants import API_TOKEN
+from tests.support.rigs import Rig
 
 CI_TOKEN = "ci-workflows-token-0123456789"
 OPS_TOKEN = "ops-token-abcdefghijklmnop"

@@ -8,12 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = sorted(path.stem for path in (ROOT / "bench").glob("*.py") if path.stem != "__init__")
+# Run in a child whose imports of pytest fail, as on a machine without it.
+WITHOUT_PYTEST = """
+import runpy, sys
+sys.modules["pytest"] = None
+sys.modules["_pytest"] = None
+sys.argv = [sys.argv[1], "--help"]
+runpy.run_module(sys.argv[0], run_name="__main__" if sys.argv[0] != "bench.rig" else "bench.rig")
+"""
 
 
 def run(script: str, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, f"bench/{script}", *args],
+        [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -82,3 +93,18 @@ def test_scale_benchmark_runs_and_reports_every_part(tmp_path):
     shots = next(entry["screenshots"] for entry in results["sizes"] if "screenshots" in entry)
     assert shots["first"]["encoded"] == [10] and shots["second"]["unchanged"] == [10]
     assert results["driver"]["size"] == 50
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_runs_without_pytest(name):
+    """Each benchmark imports (its `--help` runs) with pytest not importable: the harness parts
+    they use (tests.support) need no pytest, and no benchmark imports a test module."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PYTEST, f"bench.{name}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert name == "rig" or "usage:" in result.stdout

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,52 +13,16 @@ from pathlib import Path
 import pytest
 
 from monitor.standin import GitHubStandIn
-from tests.conftest import FIXTURES
-from tests.conftest import write_config
+from tests.support.configs import write_config
+from tests.support.constants import FIXTURES
+from tests.support.constants import ROOT
+from tests.support.daemons import Daemon
+from tests.support.daemons import free_port
+from tests.support.daemons import get_json
+from tests.support.daemons import monitor
+from tests.support.daemons import wait_for_json
 
-ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = "SERVO_CI_MONITOR_API_TOKEN=changed\nGITHUB_TOKEN=ghp_test\n"
-
-
-def monitor(
-    *args: str, cwd: Path | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "monitor", *args],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_clean_env(),
-    )
-
-
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVO_CI_", "LIBVIRT_"))}
-    env.pop("GITHUB_TOKEN", None)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def wait_for(url: str, deadline: float) -> dict:
-    while True:
-        try:
-            return get_json(url)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def test_bare_monitor_prints_help():
@@ -128,34 +88,6 @@ def test_run_with_bad_config_exits_2_before_starting(tmp_path):
     assert "monitor.toml" in result.stderr
 
 
-class Daemon:
-    """`python -m monitor ARGS` as a background process; `terminate()` sends SIGTERM and
-    returns (exit code, output). Killed on exit if still running."""
-
-    def __init__(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "monitor", *args],
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**_clean_env(), **(env or {})},
-        )
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
-
-    def terminate(self) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGTERM)
-        output, _ = self.process.communicate(timeout=30)
-        return self.process.returncode, output
-
-
 @pytest.fixture
 def live_standin():
     standin = GitHubStandIn(token="test-gh-token")
@@ -177,7 +109,7 @@ def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path, live_standin):
     with daemon:
         deadline = time.monotonic() + 30
         base = f"http://127.0.0.1:{port}"
-        wait_for(f"{base}/healthz", deadline)
+        wait_for_json(f"{base}/healthz", deadline)
         while time.monotonic() < deadline and len(live_standin.jit_names) < 3:
             time.sleep(0.1)
         assert sorted(live_standin.jit_names) == [
@@ -185,7 +117,7 @@ def test_run_serves_and_shuts_down_cleanly_on_sigterm(tmp_path, live_standin):
             "ci-runner-linux.1@host",
             "ci-runner-windows.2@host",
         ]
-        dashboard = wait_for(f"{base}/dashboard.json", deadline)
+        dashboard = wait_for_json(f"{base}/dashboard.json", deadline)
         assert set(dashboard["profile_runner_counts"]) == {"linux", "windows"}
         code, output = daemon.terminate()
     assert code == 0, output
@@ -211,7 +143,7 @@ def test_jit_configs_never_reach_the_log_even_at_debug(tmp_path, live_standin):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(live_standin.runners()) < 3:
             time.sleep(0.1)
-        wait_for(f"http://127.0.0.1:{port}/healthz", deadline)
+        wait_for_json(f"http://127.0.0.1:{port}/healthz", deadline)
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
         dashboard = urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard.json").read()
         code, output = daemon.terminate()

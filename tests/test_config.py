@@ -677,7 +677,7 @@ def test_summary_reports_a_budget_that_does_not_fit(etc: Path, cwd: Path) -> Non
 
 
 def test_missing_profile_files_are_warned_about(tmp_path):
-    from tests.conftest import write_config
+    from tests.support.configs import write_config
 
     path = write_config(tmp_path)
     (tmp_path / "base.img").unlink()
@@ -693,7 +693,7 @@ def test_missing_profile_files_are_warned_about(tmp_path):
 def test_trusted_proxies_and_take_max_count(tmp_path):
     import ipaddress
 
-    from tests.conftest import write_config
+    from tests.support.configs import write_config
 
     path = write_config(
         tmp_path, extra='trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1"]\ntake_max_count = 4\n'
@@ -715,7 +715,7 @@ def test_trusted_proxies_and_take_max_count(tmp_path):
     ],
 )
 def test_bad_new_api_keys_are_named(tmp_path, line, key):
-    from tests.conftest import write_config
+    from tests.support.configs import write_config
 
     path = write_config(tmp_path, extra=line + "\n")
     with pytest.raises(ConfigError, match=key):
@@ -723,7 +723,7 @@ def test_bad_new_api_keys_are_named(tmp_path, line, key):
 
 
 def test_rebuild_keys_of_a_profile(tmp_path):
-    from tests.conftest import write_config
+    from tests.support.configs import write_config
 
     extra_profile = textwrap.dedent(
         """

@@ -15,7 +15,7 @@ import pytest
 libvirt = pytest.importorskip("libvirt")
 
 from bench import crash  # noqa: E402
-from tests.conftest import require_libvirtd  # noqa: E402
+from tests.support.under_pytest import require_libvirtd  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 

@@ -35,21 +35,20 @@ from playwright.sync_api import Page  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from monitor import loop  # noqa: E402
 from monitor import models  # noqa: E402
 from monitor import scheduler as scheduler_module  # noqa: E402
 from monitor import web  # noqa: E402
-from monitor.github import RestGitHub  # noqa: E402
-from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.serving import BackgroundServer  # noqa: E402
 from monitor.standin import GitHubStandIn  # noqa: E402
-from tests import test_api_e2e as e2e  # noqa: E402
-from tests.conftest import API_TOKEN  # noqa: E402
-from tests.conftest import GITHUB_TOKEN  # noqa: E402
-from tests.conftest import config_for_test_driver  # noqa: E402
-from tests.conftest import standin_fixtures  # noqa: E402
+from tests.support import served  # noqa: E402
+from tests.support.configs import config_for_test_driver  # noqa: E402
+from tests.support.constants import API_TOKEN  # noqa: E402
+from tests.support.constants import GITHUB_TOKEN  # noqa: E402
+from tests.support.constants import REPO  # noqa: E402
+from tests.support.constants import ROOT  # noqa: E402
+from tests.support.served import monitor_for  # noqa: E402
+from tests.support.under_pytest import standin_fixtures  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path(os.environ.get("MONITOR_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(os.environ.get("MONITOR_TEST_ARTIFACTS", ROOT / "test-artifacts" / "browser"))
 # real-components.md §4: what Debian's Chromium needs to run headless here, as root.
@@ -62,7 +61,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-REPO = "test/servo"  # write_config allows the prefix "test/"
 TARGETS = {"linux": 2, "windows": 1}
 LIVE_DEADLINE_MS = 2_000  # the issue: a change shows within 2 s, without a reload
 WAIT_MS = 10_000  # anything else: generous, only proves that it happens
@@ -146,8 +144,8 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
 
 
 @dataclass
-class Rig(e2e.Rig):
-    """What make_rig in test_api_e2e builds, plus the scheduler's jobs, as `monitor run`."""
+class Rig(served.Rig):
+    """The served rig of tests/support/served.py, plus the scheduler's jobs, as `monitor run`."""
 
     scheduler: Any = None
     serving: bool = True
@@ -170,17 +168,14 @@ class Rig(e2e.Rig):
 @pytest.fixture
 def rig(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Rig]:
     config = config_for_test_driver(tmp_path, standin.base_url, TARGETS)
-    models.open_store(config.data_path)
-    github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
-    hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
-    monitor = loop.Monitor(config, github, hypervisor)
+    _, hypervisor, monitor = monitor_for(config)
     monitor.start()
     scheduler = scheduler_module.make_scheduler(monitor)
     scheduler.start()
     http = BackgroundServer(web.make_app(config, monitor), name="monitor-browser-http")
     built = Rig(config, standin, hypervisor, monitor, http, scheduler)
     try:
-        e2e.bring_online(built, sum(TARGETS.values()))  # reads only .monitor and .standin
+        served.bring_online(built, sum(TARGETS.values()))  # reads only .monitor and .standin
         # What the screenshot job does every 5 s, at once.
         built.monitor.guests.refresh_screenshots()
         yield built

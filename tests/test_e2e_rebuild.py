@@ -35,15 +35,12 @@ from monitor import models  # noqa: E402
 from monitor import rebuilds  # noqa: E402
 from monitor.errors import MonitorError  # noqa: E402
 from monitor.rebuilds import image_volume  # noqa: E402
-from tests import test_e2e_vms as vms  # noqa: E402
-from tests.conftest import rebuilt_profile  # noqa: E402
+from tests.support import vms  # noqa: E402
+from tests.support.configs import rebuilt_profile  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 log = logging.getLogger(__name__)
-
-# The real-VM fixtures of test_e2e_vms.py (module-scoped here too).
-conn = vms.conn
-guest_image = vms.guest_image
 
 MARKER = "monitor-image-v1"
 # Images older than this are rebuilt. Long enough for the first image's runners to boot and
@@ -120,7 +117,7 @@ def is_blank(png: bytes) -> bool:
 
 
 def wait_for_build(rig: vms.Rig, what: str) -> rebuilds.Build:
-    return vms.wait_until(lambda: rig.monitor.rebuilds.building.get("built"), what, BUILD_WAIT)
+    return wait_until(lambda: rig.monitor.rebuilds.building.get("built"), what, BUILD_WAIT)
 
 
 def runner_backing_file(conn: Any, guest_name: str) -> str:
@@ -195,7 +192,7 @@ def test_image_built_by_a_rebuild_guest_then_rolled_without_losing_runners(
 
         # Runners start from it: overlays on the image, which boot, find the marker and come
         # online.
-        idle = vms.wait_until(
+        idle = wait_until(
             lambda: len(found := rig.idle_and_sampled()) == TARGET and found,
             "the first image's runners to be Idle",
             timeout=60,
@@ -205,7 +202,7 @@ def test_image_built_by_a_rebuild_guest_then_rolled_without_losing_runners(
             assert vms.booted(rig.statuses.history[runner.id]), rig.statuses.history
             assert models.get_runner(runner.id).image == first.snapshot
             assert runner_backing_file(conn, runner.guest_name) == str(image_path)
-            vms.wait_until(
+            wait_until(
                 lambda r=runner: f"image marker found: {first_marker}" in boot_log(rig, r.id),
                 f"runner {runner.id}'s boot log",
             )
@@ -215,10 +212,10 @@ def test_image_built_by_a_rebuild_guest_then_rolled_without_losing_runners(
         rig.standin.agent_job_seconds = 600
         rig.standin.hold_jobs = False
         busy = vms.take(rig, "built")
-        vms.wait_until(lambda: "Busy" in rig.statuses.history[busy], "Busy")
+        wait_until(lambda: "Busy" in rig.statuses.history[busy], "Busy")
         rig.standin.hold_jobs = True
         reserved = vms.take(rig, "built")
-        vms.wait_until(lambda: "Reserved" in rig.statuses.history[reserved], "Reserved")
+        wait_until(lambda: "Reserved" in rig.statuses.history[reserved], "Reserved")
         (old_idle,) = [r.id for r in idle if r.id not in (busy, reserved)]
         kept = {busy: "Busy", reserved: "Reserved"}
         timings["Busy and Reserved"] = time.monotonic() - started
@@ -283,7 +280,7 @@ def test_image_built_by_a_rebuild_guest_then_rolled_without_losing_runners(
         assert vms.booted(rig.statuses.history[replacement.id])
         assert models.get_runner(replacement.id).image == second.snapshot
         assert runner_backing_file(conn, replacement.guest_name) == str(new_path)
-        vms.wait_until(
+        wait_until(
             lambda: f"image marker found: {second_marker}" in boot_log(rig, replacement.id),
             "the replacement's boot log",
         )
@@ -334,7 +331,7 @@ def test_rebuild_guest_that_never_powers_off_times_out_and_backs_off(
                     assert rows >= 40, f"{rows} rows of bars: the boot script did not run"
             return len(events("rebuild")) >= 3
 
-        vms.wait_until(watch, "two failed rebuilds and a third try", timeout=3 * timeout + 30)
+        wait_until(watch, "two failed rebuilds and a third try", timeout=3 * timeout + 30)
 
         first, second = seen_failures[:2]
         did_not = f"the rebuild guest did not power off within {timeout} s"

@@ -15,25 +15,16 @@ libvirtd is not reachable, unless MONITOR_REQUIRE_LIBVIRTD=1 makes that a failur
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import ipaddress
 import json
 import logging
-import os
 import re
-import subprocess
-import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from dataclasses import field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -42,259 +33,27 @@ libvirt = pytest.importorskip("libvirt")
 from PIL import Image  # noqa: E402
 from PIL import ImageStat  # noqa: E402
 
-from monitor import config as config_module  # noqa: E402
-from monitor import loop  # noqa: E402
 from monitor import models  # noqa: E402
-from monitor import scheduler as scheduler_module  # noqa: E402
-from monitor import web  # noqa: E402
-from monitor.errors import TransientError  # noqa: E402
-from monitor.github import RestGitHub  # noqa: E402
 from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX  # noqa: E402
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
-from monitor.serving import BackgroundServer  # noqa: E402
-from monitor.standin import GitHubStandIn  # noqa: E402
-from tests import conftest  # noqa: E402
-from tests.conftest import API_TOKEN  # noqa: E402
-from tests.conftest import GITHUB_TOKEN  # noqa: E402
-from tests.conftest import require_libvirtd  # noqa: E402
-from tests.conftest import set_settings  # noqa: E402
-from tests.conftest import write_config  # noqa: E402
+from tests.support.libvirtd import NETWORK  # noqa: E402
+from tests.support.libvirtd import POOL  # noqa: E402
+from tests.support.libvirtd import SUBNET  # noqa: E402
+from tests.support.libvirtd import URI  # noqa: E402
+from tests.support.libvirtd import retry_transient  # noqa: E402
+from tests.support.vms import DESTROYING  # noqa: E402
+from tests.support.vms import GUEST_SOURCES  # noqa: E402
+from tests.support.vms import Rig  # noqa: E402
+from tests.support.vms import booted  # noqa: E402
+from tests.support.vms import call  # noqa: E402
+from tests.support.vms import full_width_rows  # noqa: E402
+from tests.support.vms import guest_xml  # noqa: E402
+from tests.support.vms import running_rig  # noqa: E402
+from tests.support.vms import take  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
-GUEST_SOURCES = ROOT / "tests" / "guest"
-URI = "qemu:///system"
-POOL = "monitor-test"
-NETWORK = "monitor-test"
-BRIDGE_IP = "192.168.151.1"  # tests/libvirtd.sh; guests reach the monitor and stand-in here
-SUBNET = ipaddress.IPv4Network("192.168.151.0/24")
-REPO = "test/servo"  # write_config allows the prefix "test/"
-# Generous: a guest boots in 3-6 s under TCG, a job takes JOB_SECONDS; waits end early.
-WAIT = 30.0
-JOB_SECONDS = 6
-CREATING = "(being created)"
-DESTROYING = "(being destroyed)"
-# Fewer free addresses in the network's DHCP range than this, and a test module is skipped
-# (failed with MONITOR_REQUIRE_LIBVIRTD=1): its guests could not all get a lease.
-MIN_FREE_ADDRESSES = 10
-
-# The tiny guest, as a profile's complete domain XML. TCG ('qemu'): KVM hangs on these
-# machines. The disk is required by runner_domain_xml (it becomes the runner's overlay, or a
-# rebuild guest's new image); the runner boot script never looks at it, the rebuild tests'
-# does (/dev/vda). No option ROM: the kernel is loaded directly, iPXE is not needed.
-GUEST_XML = """\
-<domain type='qemu'>
-  <name>e2e.template</name>
-  <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console=tty0 panic=-1 loglevel=4 {ports}</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='/dev/null'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='network'>
-      {mac}<source network='{network}'/>
-      <model type='virtio'/>
-      <rom enabled='no'/>
-    </interface>
-    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
-    <video><model type='vga'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
-@pytest.fixture(scope="module")
-def conn():
-    """A connection of the test's own, to look at libvirtd from outside the monitor."""
-    try:
-        connection = libvirt.open(URI)
-    except libvirt.libvirtError as e:
-        require_libvirtd(f"cannot connect to {URI}: {e}")
-    try:
-        if not connection.storagePoolLookupByName(POOL).isActive():
-            require_libvirtd(f"storage pool {POOL} is not active")
-        if not connection.networkLookupByName(NETWORK).isActive():
-            require_libvirtd(f"network {NETWORK} is not active")
-    except libvirt.libvirtError as e:
-        require_libvirtd(f"no pool or network {POOL}: {e}")
-    free = free_addresses(connection)
-    if free < MIN_FREE_ADDRESSES:
-        # Each guest gets a fresh MAC, and dnsmasq keeps its lease for the lease time after
-        # it is gone (an hour on a network made by an older tests/libvirtd.sh): runs in
-        # quick succession use the range up, and guests then boot to no address (a timeout
-        # that says nothing about the cause).
-        require_libvirtd(
-            f"only {free} addresses of network {NETWORK}'s DHCP range are free (a lease "
-            "outlives its guest)",
-            "wait for some to expire, or run `bash tests/libvirtd.sh` again",
-        )
-    yield connection
-    connection.close()
-
-
-def free_addresses(connection) -> int:
-    """Addresses of the network's DHCP range that no live lease holds."""
-    network = connection.networkLookupByName(NETWORK)
-    dhcp_range = ET.fromstring(network.XMLDesc()).find("ip/dhcp/range")
-    first, last = (ipaddress.IPv4Address(dhcp_range.get(end)) for end in ("start", "end"))
-    leased = {ipaddress.IPv4Address(lease["ipaddr"]) for lease in network.DHCPLeases()}
-    return int(last) - int(first) + 1 - sum(1 for a in leased if first <= a <= last)
-
-
-@pytest.fixture(scope="module")
-def guest_image(conn) -> dict[str, Path]:
-    """The kernel and initramfs from tests/guest/build.sh (cached between runs)."""
-    work = Path(os.environ.get("MONITOR_GUEST_DIR", "/var/tmp/monitor-guest"))
-    started = time.monotonic()
-    result = subprocess.run(
-        ["bash", str(GUEST_SOURCES / "build.sh"), str(work)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    log.warning("guest image ready in %.2f s: %s", time.monotonic() - started, result.stderr)
-    return {"kernel": work / "vmlinuz", "initrd": work / "initrd.gz"}
-
-
-def guest_xml(image: dict[str, Path], ports: str, mac: str | None = None) -> str:
-    return GUEST_XML.format(
-        kernel=image["kernel"],
-        initrd=image["initrd"],
-        ports=ports,
-        mac=f"<mac address='{mac}'/>" if mac else "",
-        network=NETWORK,
-    )
-
-
-# HTTP ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def call(
-    port: int, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 30
-) -> Reply:
-    """One request to the monitor on the bridge address, as a guest or the host makes it."""
-    connection = http.client.HTTPConnection(BRIDGE_IP, port, timeout=timeout)
-    try:
-        connection.request(method, path, headers=headers or {})
-        response = connection.getresponse()
-        found = {name.lower(): value for name, value in response.getheaders()}
-        return Reply(response.status, found, response.read())
-    finally:
-        connection.close()
-
-
-# The rig -------------------------------------------------------------------------------------
-
-
-@dataclass
-class StatusLog:
-    """Every runner's statuses in the order the monitor's observations showed them (repeats
-    dropped), sampled from a thread every 50 ms, and when each was first seen.
-
-    A runner that a worker is creating or destroying and that lacks its guest or its
-    registration is recorded as CREATING or DESTROYING, not as its status: the monitor's
-    statuses do not tell those moments apart from real ones. A new runner's guest may be
-    listed before GitHub's runner list has its JIT registration (DoneOrUnregistered for a
-    moment), and a runner whose guest was just undefined, before the worker reports, reads
-    as StartedOrCrashed (spec §4.4's precedence for a runner with no guest yet). Harmless:
-    a runner in flight is never destroyed or counted as missing."""
-
-    history: dict[int, list[str]] = field(default_factory=dict)
-    seen_at: dict[tuple[int, str], float] = field(default_factory=dict)
-    gone: set[int] = field(default_factory=set)
-
-    def record(self, observation: Any) -> None:
-        present = set()
-        for runner in observation.runners if observation is not None else []:
-            present.add(runner.id)
-            statuses = self.history.setdefault(runner.id, [])
-            status = runner.status.value
-            if runner.in_flight and (runner.guest_name is None or runner.registration is None):
-                status = CREATING if set(statuses) <= {CREATING} else DESTROYING
-            if not statuses or statuses[-1] != status:
-                statuses.append(status)
-                self.seen_at.setdefault((runner.id, status), time.monotonic())
-        self.gone |= set(self.history) - present
-
-
-@dataclass
-class Rig:
-    config: Any
-    standin: GitHubStandIn
-    hypervisor: LibvirtHypervisor
-    monitor: loop.Monitor
-    http: BackgroundServer
-    statuses: StatusLog
-    prefix: str
-
-    @property
-    def port(self) -> int:
-        return self.http.port
-
-    def runners(self, status: str | None = None) -> list[Any]:
-        observation = self.monitor.observation
-        runners = observation.runners if observation is not None else []
-        return [r for r in runners if status is None or r.status.value == status]
-
-    def idle_and_sampled(self) -> list[Any]:
-        """The Idle runners, once the status log has caught up with them too."""
-        idle = self.runners("Idle")
-        return [r for r in idle if "Idle" in self.statuses.history.get(r.id, [])]
-
-    def guest_names(self) -> list[str]:
-        return [guest.name for guest in self.hypervisor.list_guests(self.prefix)]
-
-
-def remove_guests(hypervisor: LibvirtHypervisor, prefix: str) -> list[str]:
-    """Destroy every guest and volume named `prefix`...; return what is still there."""
-    for guest in hypervisor.list_guests(prefix):
-        hypervisor.destroy_guest(guest.name)
-    for volume in hypervisor.list_volumes(prefix):
-        hypervisor.destroy_guest(volume.removesuffix(".qcow2"))
-    return [g.name for g in hypervisor.list_guests(prefix)] + hypervisor.list_volumes(prefix)
-
-
-def retry_transient(action: Callable[[], Any], timeout: float = 90) -> Any:
-    """`action()`, again while libvirt's connection is lost (another test may hold libvirtd
-    stopped for 20 s; the hypervisor reconnects by itself)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return action()
-        except TransientError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    return conftest.wait_until(condition, what, timeout, interval=0.1)
 
 
 @pytest.fixture
@@ -305,96 +64,6 @@ def rig(tmp_path: Path, conn, guest_image) -> Iterator[Rig]:
         tmp_path, guest_image, targets={"linux": 2}, boot_scripts={"linux": boot_script}
     ) as built:
         yield built
-
-
-@contextmanager
-def running_rig(
-    tmp_path: Path,
-    guest_image: dict[str, Path],
-    *,
-    targets: dict[str, int],
-    boot_scripts: dict[str, str],
-    profiles: str = "",
-    settings: dict[str, str] | None = None,
-) -> Iterator[Rig]:
-    """`monitor run` on the bridge address: the monitor thread, the scheduler's jobs and the
-    web app. Its profiles are `targets` (as write_config makes them, on a prebuilt base
-    image) and the `[profiles.<key>]` tables in `profiles`; each one's guest.xml is the tiny
-    guest and its boot-script `boot_scripts[key]`. `settings` replace (or add) top-level
-    values of the config. Everything it started is gone after."""
-    standin = GitHubStandIn(token=GITHUB_TOKEN)
-    standin.start(host=BRIDGE_IP)
-    standin.agent_job_seconds = JOB_SECONDS
-    # Guest and volume names of this test only: libvirtd is shared with other tests.
-    prefix = f"e2e{uuid.uuid4().hex[:6]}"
-    extra = (
-        f'libvirt_runner_guest_prefix = "{prefix}-runner"\n'
-        f'libvirt_rebuild_guest_prefix = "{prefix}-rebuild"\n'
-        f'libvirt_template_guest_prefix = "{prefix}-template"\n'
-        # The host asks for other guests' JIT configs in X-Real-IP (test b).
-        f'trusted_proxies = ["{BRIDGE_IP}/32"]\n'
-    )
-    path = write_config(
-        tmp_path,
-        github_api_url=standin.base_url,
-        targets=targets,
-        libvirt_uri=URI,
-        storage_pool=POOL,
-        extra=extra,
-    )
-    # GitHub's runner list every second, so that each status lasts long enough to be seen.
-    set_settings(path, {"api_cache_timeout": "1", **(settings or {})})
-    path.write_text(path.read_text() + profiles)
-    config = config_module.load(path, environ={})
-    models.open_store(config.data_path)
-    github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
-    hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
-    monitor = loop.Monitor(config, github, hypervisor)
-    http = BackgroundServer(web.make_app(config, monitor), host=BRIDGE_IP, name="monitor-e2e-vms")
-    # Guests learn both ports from their kernel command line.
-    ports = f"monitor_port={http.port} standin_port={standin.base_url.rsplit(':', 1)[1]}"
-    for key, profile in config.profiles.items():
-        profile.config_dir.mkdir(parents=True, exist_ok=True)
-        profile.guest_xml.write_text(guest_xml(guest_image, ports))
-        (profile.config_dir / "boot-script").write_text(boot_scripts[key])
-
-    statuses = StatusLog()
-    sampling = threading.Event()
-
-    def sample() -> None:
-        while not sampling.wait(0.05):
-            statuses.record(monitor.observation)
-
-    sampler = threading.Thread(target=sample, name="e2e-status-sampler", daemon=True)
-    sampler.start()
-    monitor.start()
-    scheduler = scheduler_module.make_scheduler(monitor)
-    scheduler.start()
-    built = Rig(config, standin, hypervisor, monitor, http, statuses, prefix)
-    try:
-        yield built
-    finally:
-        # Shown only when the test failed: what the guests and the stand-in's agents said.
-        for boot_log in sorted((config.data_path / "runners").glob("*/boot.log")):
-            text = boot_log.read_text(errors="replace")
-            log.warning("boot log of runner %s:\n%s", boot_log.parent.name, text[-3000:])
-        log.warning("agent calls: %s", standin.agent_calls)
-        log.warning("statuses: %s", statuses.history)
-        events = reversed(models.recent_events(100))
-        log.warning("events: %s", [f"{e.kind}: {e.message}" for e in events])
-        scheduler.shutdown(wait=True)
-        http.close()
-        monitor.stop()
-        sampling.set()
-        sampler.join(5)
-        try:
-            # The monitor leaves its guests running when it stops; the test does not.
-            left = retry_transient(lambda: remove_guests(hypervisor, prefix))
-        finally:
-            hypervisor.close()
-            models.close_store()
-            standin.stop()
-        assert left == [], f"left behind in libvirt: {left}"
 
 
 def lease_of(conn, guest_name: str) -> str | None:
@@ -414,38 +83,6 @@ def online_from(rig: Rig, registration_id: int) -> str | None:
     """The address the runner's agent connected from (the stand-in saw it)."""
     calls = [c for c in rig.standin.agent_calls if c.runner_id == registration_id]
     return next((c.address for c in calls if c.call == "online"), None)
-
-
-def take(rig: Rig, profile: str = "linux") -> int:
-    query = f"unique_id={uuid.uuid4()}&qualified_repo={REPO}&run_id=1"
-    reply = call(
-        rig.port,
-        "POST",
-        f"/profile/{profile}/take?{query}",
-        {"Authorization": f"Bearer {API_TOKEN}"},
-    )
-    assert reply.status == 200, reply.body
-    (entry,) = reply.json
-    return entry["id"]
-
-
-def booted(history: list[str]) -> bool:
-    """Whether a runner's statuses start as a new one's must: created, then StartedOrCrashed
-    while its guest boots, then Idle once its agent is online."""
-    without_create = history[1:] if history[:1] == [CREATING] else history
-    return without_create[:2] == ["StartedOrCrashed", "Idle"]
-
-
-def full_width_rows(png: bytes) -> int:
-    """Pixel rows of the screen lit across at least 95 % of its width: the guest's bar of
-    U+2588 FULL BLOCKs (tests/guest/init); text and the BIOS banner never come close."""
-    with Image.open(io.BytesIO(png)) as image:
-        gray = image.convert("L")
-        width, height = gray.size
-        pixels = gray.load()
-        return sum(
-            1 for y in range(height) if sum(pixels[x, y] > 64 for x in range(width)) >= 0.95 * width
-        )
 
 
 # The tests -----------------------------------------------------------------------------------

@@ -56,23 +56,22 @@ from monitor.github import RestGitHub
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.serving import BackgroundServer
 from monitor.standin import GitHubStandIn
-from tests import test_api_e2e
-from tests import test_restart_libvirtd
-from tests.conftest import config_for_test_driver
-from tests.conftest import require_libvirtd
-from tests.conftest import standin_fixtures
-from tests.conftest import wait_until
-from tests.test_api_e2e import request
-from tests.test_api_e2e import take
-from tests.test_restart_libvirtd import POOL
-from tests.test_restart_libvirtd import URI
+from tests.support import served
+from tests.support.configs import config_for_test_driver
+from tests.support.constants import GITHUB_TOKEN
+from tests.support.constants import ROOT
+from tests.support.libvirtd import LIBVIRTD_PID
+from tests.support.libvirtd import POOL
+from tests.support.libvirtd import URI
+from tests.support.served import request
+from tests.support.served import take
+from tests.support.under_pytest import require_libvirtd
+from tests.support.under_pytest import standin_fixtures
+from tests.support.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "test-artifacts" / "reliability.json"
-GITHUB_TOKEN = "test-gh-token"
 LIST_PATH = "/repos/test/servo/actions/runners"
 JIT_PATH = LIST_PATH + "/generate-jitconfig"
-LIBVIRTD_PID = Path("/run/libvirtd.pid")
 
 # Production backs the runner list off 10 s, 20 s, … 5 min, and creates and destroys 5 s, …
 # 5 min; here both go 0.2, 0.4, 0.8, 0.8 s. The scheduler looks whether the list is due every
@@ -100,7 +99,7 @@ server, standin = standin_fixtures(GITHUB_TOKEN)
 
 
 @dataclass
-class Rig(test_api_e2e.Rig):
+class Rig(served.Rig):
     """The end-to-end tests' rig, with the scheduler running too."""
 
     scheduler: Any = None
@@ -602,14 +601,12 @@ def test_libvirt_creating_guests_fails(start_rig, driver_config, standin, row):
     row["outcome"] = "up, reads answered; creates backed off and resumed; no leak; kept"
 
 
-# test_restart_libvirtd's: a config for the real libvirtd (tests/libvirtd.sh) with a guest
-# prefix and a stand-in of its own; its guests are removed at the end (ask for it before
-# `start_rig`, which stops the monitor first, or the monitor replaces them meanwhile).
-real = test_restart_libvirtd.real
 
 
 @pytest.mark.libvirtd
 def test_libvirtd_killed_and_restarted(real, start_rig, row):
+    # `real` (conftest) is asked for before `start_rig`, which stops the monitor first, or
+    # the monitor would replace the guests `real` removes meanwhile.
     config, github, _ = real
     try:
         pid = int(LIBVIRTD_PID.read_text())

@@ -27,8 +27,8 @@ from monitor.github import JitConfig
 from monitor.github import RestGitHub
 from monitor.policy import Registration
 from monitor.standin import GitHubStandIn
-from tests.conftest import standin_fixtures
 from tests.fakes import FakeGitHub
+from tests.support.under_pytest import standin_fixtures
 
 TOKEN = "ghp_testtoken0123456789abcdefSECRET"
 SCOPE = "/repos/servo/servo"

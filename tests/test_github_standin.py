@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -26,7 +25,8 @@ import urllib3
 from openapi_schema_validator import OAS30Validator
 
 from monitor.standin import GitHubStandIn
-from tests.conftest import standin_fixtures
+from tests.support.under_pytest import standin_fixtures
+from tests.support.waiting import wait_until
 
 TOKEN = "standin-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -43,16 +43,6 @@ def response_schema(path: str, method: str, status: str = "200") -> dict[str, An
 
 def validate(body: Any, path: str, method: str, status: str = "200") -> None:
     OAS30Validator(response_schema(path, method, status)).validate(body)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
-    """Poll until `predicate()`; returns the seconds it took."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 server, standin = standin_fixtures(TOKEN)
@@ -487,7 +477,9 @@ def test_exhausted_rate_limit_refuses_until_its_reset(standin: GitHubStandIn, ap
     reset = standin.exhaust_rate_limit(reset_in=1.0)
 
     refused = api("GET", f"{REPO}/actions/runners")
-    waited = wait_for(lambda: api("GET", f"{REPO}/actions/runners").status == 200)
+    started = time.monotonic()
+    wait_until(lambda: api("GET", f"{REPO}/actions/runners").status == 200, "the reset", 5, 0.02)
+    waited = time.monotonic() - started
 
     assert refused.status == 403 and refused.headers["x-ratelimit-remaining"] == "0"
     assert "Retry-After" not in refused.headers  # only the reset tells when
@@ -595,7 +587,7 @@ def test_agent_goes_online_after_delay(standin: GitHubStandIn, api: Client):
         return api.json("GET", f"{REPO}/actions/runners/{runner_id}")["status"]
 
     assert status() == "offline"
-    wait_for(lambda: status() == "online", timeout=5)
+    wait_until(lambda: status() == "online", "online", 5, 0.02)
     assert time.monotonic() - started >= 0.5
     assert api.json("GET", f"{REPO}/actions/runners/{runner_id}")["version"]
 
@@ -610,14 +602,14 @@ def test_job_simulation_reserves_runs_and_deregisters(standin: GitHubStandIn, ap
     def runner(runner_id: int) -> dict[str, Any] | None:
         return next((r for r in standin.runners() if r["id"] == runner_id), None)
 
-    wait_for(lambda: (runner(idle) or {}).get("busy", False), timeout=5)
+    wait_until(lambda: (runner(idle) or {}).get("busy", False), "busy", 5, 0.02)
     labels = [label["name"] for label in runner(idle)["labels"]]  # type: ignore[index]
     reserved = {name.partition(":")[0]: name.partition(":")[2] for name in labels if ":" in name}
     assert re.fullmatch(r"[0-9a-f-]{36}", reserved["reserved-for"])
     assert 0 <= time.time() - int(reserved["reserved-since"]) < 5
     assert re.fullmatch(r"servo/servo/actions/runs/\d+", reserved["reserved-by"])
     # The job ends: the ephemeral runner deregisters; the offline one was never picked.
-    wait_for(lambda: runner(idle) is None, timeout=5)
+    wait_until(lambda: runner(idle) is None, "the runner to go", 5, 0.02)
     assert runner(offline) is not None and not runner(offline)["busy"]  # type: ignore[index]
     standin.stop_job_simulation()
 
@@ -636,7 +628,7 @@ def test_job_simulation_can_serve_only_runners_the_monitor_reserved(
     def busy(runner_id: int) -> bool:
         return next(r["busy"] for r in standin.runners() if r["id"] == runner_id)
 
-    wait_for(lambda: busy(taken), timeout=5)
+    wait_until(lambda: busy(taken), "the taken runner busy", 5, 0.02)
     time.sleep(0.3)  # several ticks: the unreserved runner gets no job
     assert not busy(free)
     standin.stop_job_simulation()

@@ -1,6 +1,6 @@
 """Per-guest single-use tokens (the default `guest_auth = "token"`): how the token reaches the
 guest (domain XML), that a JIT config is served once even to racing requests, and the guest
-routes with the hand-written fakes of test_api.py. On libvirt's test driver:
+routes with the hand-written fakes of tests/fakes.py. On libvirt's test driver:
 test_api_e2e.py; on real QEMU guests that read it from SMBIOS: test_e2e_vms.py."""
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from monitor import models
 from monitor.hypervisor import GUEST_TOKEN_CMDLINE_PREFIX
 from monitor.hypervisor import GUEST_TOKEN_OEM_PREFIX
 from monitor.hypervisor.domain_xml import runner_domain_xml
-from tests import test_api
-from tests.conftest import TEST_GUEST_XML
-from tests.test_api import assert_error
-from tests.test_api import guest_rig
+from tests.support.constants import AUTH
+from tests.support.constants import TEST_GUEST_XML
+from tests.support.rigs import assert_error
+from tests.support.rigs import guest_rig
 
 BOOT_SCRIPT = "#!/bin/sh\necho booting linux\n"
-make_rig = test_api.make_rig  # the fixture
 
 
 def oem_strings(root: ET.Element) -> list[str]:
@@ -150,7 +149,7 @@ def test_an_address_alone_opens_nothing_in_token_mode(rig):
 
 def test_a_destroyed_runner_s_token_is_dead(rig):
     token = token_of(rig, 0)
-    rig.client.post("/runner/0/destroy", headers=test_api.AUTH)
+    rig.client.post("/runner/0/destroy", headers=AUTH)
     rig.converge(2)
     assert models.get_runner(0).destroyed_at is not None
     rig.client.get("/boot", headers=as_guest(token), status=403)

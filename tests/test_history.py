@@ -1,6 +1,7 @@
 """Reservation history: every take (runners given, `null`, failures) with when it was asked,
 how long its job waited and how long the runner then ran; `GET /reservations` with pagination
-and sorting; the dashboard's table. The monitor thread runs for real with test_api.py's fakes."""
+and sorting; the dashboard's table. The monitor thread runs for real with the fakes of
+tests/fakes.py."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import uuid
 import pytest
 
 from monitor import models
-from tests import test_api
-from tests.test_api import AUTH
-from tests.test_api import assert_error
-
-make_rig = test_api.make_rig  # the fixture
+from monitor.errors import MonitorError
+from tests.support.constants import AUTH
+from tests.support.rigs import assert_error
+from tests.support.rigs import idle_rig
 
 
 @pytest.fixture
 def rig(make_rig):
-    return test_api.idle_rig(make_rig, linux=2, windows=1)
+    return idle_rig(make_rig, linux=2, windows=1)
 
 
 def history(rig, query: str = "", rows: int = 1) -> dict:
@@ -64,7 +64,7 @@ def test_a_take_is_followed_from_the_ask_to_the_end_of_its_job(rig):
 def test_null_answers_and_failures_are_history_too(rig):
     for _ in range(2):
         rig.client.post(rig.take_url(profile="windows"), headers=AUTH)
-    rig.github.fail_next("add_labels", test_api.MonitorError("GitHub said no", 502))
+    rig.github.fail_next("add_labels", MonitorError("GitHub said no", 502))
     rig.client.post(rig.take_url(), headers=AUTH, status=502)
     rows = history(rig, "?sort=asked_at&order=asc", rows=3)["reservations"]
     assert [(r["profile"], r["outcome"]) for r in rows] == [

@@ -1,23 +1,22 @@
 """Drain, pause and maintenance: persisted, decided by the pure policy, shown on the dashboard
-and in /dashboard.json. The monitor thread runs for real with the fakes of test_api.py."""
+and in /dashboard.json. The monitor thread runs for real with the fakes of tests/fakes.py."""
 
 from __future__ import annotations
 
 import pytest
+import webtest
 
 from monitor import loop
 from monitor import models
 from monitor import web
-from tests import test_api
-from tests.test_api import AUTH
-from tests.test_api import assert_error
-
-make_rig = test_api.make_rig  # the fixture
+from tests.support.constants import AUTH
+from tests.support.rigs import assert_error
+from tests.support.rigs import idle_rig
 
 
 @pytest.fixture
 def rig(make_rig):
-    return test_api.idle_rig(make_rig, linux=3, windows=1)
+    return idle_rig(make_rig, linux=3, windows=1)
 
 
 def statuses(rig, profile: str) -> list[str]:
@@ -74,7 +73,7 @@ def test_maintenance_drains_every_profile_and_survives_a_restart(rig, make_confi
     # A new monitor on the same store (a restart) is still in maintenance.
     restarted = loop.Monitor(rig.config, rig.github, rig.hypervisor, clock=rig.clock)
     assert restarted.holds.maintenance is True
-    client = test_api.webtest.TestApp(web.make_app(rig.config, restarted))
+    client = webtest.TestApp(web.make_app(rig.config, restarted))
     assert client.get("/holds").json == {
         "drained_profiles": [],
         "paused": False,

@@ -33,15 +33,15 @@ from monitor.hypervisor import SOURCE_POOL_PREFIX  # noqa: E402
 from monitor.hypervisor import Guest  # noqa: E402
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 from monitor.images import make_seed_iso  # noqa: E402
-from tests.conftest import require_libvirtd  # noqa: E402
+from tests.support.libvirtd import LIBVIRTD_PID  # noqa: E402
+from tests.support.libvirtd import NETWORK  # noqa: E402
+from tests.support.libvirtd import POOL  # noqa: E402
+from tests.support.libvirtd import SUBNET  # noqa: E402
+from tests.support.libvirtd import URI  # noqa: E402
+from tests.support.under_pytest import require_libvirtd  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 
-URI = "qemu:///system"
-POOL = "monitor-test"
-NETWORK = "monitor-test"
-SUBNET = ipaddress.IPv4Network("192.168.151.0/24")
-LIBVIRTD_PID = Path("/run/libvirtd.pid")
 log = logging.getLogger(__name__)
 
 # TCG ('qemu'): KVM exists on these machines but guests hang in early boot. The disk source

@@ -16,11 +16,11 @@ from monitor.github import RestGitHub
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.scheduler import make_scheduler
 from monitor.standin import GitHubStandIn
-from tests.conftest import NODE_XML
-from tests.conftest import standin_fixtures
-from tests.conftest import write_config
-from tests.test_loop import Clock
-from tests.test_loop import settle
+from tests.support.clock import Clock
+from tests.support.configs import write_config
+from tests.support.constants import NODE_XML
+from tests.support.monitor_thread import settle
+from tests.support.under_pytest import standin_fixtures
 
 GITHUB_TOKEN = "test-gh-token"
 

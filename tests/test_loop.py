@@ -1,7 +1,8 @@
 """The monitor loop with hand-written fakes and a real SQLite store.
 
 The test thread plays the monitor thread: it calls `tick(now)` and then runs what the
-workers post back (`settle`), so every step is deterministic.
+workers post back (`settle` in tests/support/monitor_thread.py), so every step is
+deterministic.
 """
 
 from __future__ import annotations
@@ -24,22 +25,9 @@ from monitor.policy import Status
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeGuest
 from tests.fakes import FakeHypervisor
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-def settle(monitor: loop.Monitor, timeout: float = 10.0) -> None:
-    """Run worker outcomes on this thread until nothing is in flight."""
-    monitor.run_pending(timeout)
+from tests.support.clock import Clock
+from tests.support.monitor_thread import settle
+from tests.support.monitor_thread import step
 
 
 @pytest.fixture
@@ -51,14 +39,6 @@ def env(make_config, store):
     monitor = loop.Monitor(config, github, hypervisor, clock=clock)
     yield config, github, hypervisor, clock, monitor
     monitor.workers.shutdown()
-
-
-def step(monitor: loop.Monitor, clock: Clock):
-    """One scheduler refresh plus one reconcile, then let the workers finish."""
-    monitor.registrations.refresh(force=True)
-    observation = monitor.tick(clock())
-    settle(monitor)
-    return observation
 
 
 def statuses(observation) -> dict[str, str]:

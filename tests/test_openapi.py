@@ -15,7 +15,7 @@ from monitor import loop
 from monitor import web
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeHypervisor
-from tests.test_loop import Clock
+from tests.support.clock import Clock
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 # Pages meant for a browser: their errors are HTML whatever the client asks.

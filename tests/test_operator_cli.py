@@ -11,12 +11,12 @@ import urllib.error
 import pytest
 
 from monitor.standin import GitHubStandIn
-from tests.conftest import write_config
-from tests.test_cli import Daemon
-from tests.test_cli import free_port
-from tests.test_cli import get_json
-from tests.test_cli import monitor
-from tests.test_cli import wait_for
+from tests.support.configs import write_config
+from tests.support.daemons import Daemon
+from tests.support.daemons import free_port
+from tests.support.daemons import get_json
+from tests.support.daemons import monitor
+from tests.support.daemons import wait_for_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +42,7 @@ def daemon(tmp_path_factory):
 
 def wait_until_idle(base: str, count: int, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
-    wait_for(f"{base}/healthz", deadline)
+    wait_for_json(f"{base}/healthz", deadline)
     while True:
         try:
             dashboard = get_json(f"{base}/dashboard.json")

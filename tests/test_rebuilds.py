@@ -15,11 +15,12 @@ from monitor import loop
 from monitor import models
 from monitor import rebuilds
 from monitor.errors import MonitorError
-from tests.conftest import TEST_GUEST_XML
-from tests.conftest import rebuilt_profile
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeHypervisor
-from tests.test_loop import Clock
+from tests.support.clock import Clock
+from tests.support.configs import rebuilt_profile
+from tests.support.constants import TEST_GUEST_XML
+from tests.support.monitor_thread import settle
 
 BOOT_SCRIPT = "#!/bin/sh\necho building\npoweroff -f\n"
 
@@ -49,18 +50,10 @@ def make_env(make_config, store, tmp_path, monkeypatch):
         monitor.stop()
 
 
-def run_until(monitor: loop.Monitor, condition, what: str, timeout: float = 10.0) -> None:
-    """Handle worker outcomes on this thread (as the monitor thread would) until `condition`."""
-    try:
-        monitor.run_pending(timeout, until=condition)
-    except TimeoutError as error:
-        raise AssertionError(f"timed out waiting for {what}: {error}") from None
-
-
 def tick(monitor: loop.Monitor, clock: Clock):
     monitor.registrations.refresh(force=True)
     observation = monitor.tick(clock())
-    run_until(monitor, lambda: not monitor.in_flight, "creates and destroys")
+    settle(monitor, lambda: not monitor.in_flight, "creates and destroys")
     return observation
 
 
@@ -79,7 +72,7 @@ def rebuild_guest(hypervisor: FakeHypervisor) -> str:
 def finish_rebuild(monitor, hypervisor) -> str:
     """Let the rebuild guest power off and the monitor take its image; returns the snapshot."""
     hypervisor.power_off(rebuild_guest(hypervisor))
-    run_until(monitor, lambda: not monitor.rebuilds.building, "the rebuild to finish")
+    settle(monitor, lambda: not monitor.rebuilds.building, "the rebuild to finish")
     return monitor.snapshots["built"]
 
 
@@ -134,7 +127,7 @@ def test_a_rebuild_guest_that_never_powers_off_times_out_and_backs_off(make_env)
     config, github, hypervisor, clock, monitor = make_env("rolling", timeout=1)
     tick(monitor, clock)
     guest = rebuild_guest(hypervisor)
-    run_until(monitor, lambda: not monitor.rebuilds.building, "the timeout", timeout=15)
+    settle(monitor, lambda: not monitor.rebuilds.building, "the timeout", timeout=15)
     assert guest not in hypervisor.guests
     assert not [v for v in hypervisor.list_image_volumes("ci-template-built@")]
     state = monitor.rebuilds.state("built", clock())
@@ -149,7 +142,7 @@ def test_a_rebuild_guest_that_never_powers_off_times_out_and_backs_off(make_env)
     tick(monitor, clock)
     assert monitor.rebuilds.building  # the second try
     second = rebuild_guest(hypervisor)
-    run_until(monitor, lambda: not monitor.rebuilds.building, "the 2nd timeout", timeout=15)
+    settle(monitor, lambda: not monitor.rebuilds.building, "the 2nd timeout", timeout=15)
     assert second not in hypervisor.guests
     failed = [e for e in models.recent_events() if e.kind == "rebuild-failed"]
     assert "next try in 60 s" in failed[0].message  # it waits longer each time
@@ -159,7 +152,7 @@ def test_a_failed_create_is_reported_and_leaves_nothing(make_env):
     config, github, hypervisor, clock, monitor = make_env("rolling")
     hypervisor.fail_next("create_image_guest", MonitorError("no space left in the pool", 503))
     tick(monitor, clock)
-    run_until(monitor, lambda: not monitor.rebuilds.building, "the failure")
+    settle(monitor, lambda: not monitor.rebuilds.building, "the failure")
     assert monitor.rebuilds.state("built", clock()).startswith("failed:")
     assert not [n for n in hypervisor.guests if n.startswith("ci-rebuild-")]
 
@@ -232,7 +225,7 @@ def test_old_images_are_pruned_to_three_but_one_in_use_is_kept(make_env):
         hypervisor.create_image_guest("ci-rebuild-x", TEST_GUEST_XML, volume, 1, None, None)
         hypervisor.remove_image_guest("ci-rebuild-x")
     hypervisor.in_use.add(volumes[0])  # the oldest still backs a runner's overlay
-    monitor.rebuilds._prune("built", snapshots[-1])
+    monitor.rebuilds.prune_images("built", snapshots[-1])
     assert hypervisor.list_image_volumes("ci-template-built@") == [volumes[0], *volumes[2:]]
 
 
@@ -243,8 +236,8 @@ def test_stale_rebuild_guests_are_swept(make_env):
     hypervisor.create_image_guest(stale, TEST_GUEST_XML, volume, 1, None, None)
     monitor.registrations.refresh(force=True)
     monitor.tick(clock())
-    run_until(monitor, lambda: stale not in hypervisor.guests, "the sweep")
-    run_until(monitor, lambda: hypervisor.volume_path(volume) is None, "its volume to go")
+    settle(monitor, lambda: stale not in hypervisor.guests, "the sweep")
+    settle(monitor, lambda: hypervisor.volume_path(volume) is None, "its volume to go")
 
 
 def test_a_cloud_init_seed_is_made_for_the_rebuild_guest_and_removed_after(make_env):

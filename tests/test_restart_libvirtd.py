@@ -6,93 +6,24 @@ Needs `bash tests/libvirtd.sh` (CI runs it). Guests need not boot for this.
 
 from __future__ import annotations
 
-import os
-import secrets
-from pathlib import Path
-
 import pytest
 
-from monitor import config as config_module
-from monitor import loop
 from monitor import models
-from monitor.github import RestGitHub
-from monitor.standin import GitHubStandIn
-from tests.conftest import write_config
-from tests.test_loop import Clock
-from tests.test_loop import settle
+from tests.support.clock import Clock
+from tests.support.libvirtd import POOL
+from tests.support.libvirtd import URI
+from tests.support.monitor_thread import settle
+from tests.support.served import monitor_for
 
 libvirt = pytest.importorskip("libvirt")
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor  # noqa: E402
 
 pytestmark = pytest.mark.libvirtd
 
-URI = "qemu:///system"
-POOL = "monitor-test"
-NETWORK = "monitor-test"
-
-QEMU_GUEST_XML = """\
-<domain type='qemu'>
-  <name>{profile}.init</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <features><acpi/><apic/></features>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='/dev/null'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='network'><source network='monitor-test'/><model type='virtio'/></interface>
-    <graphics type='vnc' listen='127.0.0.1' autoport='yes'/>
-    <video><model type='vga'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
-def require_libvirtd() -> None:
-    try:
-        conn = libvirt.open(URI)
-        conn.storagePoolLookupByName(POOL)
-        conn.networkLookupByName(NETWORK)
-        conn.close()
-    except libvirt.libvirtError as error:
-        message = f"no usable libvirtd at {URI} ({error}); run: bash tests/libvirtd.sh"
-        if os.environ.get("MONITOR_REQUIRE_LIBVIRTD") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-@pytest.fixture
-def real(tmp_path: Path):
-    require_libvirtd()
-    prefix = f"ci-test{secrets.token_hex(3)}"
-    standin = GitHubStandIn(token="test-gh-token")
-    standin.start()
-    path = write_config(
-        tmp_path,
-        github_api_url=standin.base_url,
-        libvirt_uri=URI,
-        storage_pool=POOL,
-        guest_xml=QEMU_GUEST_XML,
-        extra=f'libvirt_runner_guest_prefix = "{prefix}"\n',
-    )
-    config = config_module.load(path, environ={})
-    yield config, standin, prefix
-    standin.stop()
-    cleanup = LibvirtHypervisor(URI, POOL)
-    for guest in cleanup.list_guests(prefix + "-"):
-        cleanup.destroy_guest(guest.name)
-    cleanup.close()
-
 
 def start_monitor(config, clock):
-    models.open_store(config.data_path)
-    github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
-    hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
-    return loop.Monitor(config, github, hypervisor, clock=clock), hypervisor
+    _, hypervisor, monitor = monitor_for(config, clock)
+    return monitor, hypervisor
 
 
 def stop_monitor(monitor, hypervisor):
@@ -153,9 +84,9 @@ def test_restarted_daemon_process_adopts_its_runners(real, tmp_path):
     """The same, as a sysadmin would see it: `monitor run`, SIGTERM, `monitor run` again."""
     import time
 
-    from tests.test_cli import Daemon
-    from tests.test_cli import free_port
-    from tests.test_cli import wait_for
+    from tests.support.daemons import Daemon
+    from tests.support.daemons import free_port
+    from tests.support.daemons import wait_for_json
 
     config, standin, prefix = real
     port = free_port()
@@ -171,7 +102,7 @@ def test_restarted_daemon_process_adopts_its_runners(real, tmp_path):
     try:
         with Daemon("run", "--config", str(config.path), cwd=tmp_path) as daemon:
             deadline = time.monotonic() + 60
-            wait_for(health, deadline)
+            wait_for_json(health, deadline)
             while time.monotonic() < deadline and len(ours()) < 3:
                 time.sleep(0.2)
             code, output = daemon.terminate()
@@ -181,7 +112,7 @@ def test_restarted_daemon_process_adopts_its_runners(real, tmp_path):
 
         with Daemon("run", "--config", str(config.path), cwd=tmp_path) as daemon:
             deadline = time.monotonic() + 60
-            wait_for(health, deadline)
+            wait_for_json(health, deadline)
             time.sleep(3)  # a few passes: nothing may be duplicated
             assert ours() == first
             assert len(standin.jit_names) == 3

@@ -30,25 +30,23 @@ from pathlib import Path
 
 import pytest
 
-from monitor import loop
 from monitor import models
 from monitor import web
-from monitor.github import RestGitHub
-from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.standin import GitHubStandIn
-from tests.conftest import API_TOKEN
-from tests.conftest import config_for_test_driver
-from tests.conftest import standin_fixtures
-from tests.test_api_e2e import Rig
-from tests.test_api_e2e import Served
-from tests.test_api_e2e import args_file
-from tests.test_api_e2e import bring_online
-from tests.test_api_e2e import one_pass
-from tests.test_api_e2e import publish_args
-from tests.test_api_e2e import request
+from tests.support.configs import config_for_test_driver
+from tests.support.constants import API_TOKEN
+from tests.support.constants import GITHUB_TOKEN
+from tests.support.constants import REPO
+from tests.support.served import Rig
+from tests.support.served import Served
+from tests.support.served import args_file
+from tests.support.served import bring_online
+from tests.support.served import monitor_for
+from tests.support.served import one_pass
+from tests.support.served import publish_args
+from tests.support.served import request
+from tests.support.under_pytest import standin_fixtures
 
-GITHUB_TOKEN = "test-gh-token"
-REPO = "test/servo"  # write_config allows the prefix "test/"
 # The profile key the document's examples use, so the examples phase finds it (a take and an
 # override that succeed).
 PROFILE = "servo-ubuntu2204"
@@ -108,10 +106,7 @@ def live(tmp_path: Path, standin: GitHubStandIn) -> Iterator[Rig]:
         monitor_reserve_timeout=timedelta(hours=1),
     )
     (config.profiles[PROFILE].config_dir / "boot-script").write_text("#!/bin/sh\necho boot\n")
-    models.open_store(config.data_path)
-    github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
-    hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
-    monitor = loop.Monitor(config, github, hypervisor)
+    _, hypervisor, monitor = monitor_for(config)
     monitor.start()
     rig = Rig(config, standin, hypervisor, monitor, Served(web.make_app(config, monitor)))
     try:

@@ -21,13 +21,13 @@ from monitor.screenshots import THUMBNAIL_SIZE
 from monitor.screenshots import PassResult
 from monitor.screenshots import ScreenshotStore
 from monitor.screenshots import to_png
-from tests.conftest import NODE_XML
-from tests.conftest import TEST_GUEST_XML
 from tests.fakes import PNG
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeHypervisor
-from tests.test_loop import Clock
-from tests.test_loop import step
+from tests.support.clock import Clock
+from tests.support.constants import NODE_XML
+from tests.support.constants import TEST_GUEST_XML
+from tests.support.monitor_thread import step
 
 
 def image_bytes(size: tuple[int, int], color, fmt: str = "PNG", mode: str = "RGB") -> bytes:

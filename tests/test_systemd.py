@@ -22,12 +22,12 @@ from monitor import systemd
 from monitor.logs import RunnerFormatter
 from monitor.loop import Monitor
 from monitor.standin import GitHubStandIn
-from tests.conftest import GITHUB_TOKEN
-from tests.conftest import write_config
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeHypervisor
-from tests.test_cli import Daemon
-from tests.test_cli import free_port
+from tests.support.configs import write_config
+from tests.support.constants import GITHUB_TOKEN
+from tests.support.daemons import Daemon
+from tests.support.daemons import free_port
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "monitor.service"
 

@@ -20,7 +20,7 @@ from monitor.standin import GitHubStandIn
 from monitor.tokenless import check_args
 from monitor.tokenless import parse_args_file
 from monitor.tokenless import validate_select
-from tests.conftest import standin_fixtures
+from tests.support.under_pytest import standin_fixtures
 
 TOKEN = "ghp_tokenlesstest0123456789SECRET"
 REPO = "servo/servo"

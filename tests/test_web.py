@@ -11,8 +11,8 @@ from monitor import loop
 from monitor import web
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeHypervisor
-from tests.test_loop import Clock
-from tests.test_loop import settle
+from tests.support.clock import Clock
+from tests.support.monitor_thread import settle
 
 
 @pytest.fixture

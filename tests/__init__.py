@@ -1,0 +1,1 @@
+"""The test suite; its shared harness is `tests.support` (benchmarks use it too)."""
