@@ -1,7 +1,7 @@
 #!/bin/sh
 # A tiny stand-in for GitHub's runner agent (busybox sh + wget), run by the runner boot script
 # with the encoded JIT config the monitor served. It talks to the GitHub stand-in's agent
-# endpoints (monitor/github_standin.py), which know the runner by that config, as GitHub does:
+# endpoints (monitor/standin/), which know the runner by that config, as GitHub does:
 #   1. POST /_standin/agent/online: the runner's registration goes online (Idle);
 #   2. POST /_standin/agent/job every second until a job is assigned (the runner was
 #      reserved for it); the stand-in marks it busy;
