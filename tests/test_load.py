@@ -23,7 +23,7 @@ GENEROUS_LIMIT = 5.0
 def test_load_benchmark_no_error_no_double_reservation():
     command = [
         sys.executable,
-        "bench/load.py",
+        *("-m", "bench.load"),
         *("--clients", str(CLIENTS), "--seconds", str(SECONDS), "--runners", str(RUNNERS)),
         *("--limit", str(GENEROUS_LIMIT), "--json"),
     ]
