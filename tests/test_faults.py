@@ -628,18 +628,32 @@ def test_libvirtd_killed_and_restarted(real, start_rig, row):
             text=True,
         )
         answered = wait_until(libvirtd_answers, "libvirtd to answer again", timeout=120)
+        # Timed while libvirtd.sh still sets up its pool and network (seconds, varying), which
+        # `fault.end` would count as well: it starts watching when the script is done.
+        answered_at = datetime.now(UTC)
+        worked = wait_until(
+            lambda: a_pass_worked_since(rig, answered_at), "a pass to work", timeout=60
+        )
         _, errors = script.communicate(timeout=120)
     assert script.returncode == 0, errors
-    marks = fault.end(answered)
+    fault.end(answered)
     row["measured"] = (
         f"libvirtd answered {answered - restarted:.1f} s after its restart began; a pass "
-        f"worked {marks['pass']:.2f} s after that"
+        f"worked {worked - answered:.2f} s after that"
     )
-    assert marks["pass"] <= 5.0
+    assert worked - answered <= 5.0
     row["outcome"] = (
         "up, reads answered, /healthz showed the error; reconnected by itself; guests kept; "
         "no leak; kept"
     )
+
+
+def a_pass_worked_since(rig: Rig, since: datetime) -> float | None:
+    """When (time.monotonic()) the monitor was seen with a pass that worked after `since`."""
+    observation = rig.monitor.observation
+    if observation is not None and observation.error is None and observation.at > since:
+        return time.monotonic()
+    return None
 
 
 def libvirtd_answers() -> float | None:
