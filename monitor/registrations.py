@@ -58,6 +58,9 @@ class RegistrationCache:
         self._registrations: dict[int, policy.Registration] | None = None
         self._fetched_at: datetime | None = None
         self._invalid = False
+        # The generation at the last `invalidate()`: one made while a fetch was in flight
+        # outlives that fetch, whose list may predate what made the caller invalidate.
+        self._invalidated_at = 0
         self._forced_expiry: datetime | None = None
         self._not_before: datetime | None = None
         self._journal: list[tuple[int, str, Any]] = []
@@ -92,7 +95,7 @@ class RegistrationCache:
             self._registrations = fresh
             self._fetched_at = now
             self.stored_fetch_began = self._fetch_began
-            self._invalid = False
+            self._invalid = self._invalidated_at > began
             self._forced_expiry = None
             self._not_before = None
 
@@ -109,6 +112,8 @@ class RegistrationCache:
     def invalidate(self) -> None:
         """Fetch again at the next chance (the cached list stays usable until then)."""
         with self._lock:
+            self._generation += 1
+            self._invalidated_at = self._generation
             self._invalid = True
             self._forced_expiry = None
 

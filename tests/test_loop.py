@@ -476,6 +476,19 @@ class TestRegistrationCache:
         cache.store([old], self.at(2), cache.begin_fetch())
         assert [r.id for r in cache.snapshot()] == [1]
 
+    def test_an_invalidation_during_a_fetch_outlives_it(self):
+        # A create finished (its offline registration written through, the list invalidated
+        # so its agent is seen online) while a fetch was in flight: that fetch's list predates
+        # it, so another fetch is still due; one that began after it clears the flag.
+        cache = self.fresh()
+        began = cache.begin_fetch()
+        cache.upsert(Registration(2, "ci-runner-linux.1@host", "offline", False))
+        cache.invalidate()
+        cache.store([], self.at(1), began)
+        assert cache.is_due(self.at(1))
+        cache.store([], self.at(2), cache.begin_fetch())
+        assert not cache.is_due(self.at(2))
+
 
 def test_github_connection_pool_covers_every_concurrent_caller():
     from monitor import github
