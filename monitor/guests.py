@@ -26,6 +26,7 @@ from monitor.errors import MonitorError
 from monitor.hypervisor import Hypervisor
 from monitor.rebuilds import Rebuilds
 from monitor.registrations import RegistrationCache
+from monitor.screenshots import RecentCaptures
 from monitor.screenshots import ScreenshotStore
 from monitor.screenshots import to_png
 
@@ -61,6 +62,7 @@ class Guests:
         self.metrics = metrics
         self.clock = clock
         self.screenshots = ScreenshotStore(config.data_path)
+        self.recent_captures = RecentCaptures()
         self._addresses: dict[str, str] = {}
         self._last_address_refresh = 0.0
 
@@ -198,8 +200,8 @@ class Guests:
             raise MonitorError(f"cannot read {path}: {error.strerror}", status=503) from None
 
     def screenshot_now(self, runner_id: int) -> bytes:
-        """A fresh screenshot of a runner's guest, as PNG. It is saved too (unless unchanged),
-        so the page's thumbnail shows it at once."""
+        """A fresh screenshot of a runner's guest (less than a second old), as PNG. It is
+        saved too (unless unchanged), so the page's thumbnail shows it at once."""
         observation = self.observe()
         runner = (
             next((r for r in observation.runners if r.id == runner_id), None)
@@ -210,7 +212,11 @@ class Guests:
             raise MonitorError(f"No runner with id: {runner_id}", status=404)
         if runner.guest_name is None:
             raise MonitorError(f"Runner {runner_id} has no libvirt guest", status=404)
-        raw = self.hypervisor.screenshot_raw(runner.guest_name)
+        guest_name = runner.guest_name
+        return self.recent_captures.get(runner_id, lambda: self._capture(runner_id, guest_name))
+
+    def _capture(self, runner_id: int, guest_name: str) -> bytes:
+        raw = self.hypervisor.screenshot_raw(guest_name)
         try:
             self.screenshots.save(runner_id, raw)
         except MonitorError as error:

@@ -140,12 +140,11 @@ def run(
     on_ready: Callable[[Any], None] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
-    import waitress
-
     from monitor.github import RestGitHub
     from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
     from monitor.loop import Monitor
     from monitor.scheduler import make_scheduler
+    from monitor.web import body_limit
     from monitor.web import make_app
 
     tune_interpreter()
@@ -164,12 +163,12 @@ def run(
     monitor = Monitor(config, github, hypervisor)
     listen = " ".join(_listen_address(host, config.listen_port) for host in config.listen_on)
     try:
-        server = waitress.create_server(
+        server = serving.create_server(
             make_app(config, monitor),
+            body_limit=body_limit,
             listen=listen,
             threads=HTTP_THREADS,
             ident="monitor",
-            **serving.WAITRESS_OPTIONS,
         )
     except OSError as error:
         log.critical("cannot listen on %s: %s", listen, error)

@@ -61,6 +61,58 @@ class PassResult:
     cpu_seconds: float = 0.0
 
 
+class RecentCaptures:
+    """"Take one now" for many callers at once: a capture less than `max_age` seconds old is
+    served again, and each runner is captured by at most one caller at a time (the others
+    wait for its picture). A capture costs a libvirt screenshot, a decode, an encode and a
+    disk write, and the route asking for it is open to anyone who reaches the dashboard.
+
+    Thread-safe; `clock` (seconds, monotonic) is injectable."""
+
+    def __init__(self, max_age: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._runners: dict[int, _Recent] = {}
+
+    def get(self, runner_id: int, capture: Callable[[], bytes]) -> bytes:
+        """Runner `runner_id`'s picture from `capture()`, or one it returned less than
+        `max_age` seconds ago. `capture`'s errors reach the caller, and nothing is kept."""
+        with self._lock:
+            self._prune()
+            recent = self._runners.setdefault(runner_id, _Recent())
+            recent.callers += 1
+        try:
+            with recent.capturing:
+                if recent.png is not None and self._clock() - recent.taken < self.max_age:
+                    return recent.png
+                png = capture()
+                recent.taken, recent.png = self._clock(), png
+                return png
+        finally:
+            with self._lock:
+                recent.callers -= 1
+
+    def _prune(self) -> None:
+        """Forget runners whose picture is stale and that no caller is using (ids of
+        destroyed runners never come back). Under `_lock`."""
+        now = self._clock()
+        for runner_id, recent in list(self._runners.items()):
+            if not recent.callers and (recent.png is None or now - recent.taken >= self.max_age):
+                del self._runners[runner_id]
+
+
+class _Recent:
+    """One runner's last "take one now" picture, the lock held while taking one, and how
+    many callers are after it (under `RecentCaptures._lock`)."""
+
+    def __init__(self) -> None:
+        self.capturing = threading.Lock()
+        self.callers = 0
+        self.taken = 0.0
+        self.png: bytes | None = None
+
+
 def to_png(image_data: bytes) -> bytes:
     """Return `image_data` (any format Pillow reads: QEMU gives PNG or PPM) as PNG bytes; a
     PNG as it is. Raises `MonitorError` (503) if it is not a readable image."""

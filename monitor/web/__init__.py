@@ -37,8 +37,17 @@ from monitor.web.context import HTML
 from monitor.web.context import NOT_READY
 from monitor.web.context import WebContext
 from monitor.web.context import json_response
+from monitor.web.headers import secure_headers
 
-__all__ = ["NOT_READY", "OPENAPI", "ROOT", "asset_dir", "make_app", "openapi_document"]
+__all__ = [
+    "NOT_READY",
+    "OPENAPI",
+    "ROOT",
+    "asset_dir",
+    "body_limit",
+    "make_app",
+    "openapi_document",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +70,37 @@ OPENAPI = Path(__file__).resolve().parent.parent / "openapi.json"
 # curl --retry honours Retry-After on a 503.
 RETRY_AFTER_SECONDS = "5"
 _BROWSER_PATHS = ("/", "/dashboard.html")
+# The largest request body a route of ours reads: a signed request's (params.MAX_SIGNED_BODY)
+# and a take's are far below it. Only methods that carry a body may send one.
+MAX_BODY = 1024 * 1024
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def body_limit(method: str, path: str) -> int:
+    """The longest request body, in bytes, that `method path` may send: the server (see
+    `serving.create_server`) answers 413 from the headers of a longer one, before reading
+    it, and before any route or credential check runs."""
+    if method == "POST" and path == "/boot-log":
+        return bootlog.MAX_BYTES
+    return MAX_BODY if method in _BODY_METHODS else 0
+
+
+class _SecuredBottle(bottle.Bottle):
+    """A Bottle app whose every answer carries the security headers (`headers.py`); added
+    where the status and headers go to the server, since Bottle's `after_request` hooks are
+    lost on answers that are `HTTPResponse`s (most of ours, and every error page)."""
+
+    def wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+
+        def secured(status: str, response_headers: list[Any], exc_info: Any = None) -> Any:
+            return start_response(status, secure_headers(path, status, response_headers), exc_info)
+
+        return super().wsgi(environ, secured)
 
 
 def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
-    app = bottle.Bottle()
+    app = _SecuredBottle()
     lookup = [str(VIEWS)]
 
     def render(name: str, **values: Any) -> str:

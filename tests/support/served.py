@@ -43,7 +43,7 @@ class Served(BackgroundServer):
     """A WSGI app on 127.0.0.1:<free port>, served by waitress from a background thread."""
 
     def __init__(self, app: Any) -> None:
-        super().__init__(app, threads=40, name="monitor-e2e-http")
+        super().__init__(app, threads=40, name="monitor-e2e-http", body_limit=web.body_limit)
 
 
 # HTTP plumbing -------------------------------------------------------------------------------
