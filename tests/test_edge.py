@@ -97,7 +97,7 @@ def test_a_peer_holding_1000_idle_connections_locks_nobody_out(rig, server):
             connection.close()
 
 
-def test_the_connection_idle_longest_goes_first_and_a_busy_one_never(rig, server):
+def test_the_connection_idle_longest_is_closed_first(rig, server):
     serving.raise_open_files_limit(4 * serving.CONNECTION_LIMIT)
     oldest = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     time.sleep(0.05)
