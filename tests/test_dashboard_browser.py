@@ -109,7 +109,7 @@ class Opened:
 def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Callable[..., Opened]]:
     """Opens pages in fresh browser contexts; at teardown saves a full-page screenshot of
     each (named after the test), and reports an error if a page had an uncaught script
-    error."""
+    error or its Content-Security-Policy blocked something."""
     opened: list[Opened] = []
 
     def open_(url: str, **context_options: Any) -> Opened:
@@ -125,6 +125,13 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
 
         page.on("dialog", on_dialog)
         page.on("pageerror", lambda error: result.errors.append(str(error)))
+        # What the Content-Security-Policy blocked is only a console message.
+        page.on(
+            "console",
+            lambda message: result.errors.append(message.text)
+            if "Content Security Policy" in message.text
+            else None,
+        )
         opened.append(result)
         page.goto(url)
         return result
