@@ -77,7 +77,8 @@ class Profile:
 class Config:
     """The whole configuration. Field names are upstream's key names; the defaults here are
     the defaults for absent keys. Durations are `timedelta`, memory sizes bytes, paths
-    absolute (when made by `load()`). The two tokens are kept out of `repr()`."""
+    absolute (when made by `load()`). The tokens, the HMAC secrets and the token hashes are
+    kept out of `repr()`."""
 
     listen_on: tuple[str, ...] = ("127.0.0.1",)
     external_base_url: str = "http://127.0.0.1:8000/"
@@ -122,7 +123,7 @@ class Config:
     # own single-use token, given to it through libvirt) or upstream's "address" (its IP).
     guest_auth: str = "token"
     # More API tokens, by name: the SHA-256 (hex) of each, never the token itself.
-    api_tokens: dict[str, str] = field(default_factory=dict)
+    api_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     # Shared secrets of callers that sign their requests (HMAC-SHA256), by name, from the
     # environment (MONITOR_HMAC_SECRET_<NAME>).
     hmac_secrets: dict[str, str] = field(default_factory=dict, repr=False)
@@ -227,7 +228,7 @@ def _path(value: Any) -> Path:
 
 
 def _http_url(value: Any) -> str:
-    url = _string(value)
+    url = _no_userinfo(_string(value))
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed "[" of an IPv6 address
@@ -237,9 +238,57 @@ def _http_url(value: Any) -> str:
     return url.rstrip("/")
 
 
+def _github_api_url(value: Any) -> str:
+    """GitHub's API base: it is sent the GitHub token, so plain http only to this host (the
+    GitHub stand-in of tests and the demo)."""
+    url = _http_url(value)
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+        raise ValueError(
+            f"plain http:// would send the GitHub token in the clear: use https://, or http://"
+            f" only to a loopback address (127.0.0.1, ::1, localhost), got {value!r}"
+        )
+    return url
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _no_userinfo(url: str) -> str:
+    """`url`, refused if it carries a user name or password (`user:password@host`): config
+    values are shown in summaries, errors and logs, and secrets belong in .env. The message
+    leaves the URL out, since its user part may be a secret."""
+    authority = url.partition("//")[2].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in authority:
+        raise ValueError(
+            "a URL with a user name or password (user:password@host) is refused: secrets go"
+            " in .env, not in monitor.toml (URL not shown)"
+        )
+    return url
+
+
+def _repo_prefix(value: Any) -> str:
+    """`allowed_qualified_repo_prefix`: a plain prefix of "owner/repo". Without a '/' it
+    would let in every owner whose name merely starts the same ("servo" takes
+    "servo-evil/x"); empty, every repository on GitHub."""
+    prefix = _string(value)
+    if "/" not in prefix:
+        raise ValueError(
+            f'expected an owner and a slash, such as "servo/" (or "servo/servo"), got {value!r};'
+            " leave the key out to refuse tokenless select"
+        )
+    return prefix
+
+
 def _base_url(value: Any) -> str:
     # Upstream refuses to start too: "external_base_url setting must end with slash!".
-    url = _string(value)
+    url = _no_userinfo(_string(value))
     if not url.endswith("/"):
         raise ValueError(f"must end with '/', got {value!r}")
     return url
@@ -322,7 +371,7 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "listen_on": (_addresses, _OPTIONAL),
     "external_base_url": (_base_url, _OPTIONAL),  # derived from listen_port
     "github_api_scope": (_scope, _REQUIRED),
-    "allowed_qualified_repo_prefix": (_string, _OPTIONAL),
+    "allowed_qualified_repo_prefix": (_repo_prefix, _OPTIONAL),
     "github_api_suffix": (_suffix, _REQUIRED),
     "monitor_poll_interval": (_seconds, _OPTIONAL),
     "api_cache_timeout": (_seconds, _OPTIONAL),
@@ -345,7 +394,7 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "available_normal_memory": (_memory, _REQUIRED),
     "queue_member": (_bool, _OPTIONAL),
     "listen_port": (_port, _OPTIONAL),
-    "github_api_url": (_http_url, _OPTIONAL),
+    "github_api_url": (_github_api_url, _OPTIONAL),
     "libvirt_uri": (_nonempty, _OPTIONAL),  # derived from LIBVIRT_DEFAULT_URI
     "libvirt_storage_pool": (_nonempty, _OPTIONAL),
     "data_path": (_path, _OPTIONAL),  # derived from SERVO_CI_MONITOR_DATA_PATH

@@ -763,3 +763,97 @@ def test_rebuild_keys_of_a_profile(tmp_path):
         with pytest.raises(ConfigError, match=f"\\[profiles.built\\] {line}: .*{message}"):
             config.load(path, environ={})
         path.write_text(text)
+
+
+# What a config may not hold: a tokenless prefix that lets in anybody, GitHub's token over
+# plain http, a secret in a URL; and no secret ever leaves through repr, summary or errors.
+
+
+@pytest.mark.parametrize("prefix", ["", "servo"])
+def test_a_prefix_without_a_slash_is_refused(etc: Path, cwd: Path, prefix: str) -> None:
+    message = load_error(etc, cwd, f'allowed_qualified_repo_prefix = "{prefix}"\n' + MINIMAL)
+    assert message.startswith(f"{etc / 'monitor.toml'}: allowed_qualified_repo_prefix: ")
+    assert 'such as "servo/"' in message
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://api.github.example", False),
+        ("http://10.0.0.5:8080/api", False),
+        ("http://127.0.0.1:9000/api/", True),
+        ("http://127.1.2.3", True),
+        ("http://localhost:1", True),
+        ("http://[::1]:8000", True),
+        ("https://github.example/api/v3", True),
+    ],
+)
+def test_github_api_url_is_https_unless_loopback(
+    etc: Path, cwd: Path, url: str, allowed: bool
+) -> None:
+    text = f'github_api_url = "{url}"\n' + MINIMAL
+    if allowed:
+        assert load_text(etc, cwd, text).github_api_url == url.rstrip("/")
+    else:
+        message = load_error(etc, cwd, text)
+        assert message.startswith(f"{etc / 'monitor.toml'}: github_api_url: plain http://")
+
+
+PASSWORD = "leak-url-passw0rd"
+SECRETS = {
+    "GITHUB_TOKEN": "ghp_leakGitHubToken42",
+    "SERVO_CI_MONITOR_API_TOKEN": "leak-api-token-42",
+    "MONITOR_HMAC_SECRET_CI": "leak-hmac-secret-42",
+}
+SECRET_DOTENV = "".join(f"{name}={value}\n" for name, value in SECRETS.items())
+TOKEN_HASH = "a3" * 32
+BROKEN = {
+    "github_api_url": f'github_api_url = "https://x-access-token:{PASSWORD}@api.github.com"\n'
+    + MINIMAL,
+    "github_api_url not http either": f'github_api_url = "ftp://u:{PASSWORD}@x"\n' + MINIMAL,
+    "external_base_url": f'external_base_url = "http://admin:{PASSWORD}@monitor.example/"\n'
+    + MINIMAL,
+    "[queue] servers": MINIMAL + f'[queue]\nservers = ["https://{PASSWORD}@queue.example"]\n',
+}
+BROKEN_DOTENV = {
+    "unterminated quote": f'GITHUB_TOKEN="{PASSWORD}\n',
+    "text after a quote": f"GITHUB_TOKEN='{PASSWORD}' oops\n",
+    "HMAC secret too short": f"MONITOR_HMAC_SECRET_X={PASSWORD[:8]}\n",
+    "placeholder": "GITHUB_TOKEN=ChangeMe\n",
+}
+
+
+def test_no_secret_in_repr_summary_check_config_or_errors(
+    etc: Path, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from monitor import main
+
+    for name in SECRETS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(cwd)
+    secrets = [*SECRETS.values(), PASSWORD, PASSWORD[:8], TOKEN_HASH]
+    texts: dict[str, str] = {}
+
+    path = write(etc, MINIMAL + f'[api_tokens]\nci = "{TOKEN_HASH}"\n', SECRET_DOTENV)
+    loaded = config.load(path, environ={}, cwd=cwd)
+    assert loaded.hmac_secrets == {"ci": SECRETS["MONITOR_HMAC_SECRET_CI"]}
+    texts |= {"repr": repr(loaded), "str": str(loaded), "summary": config.summary(loaded)}
+    assert main.check_config(path) == 0
+    texts["check-config"] = "".join(capsys.readouterr())
+
+    for case, text in BROKEN.items():
+        texts[case] = load_error(etc, cwd, text)
+        assert "user name or password" in texts[case], case
+        assert main.check_config(write(etc, text)) == main.EXIT_CONFIG
+        texts[f"check-config, {case}"] = "".join(capsys.readouterr())
+    for case, dotenv in BROKEN_DOTENV.items():
+        write(etc, MINIMAL, SECRET_DOTENV.replace("GITHUB_TOKEN=ghp_leakGitHubToken42\n", dotenv))
+        with pytest.raises(ConfigError) as caught:
+            config.load(etc / "monitor.toml", environ={}, cwd=cwd)
+        texts[case] = str(caught.value)
+        assert main.check_config(etc / "monitor.toml") == main.EXIT_CONFIG
+        texts[f"check-config, {case}"] = "".join(capsys.readouterr())
+
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"{where} shows a secret: {text}"
