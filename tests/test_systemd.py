@@ -7,6 +7,7 @@ import configparser
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,6 +64,32 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
     problems = [line for line in result.stderr.splitlines() if "monitor.service" in line]
     assert result.returncode == 0 and not problems, result.stderr
+
+
+# The exposure `systemd-analyze security` reports for the unit at most (0 best, 10 worst).
+MAX_EXPOSURE = 3.0
+
+
+def test_unit_is_hardened_and_bounded(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        message = "systemd-analyze is not installed (apt-get install systemd)"
+        if os.environ.get("MONITOR_REQUIRE_SYSTEMD") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    assert unit()["Service"]["MemoryMax"]
+    copy = tmp_path / "monitor.service"
+    copy.write_text(UNIT.read_text().replace("/opt/monitor/.venv/bin/monitor", "/bin/true"))
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(copy)],
+        capture_output=True,
+        text=True,
+    )
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    exposure = float(found[1])
+    print(f"\nsystemd-analyze security: exposure {exposure}")
+    assert exposure <= MAX_EXPOSURE, result.stdout
 
 
 # sd_notify: READY=1 after the first reconcile, a watchdog fed by the monitor thread -----------
