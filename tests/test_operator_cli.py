@@ -26,7 +26,10 @@ def daemon(tmp_path_factory):
     """One monitor for the module: profiles linux (2) and windows (1), all Idle."""
     root = tmp_path_factory.mktemp("operator")
     standin = GitHubStandIn(token="test-gh-token")
-    standin.agent_online_after = 0.2
+    # Online by the monitor's first look after a create: an agent that connected later than
+    # that look would read "offline" from the cached list for api_cache_timeout (30 s), as
+    # long as this module's waits for an idle pool.
+    standin.agent_online_after = 0.0
     standin.start()
     port = free_port()
     path = write_config(root, github_api_url=standin.base_url, extra=f"listen_port = {port}\n")
