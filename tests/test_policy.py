@@ -59,6 +59,7 @@ class Settings:
     available_normal_memory: int = 16 * GIB
     monitor_start_timeout: timedelta = timedelta(seconds=120)
     monitor_reserve_timeout: timedelta = timedelta(seconds=60)
+    github_busy_lag: timedelta = timedelta(0)  # upstream's scenarios know no lag
     base_image_max_age: timedelta = timedelta(seconds=86400)
     dont_create_runners: bool = False
     dont_register_runners: bool = False
