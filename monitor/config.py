@@ -90,6 +90,9 @@ class Config:
     select_runner_rate_limit: int = 30
     monitor_start_timeout: timedelta = timedelta(seconds=120)
     monitor_reserve_timeout: timedelta = timedelta(seconds=60)
+    # GitHub's `busy` flag reads false for up to this long after a job starts: a Reserved
+    # runner is destroyed only this long after `monitor_reserve_timeout` (ours, not upstream's).
+    github_busy_lag: timedelta = timedelta(seconds=60)
     monitor_thread_send_timeout: timedelta = timedelta(seconds=10)
     monitor_thread_recv_timeout: timedelta = timedelta(seconds=10)
     destroy_all_non_busy_runners: bool = False
@@ -330,6 +333,7 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "select_runner_rate_limit": (_count, _OPTIONAL),
     "monitor_start_timeout": (_seconds, _OPTIONAL),
     "monitor_reserve_timeout": (_seconds, _OPTIONAL),
+    "github_busy_lag": (_seconds, _OPTIONAL),
     "monitor_thread_send_timeout": (_seconds, _OPTIONAL),
     "monitor_thread_recv_timeout": (_seconds, _OPTIONAL),
     "destroy_all_non_busy_runners": (_bool, _OPTIONAL),

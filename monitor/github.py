@@ -108,6 +108,10 @@ class GitHub(Protocol):
         """Every self-hosted runner registered at the scope (all pages)."""
         ...
 
+    def get_runner(self, registration_id: int) -> Registration | None:
+        """One runner as GitHub sees it now (not a cached list); None if it is gone."""
+        ...
+
     def generate_jitconfig(
         self,
         name: str,
@@ -198,6 +202,19 @@ class RestGitHub:
             for stale in set(self._pages) - set(seen):
                 del self._pages[stale]
         return runners
+
+    # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#get-a-self-hosted-runner-for-a-repository
+    def get_runner(self, registration_id: int) -> Registration | None:
+        """One runner as GitHub sees it now; None if it is gone (404).
+
+        Never conditional: a 304 would hand back what an earlier answer said, and the caller
+        asks precisely because the list it has may be out of date.
+        """
+        path = f"{self.scope}/actions/runners/{int(registration_id)}"
+        response = self._request("GET", self._url(path), ok=(200, 404))
+        if response.status == 404:
+            return None
+        return _registration(self._json(response, "GET", path))
 
     # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#create-configuration-for-a-just-in-time-runner-for-a-repository
     def generate_jitconfig(

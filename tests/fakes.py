@@ -74,6 +74,11 @@ class FakeGitHub(Armable):
             self.runners[registration.id] = registration
         return JitConfig(registration, f"jit-secret-{registration.id}")
 
+    def get_runner(self, registration_id: int) -> Registration | None:
+        self._call("get_runner", registration_id)
+        with self._lock:
+            return self.runners.get(registration_id)
+
     def delete_runner(self, registration_id: int) -> bool:
         self._call("delete_runner", registration_id)
         with self._lock:

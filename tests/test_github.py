@@ -205,6 +205,41 @@ def test_delete_runner(standin: GitHubStandIn, github: RestGitHub):
     assert github.delete_runner(runner_id) is False
 
 
+@pytest.mark.parametrize("scope", ["/repos/servo/servo", "/orgs/servo"])
+def test_get_runner_asks_github_afresh_about_one_runner(standin: GitHubStandIn, scope: str):
+    github = RestGitHub(standin.base_url, scope, TOKEN)
+    runner_id = standin.add_runner(scope, "ci-runner-a.1@ci0", ["self-hosted", "X64"])
+    standin.set_status(runner_id, "online")
+    assert github.get_runner(runner_id) == Registration(
+        runner_id, "ci-runner-a.1@ci0", "online", False, ("self-hosted", "X64")
+    )
+    standin.set_busy(runner_id, True)
+
+    # Asked again at once: GitHub's answer now, not an ETag'd copy of the last one.
+    fresh = github.get_runner(runner_id)
+
+    assert fresh is not None and fresh.busy
+    spec_path = scope.replace("servo/servo", "{owner}/{repo}").replace("servo", "{org}")
+    assert "get" in PATHS[spec_path + "/actions/runners/{runner_id}"]
+    assert [(r.method, r.path, r.status) for r in standin.requests] == [
+        ("GET", f"{scope}/actions/runners/{runner_id}", 200)
+    ] * 2
+    standin.finish_job(runner_id)
+    assert github.get_runner(runner_id) is None  # gone: 404
+
+
+def test_get_runner_failures_are_errors_not_answers(standin: GitHubStandIn, github: RestGitHub):
+    runner_id = standin.add_runner(SCOPE, "ci-runner-a.1@ci0")
+    standin.inject_fault(503, retry_after=4)
+    with pytest.raises(TransientError) as raised:
+        github.get_runner(runner_id)
+    assert raised.value.retry_after == 4.0
+    standin.inject_fault(None, body='{"id": 1}')
+    with pytest.raises(MonitorError) as malformed:
+        github.get_runner(runner_id)
+    assert malformed.value.status == 502
+
+
 def test_list_artifacts_every_page(standin: GitHubStandIn, github: RestGitHub):
     base = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
     for n in range(150):
