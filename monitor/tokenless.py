@@ -42,6 +42,8 @@ MAX_ARGS_FILE_BYTES = 64 * 1024
 # Upstream parses the count as a Rust `usize`.
 MAX_RUNNER_COUNT = 2**64 - 1
 _MAX_COUNT_DIGITS = len(str(MAX_RUNNER_COUNT))
+# What `upload-artifact` writes; zipfile bounds no other method's output.
+_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 FORBIDDEN = 403
 
@@ -179,17 +181,32 @@ def _is_qualified_repo(qualified_repo: str) -> bool:
 
 
 def _first_file_text(data: bytes) -> str:
-    """The first file (directories skipped) of a zip archive, decoded as UTF-8."""
+    """The first file (directories skipped) of a zip archive, decoded as UTF-8.
+
+    The archive is the caller's: its headers may lie. Only stored and deflated members are
+    read (zipfile inflates BZIP2 and LZMA members whole, whatever the headers claim), a
+    member claiming more than `MAX_ARGS_FILE_BYTES` compressed or uncompressed is refused
+    unread, and the member is read with a bound, so that a member holding more than it claims
+    costs at most that many bytes before its CRC check fails.
+    """
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             entry = next((i for i in archive.infolist() if not i.is_dir()), None)
             if entry is None:
                 raise _unreadable("the archive has no files")
-            if entry.file_size > MAX_ARGS_FILE_BYTES:
+            if entry.compress_type not in _READABLE_METHODS:
+                raise _unreadable(
+                    f"{_shown(entry)} uses compression method {entry.compress_type} "
+                    "(only stored and deflated files are read)"
+                )
+            if max(entry.file_size, entry.compress_size) > MAX_ARGS_FILE_BYTES:
                 raise _unreadable(f"{_shown(entry)} is larger than {MAX_ARGS_FILE_BYTES} bytes")
-            # zipfile never inflates more than the claimed `file_size` (checked above); a member
-            # that claims less than it holds fails its CRC check (BadZipFile).
-            raw = archive.read(entry)
+            with archive.open(entry) as member:
+                # Inflates at most this much (zipfile passes the bound to zlib); stops at the
+                # claimed size, where a member holding more fails its CRC check.
+                raw = member.read(MAX_ARGS_FILE_BYTES + 1)
+            if len(raw) > MAX_ARGS_FILE_BYTES:  # a lying header that zipfile did not catch
+                raise _unreadable(f"{_shown(entry)} is larger than {MAX_ARGS_FILE_BYTES} bytes")
     except MonitorError:
         raise
     except (

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import tracemalloc
 import zipfile
 from datetime import UTC
 from datetime import datetime
@@ -537,6 +539,58 @@ def patched(data: bytes, signature: bytes, offset: int, fmt: str, value: int) ->
     return bytes(out)
 
 
+def _streamed(uncompressed: int, compression: int) -> bytes:
+    """A zip of one member `args` holding `uncompressed` zero bytes, written in chunks (the
+    test itself must not hold 100 MB at once)."""
+    buffer = io.BytesIO()
+    entry = zipfile.ZipInfo("args")
+    entry.compress_type = compression
+    with zipfile.ZipFile(buffer, "w") as archive:
+        with archive.open(entry, "w") as member:
+            chunk = bytes(1 << 20)
+            for start in range(0, uncompressed, len(chunk)):
+                member.write(chunk[: uncompressed - start])
+    return buffer.getvalue()
+
+
+def _claiming(data: bytes, size: int) -> bytes:
+    """`data` with every header of its single member claiming `size` bytes uncompressed."""
+    data = patched(data, b"PK\x01\x02", 24, "<I", size)  # central directory
+    return patched(data, b"PK\x03\x04", 22, "<I", size)  # local header
+
+
+BOMBS = {
+    # Over the args file's limit even compressed (deflate tops out at ~1:1000).
+    "deflate 100 MB": (100_000_000, zipfile.ZIP_DEFLATED),
+    # Within the limit compressed (58 KB): only a bounded read stops it.
+    "deflate 60 MB": (60_000_000, zipfile.ZIP_DEFLATED),
+    "bzip2 100 MB": (100_000_000, zipfile.ZIP_BZIP2),
+    "lzma 20 MB": (20_000_000, zipfile.ZIP_LZMA),
+}
+
+
+@pytest.fixture(scope="module", params=list(BOMBS))
+def bomb(request: pytest.FixtureRequest) -> bytes:
+    uncompressed, compression = BOMBS[request.param]
+    return _claiming(_streamed(uncompressed, compression), 10)
+
+
+def test_select_refuses_a_member_that_claims_10_bytes_without_inflating_it(bomb: bytes):
+    github = OneArtifactGitHub(bomb)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(MonitorError) as excinfo:
+            select(github)
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    message = refused(excinfo)
+    print(f"\npeak {peak / 1024:.0f} KiB above baseline for a {len(bomb)}-byte zip: {message}")
+    assert message.startswith("Unreadable args artifact: ")
+    assert peak < 1 << 20
+
+
 def test_select_member_larger_than_it_claims():
     # Both headers claim 10 bytes; the member inflates to far more and fails its CRC.
     data = zipped({"args": args_text().encode() * 1000}, compression=zipfile.ZIP_DEFLATED)
@@ -551,7 +605,30 @@ def test_select_unsupported_compression():
     data = patched(data, b"PK\x01\x02", 10, "<H", 99)
     data = patched(data, b"PK\x03\x04", 8, "<H", 99)
     message = refusal(OneArtifactGitHub(data))
-    assert message.startswith("Unreadable args artifact: not a valid zip archive (")
+    assert message == (
+        "Unreadable args artifact: 'args' uses compression method 99 "
+        "(only stored and deflated files are read)"
+    )
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_select_refuses_methods_whose_output_zipfile_does_not_bound(compression: int):
+    data = zipped({"args": args_text().encode()}, compression=compression)
+    assert "only stored and deflated files are read" in refusal(OneArtifactGitHub(data))
+
+
+def test_select_reads_a_stored_member():
+    data = zipped({"args": args_text(count="3").encode()}, compression=zipfile.ZIP_STORED)
+    assert select(OneArtifactGitHub(data)) == (IMAGE, 3)
+
+
+def test_select_refuses_a_member_whose_compressed_size_is_over_the_limit():
+    # Claims a small file, but its compressed data alone is past what an args file can be.
+    data = zipped({"args": os.urandom(70_000)}, compression=zipfile.ZIP_DEFLATED)
+    data = _claiming(data, 100)
+    assert refusal(OneArtifactGitHub(data)) == (
+        "Unreadable args artifact: 'args' is larger than 65536 bytes"
+    )
 
 
 def test_select_bounds_the_file_name_in_messages():
