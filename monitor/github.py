@@ -51,8 +51,9 @@ PER_PAGE = 100
 # A runaway `Link: rel="next"` chain (or a loop) must not hang a worker thread.
 MAX_PAGES = 200
 MAX_REDIRECTS = 5
-# The args artifact is a few hundred bytes; refuse to buffer anything absurd.
-MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+# The args artifact is a zip of a few hundred bytes (its file may be 64 KiB at most); the
+# whole archive is held in memory, so anything much bigger is refused.
+MAX_DOWNLOAD_BYTES = 1024 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 _LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?([^",;]+)"?')
@@ -309,10 +310,13 @@ class RestGitHub:
         """The zip archive behind an artifact's `archive_download_url`.
 
         GitHub answers 302 with a short-lived signed URL on another host; redirects are
-        followed here so that the token is only ever sent to the API host.
+        followed here so that the token is only ever sent to the API host. Every hop must be
+        https (plain http only when the API URL itself is plain http, as a local stand-in),
+        and an archive over `MAX_DOWNLOAD_BYTES` is refused: both are `MonitorError` 502.
         """
         current = self._url(url)
         for _ in range(MAX_REDIRECTS + 1):
+            self._check_download_hop(current, url)
             response = self._request(
                 "GET", current, ok=(200, *REDIRECT_STATUSES), preload_content=False
             )
@@ -328,6 +332,19 @@ class RestGitHub:
                 continue
             return _read_limited(response, urlsplit(current).path)
         raise MonitorError(f"GitHub GET {urlsplit(url).path}: too many redirects", status=502)
+
+    def _check_download_hop(self, current: str, first: str) -> None:
+        # A downgrade to plain http would let anyone on the path swap the archive (and read
+        # the signed URL); other schemes urllib3 would not even try.
+        parts = urlsplit(current)
+        allowed = ("https", "http") if self._origin[0] == "http" else ("https",)
+        if parts.scheme.lower() not in allowed:
+            where = f"{parts.scheme}://{parts.hostname or ''}"[:100]
+            raise MonitorError(
+                f"GitHub GET {urlsplit(first).path}: refused to download from {where!r} "
+                f"(only {' or '.join(allowed)})",
+                status=502,
+            )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -577,6 +594,13 @@ def _next_link(response: urllib3.BaseHTTPResponse, current: str) -> str | None:
 
 
 def _read_limited(response: urllib3.BaseHTTPResponse, path: str) -> bytes:
+    too_large = MonitorError(
+        f"GitHub GET {path}: artifact larger than {MAX_DOWNLOAD_BYTES} bytes", status=502
+    )
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
+        response.close()  # refused before a byte of the body is read
+        raise too_large
     try:
         data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except urllib3.exceptions.HTTPError as e:
@@ -585,6 +609,6 @@ def _read_limited(response: urllib3.BaseHTTPResponse, path: str) -> bytes:
     if len(data) > MAX_DOWNLOAD_BYTES:
         # Unread bytes remain: drop the connection rather than return it to the pool.
         response.close()
-        raise MonitorError(f"GitHub GET {path}: artifact larger than {MAX_DOWNLOAD_BYTES} bytes")
+        raise too_large
     response.release_conn()
     return data
