@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -101,6 +102,57 @@ def test_take_of_unknown_profile_is_404(rig):
 def test_take_with_malformed_parameters_is_422(rig, query):
     url = "/profile/linux/take?" + query.format(u=uuid.uuid4())
     assert_error(rig.client.post(url, headers=AUTH, status=422), 422)
+
+
+UUID = "0b5e3c1e-4f5a-4b8e-9d63-2a1f0c7e9b11"
+NOT_UUIDS = [
+    "{" + UUID + "}",  # each of these uuid.UUID() took
+    "urn:uuid:" + UUID,
+    UUID.replace("-", ""),
+    "0b5e3c1e4f5a-4b8e-9d63-2a1f-0c7e9b11",
+    "-".join(["", UUID]),
+    UUID + "0",
+    UUID[:-1],
+    UUID + "\n",
+    UUID.replace("0", "\u0660"),  # Arabic-Indic zero
+    "g" * 8 + UUID[8:],
+    "nope",
+]
+
+
+@pytest.mark.parametrize("unique_id", NOT_UUIDS)
+@pytest.mark.parametrize("route", ["/profile/linux/take", "/select-runner"])
+def test_unique_id_must_be_a_uuid_as_uuidgen_prints_it(rig, route, unique_id):
+    query = urllib.parse.urlencode(
+        {"unique_id": unique_id, "qualified_repo": "test/servo", "run_id": "1"}
+    )
+    response = rig.client.post(f"{route}?{query}", headers=AUTH, status=422)
+    message = assert_error(response, 422)
+    assert message.startswith("unique_id must be a UUID as uuidgen prints it"), message
+    assert not [call for call in rig.github.calls if call[0] == "list_artifacts"]
+
+
+@pytest.mark.parametrize("unique_id", [UUID, UUID.upper()])  # Linux's and macOS's uuidgen
+def test_unique_id_in_either_case_is_taken_as_given(rig, unique_id):
+    response = rig.client.post(rig.take_url(unique_id=unique_id), headers=AUTH)
+    (entry,) = response.json
+    registration = rig.github.by_name(f"ci-runner-linux.{entry['id']}@host")
+    assert f"reserved-for:{unique_id}" in registration.labels
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("qualified_repo", "a" * 101 + "/b"),
+        ("qualified_repo", "a/" + "b" * 101),
+        ("run_id", "1" * 21),
+    ],
+)
+def test_take_parameters_longer_than_github_allows_are_422(rig, name, value):
+    params = {"unique_id": UUID, "qualified_repo": "test/servo", "run_id": "1", name: value}
+    url = "/profile/linux/take?" + urllib.parse.urlencode(params)
+    message = assert_error(rig.client.post(url, headers=AUTH, status=422), 422)
+    assert len(message) < 200, message  # a bad value is not echoed whole
 
 
 @pytest.mark.parametrize("count", ["0", "x", "-1", "33", "1.5"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-import uuid
 from typing import Any
 
 import bottle
@@ -17,7 +16,19 @@ from monitor import auth
 from monitor.errors import MonitorError
 from monitor.guests import parse_address
 
-_QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+# GitHub's own limits are 39 characters for an owner and 100 for a repository; the bounds keep
+# junk out of rate-limit keys, labels and logs.
+_QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
+# A UUID as `uuidgen` prints it: lower case on Linux, upper case on macOS. Kept as given (the
+# args artifact's name and its unique_id line hold the caller's spelling), and nothing but hex
+# digits and hyphens reaches labels and logs.
+_UNIQUE_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+# Run ids are 64-bit integers.
+_MAX_RUN_ID_DIGITS = 20
+# How much of a bad value an error message repeats.
+_SHOWN = 100
 # Token routes take no body; a signed request's is hashed up to this much.
 MAX_SIGNED_BODY = 1 << 20
 
@@ -72,14 +83,18 @@ def take_params() -> tuple[str, str, str]:
     unique_id = required_param(query, "unique_id")
     qualified_repo = required_param(query, "qualified_repo")
     run_id = required_param(query, "run_id")
-    try:
-        uuid.UUID(unique_id)  # validated only: artifact names and labels use it as given
-    except ValueError:
-        raise MonitorError(f"unique_id must be a UUID, got {unique_id!r}", 422) from None
+    if not _UNIQUE_ID.fullmatch(unique_id):
+        raise MonitorError(
+            "unique_id must be a UUID as uuidgen prints it (8-4-4-4-12 hex digits), "
+            f"got {unique_id[:_SHOWN]!r}",
+            422,
+        )
     if not _QUALIFIED_REPO.fullmatch(qualified_repo):
-        raise MonitorError(f"qualified_repo must be <owner>/<repo>, got {qualified_repo!r}", 422)
-    if not run_id.isdigit() or not run_id.isascii():
-        raise MonitorError(f"run_id must be a number, got {run_id!r}", 422)
+        raise MonitorError(
+            f"qualified_repo must be <owner>/<repo>, got {qualified_repo[:_SHOWN]!r}", 422
+        )
+    if not run_id.isdigit() or not run_id.isascii() or len(run_id) > _MAX_RUN_ID_DIGITS:
+        raise MonitorError(f"run_id must be a number, got {run_id[:_SHOWN]!r}", 422)
     return unique_id, qualified_repo, run_id
 
 
