@@ -88,6 +88,7 @@ class Config:
     api_cache_timeout: timedelta = timedelta(seconds=30)
     tokenless_select_artifact_max_age: timedelta = timedelta(seconds=300)
     select_runner_rate_limit: int = 30
+    tokenless_github_calls_per_hour: int = 1000
     monitor_start_timeout: timedelta = timedelta(seconds=120)
     monitor_reserve_timeout: timedelta = timedelta(seconds=60)
     # GitHub's `busy` flag reads false for up to this long after a job starts: a Reserved
@@ -331,6 +332,7 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "api_cache_timeout": (_seconds, _OPTIONAL),
     "tokenless_select_artifact_max_age": (_seconds, _OPTIONAL),
     "select_runner_rate_limit": (_count, _OPTIONAL),
+    "tokenless_github_calls_per_hour": (_positive, _OPTIONAL),
     "monitor_start_timeout": (_seconds, _OPTIONAL),
     "monitor_reserve_timeout": (_seconds, _OPTIONAL),
     "github_busy_lag": (_seconds, _OPTIONAL),

@@ -136,8 +136,11 @@ class GitHub(Protocol):
         """Remove one custom label from a runner; False if it did not have it."""
         ...
 
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
-        """Every artifact of workflow run `run_id` in `qualified_repo` (all pages)."""
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
+        """Every artifact of workflow run `run_id` in `qualified_repo` (all pages); with
+        `name`, those GitHub finds by that name (one call)."""
         ...
 
     def download_artifact(self, url: str) -> bytes:
@@ -271,15 +274,22 @@ class RestGitHub:
         return response.status == 200
 
     # Reference: https://docs.github.com/en/rest/actions/artifacts#list-workflow-run-artifacts
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
         """Every artifact of workflow run `run_id` in `qualified_repo` (all pages).
 
         Upstream reads only the first page; this follows `Link: rel="next"` to the end.
-        Both arguments come from untrusted callers, so they are validated before they
-        become part of a URL that carries our token.
+        With `name`, GitHub lists only the artifacts of that name, and only their first page
+        is read: one call, whoever uploaded how many artifacts (the tokenless check's cost
+        must not depend on its caller). The arguments come from untrusted callers, so they are
+        validated or quoted before they become part of a URL that carries our token.
         """
         path = _run_path(qualified_repo, run_id) + "/artifacts"
-        url: str | None = self._url(f"{path}?per_page={PER_PAGE}")
+        query = f"per_page={PER_PAGE}"
+        if name is not None:
+            query += "&" + urllib.parse.urlencode({"name": name})
+        url: str | None = self._url(f"{path}?{query}")
         seen: list[str] = []
         artifacts: list[Artifact] = []
         while url is not None:
@@ -289,7 +299,7 @@ class RestGitHub:
             response = self._request("GET", url)
             body = self._json(response, "GET", path)
             artifacts.extend(_artifact(item, path) for item in _items(body, "artifacts"))
-            url = _next_link(response, url)
+            url = _next_link(response, url) if name is None else None
         return artifacts
 
     # Reference: https://docs.github.com/en/rest/actions/workflow-runs#get-a-workflow-run

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
+import threading
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -30,7 +32,11 @@ from datetime import datetime
 from datetime import timedelta
 
 from monitor.errors import MonitorError
+from monitor.errors import TransientError
+from monitor.github import Artifact
 from monitor.github import GitHub
+from monitor.ratelimit import SlidingWindowBudget
+from monitor.ratelimit import key_digest
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +52,14 @@ _MAX_COUNT_DIGITS = len(str(MAX_RUNNER_COUNT))
 _READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
 FORBIDDEN = 403
+# A refusal is answered again from memory for this long (a client retrying, or someone
+# replaying the same made-up request, costs GitHub nothing more)...
+REFUSAL_TTL = timedelta(seconds=60)
+# ...and at most this many are remembered (about 2 MB), the oldest forgotten first.
+MAX_REMEMBERED = 10_000
 
 # What GitHub allows in owner and repository names; anything else cannot have our artifact.
-_QUALIFIED_REPO_RE = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+_QUALIFIED_REPO_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
 
 
 def artifact_name(unique_id: str) -> str:
@@ -117,15 +128,34 @@ def validate_select(
     run_id: str,
     now: datetime,
 ) -> tuple[str, int]:
-    """Validate a tokenless select request against its args artifact (spec §10.1).
+    """Validate a tokenless select request against its args artifact (spec §10.1), with no
+    limits of its own (`TokenlessValidator` adds them).
 
     Returns `(profile_key, runner_count)`. Raises `MonitorError` (403) if `qualified_repo`
     does not start with `allowed_prefix` (None allows nothing) or is not `owner/repo`; if the
     run (`run_id` must be all digits) has no unexpired artifact named
     `servo-ci-runners_<unique_id>`; if that artifact is older than `max_age` or dated more than
     a minute after `now`; if its first file is not readable UTF-8 text; or if its args do not
-    match the request (`check_args`). Errors from `github` propagate unchanged.
+    match the request (`check_args`). Errors from `github` propagate unchanged. At most two
+    GitHub calls: the run's artifacts by name, and the download.
     """
+    check_repo(allowed_prefix, qualified_repo)
+    artifact = find_artifact(
+        github,
+        max_age=max_age,
+        unique_id=unique_id,
+        qualified_repo=qualified_repo,
+        run_id=run_id,
+        now=now,
+    )
+    return read_args(
+        github, artifact, unique_id=unique_id, qualified_repo=qualified_repo, run_id=run_id
+    )
+
+
+def check_repo(allowed_prefix: str | None, qualified_repo: str) -> None:
+    """Refuse (403) a `qualified_repo` outside `allowed_prefix` (None allows nothing) or not
+    `owner/repo`: the check that costs nothing, made before anything is counted."""
     if (
         allowed_prefix is None
         or not qualified_repo.startswith(allowed_prefix)
@@ -133,6 +163,18 @@ def validate_select(
     ):
         raise MonitorError("Not allowed on this qualified_repo", status=FORBIDDEN)
 
+
+def find_artifact(
+    github: GitHub,
+    *,
+    max_age: timedelta,
+    unique_id: str,
+    qualified_repo: str,
+    run_id: str,
+    now: datetime,
+) -> Artifact:
+    """The run's unexpired args artifact for `unique_id`, if not too old nor from the future
+    (one GitHub call: the run's artifacts filtered by name); else `MonitorError` 403."""
     name = artifact_name(unique_id)
     if not (run_id.isascii() and run_id.isdigit()):
         # Run ids are integers; anything else has no artifacts (and must not reach a URL).
@@ -140,7 +182,7 @@ def validate_select(
     artifact = next(
         (
             a
-            for a in github.list_artifacts(qualified_repo, run_id)
+            for a in github.list_artifacts(qualified_repo, run_id, name=name)
             if a.name == name and not a.expired
         ),
         None,
@@ -158,7 +200,13 @@ def validate_select(
             f"Args artifact is from the future ({int(-age.total_seconds())}s ahead): {name}",
             status=FORBIDDEN,
         )
+    return artifact
 
+
+def read_args(
+    github: GitHub, artifact: Artifact, *, unique_id: str, qualified_repo: str, run_id: str
+) -> tuple[str, int]:
+    """Download `artifact` (one GitHub call) and check its args file against the request."""
     text = _first_file_text(github.download_artifact(artifact.archive_download_url))
     profile_key, runner_count = check_args(
         parse_args_file(text), unique_id=unique_id, qualified_repo=qualified_repo, run_id=run_id
@@ -167,11 +215,114 @@ def validate_select(
         "Tokenless select for %s run %s (%s): %d x %r",
         qualified_repo,
         run_id,
-        name,
+        artifact.name,
         runner_count,
         profile_key,
     )
     return profile_key, runner_count
+
+
+class TokenlessValidator:
+    """`validate_select` with limits for callers without credentials, shared by everything
+    that validates tokenless requests (`/select-runner`, and the queue's `/enqueue`).
+
+    - The repository is checked against the prefix before anything else (`check_repo`).
+    - A refusal is remembered for `refusal_ttl` and answered again without asking GitHub (at
+      most `MAX_REMEMBERED` of them, the oldest forgotten first).
+    - GitHub calls come out of one budget across every repository: `calls_per_hour` in any
+      hour. A validation reserves its two calls before the first; past the budget it is a
+      `MonitorError` 429 with `Retry-After`, and GitHub is not asked.
+    Thread-safe; the times are the caller's `now`.
+    """
+
+    CALLS_PER_VALIDATION = 2  # the run's artifacts by name, and the download
+
+    def __init__(
+        self,
+        github: GitHub,
+        *,
+        allowed_prefix: str | None,
+        max_age: timedelta,
+        calls_per_hour: int,
+        refusal_ttl: timedelta = REFUSAL_TTL,
+    ) -> None:
+        self.github = github
+        self.allowed_prefix = allowed_prefix
+        self.max_age = max_age
+        self.budget = SlidingWindowBudget(calls_per_hour, 3600.0)
+        self.refusal_ttl = refusal_ttl.total_seconds()
+        self._lock = threading.Lock()
+        # digest of (repo, run, unique_id) -> (expiry, message, status); in expiry order.
+        self._refusals: dict[bytes, tuple[float, str, int]] = {}
+
+    def check_repo(self, qualified_repo: str) -> None:
+        """Refuse (403) a repository outside the allowed prefix, before any counting."""
+        check_repo(self.allowed_prefix, qualified_repo)
+
+    def validate(
+        self, *, unique_id: str, qualified_repo: str, run_id: str, now: datetime
+    ) -> tuple[str, int]:
+        """As `validate_select`, within the limits above."""
+        self.check_repo(qualified_repo)
+        at = now.timestamp()
+        key = key_digest(f"{qualified_repo}\n{run_id}\n{unique_id}")
+        remembered = self._remembered(key, at)
+        if remembered is not None:
+            log.debug("Tokenless select for %s run %s: refused again", qualified_repo, run_id)
+            raise remembered
+        wait = self.budget.take(self.CALLS_PER_VALIDATION, at)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise MonitorError(
+                "Too many tokenless requests: this monitor's GitHub budget for them "
+                f"({self.budget.limit} calls an hour) is spent; try again in {seconds} s",
+                429,
+                {"Retry-After": str(seconds)},
+            )
+        downloaded = False
+        try:
+            artifact = find_artifact(
+                self.github,
+                max_age=self.max_age,
+                unique_id=unique_id,
+                qualified_repo=qualified_repo,
+                run_id=run_id,
+                now=now,
+            )
+            downloaded = True
+            return read_args(
+                self.github,
+                artifact,
+                unique_id=unique_id,
+                qualified_repo=qualified_repo,
+                run_id=run_id,
+            )
+        except TransientError:
+            raise  # GitHub's trouble, not the request's: not remembered
+        except MonitorError as refusal:
+            self._remember(key, at, refusal)
+            raise
+        finally:
+            if not downloaded:
+                self.budget.give_back(1)
+
+    def _remembered(self, key: bytes, at: float) -> MonitorError | None:
+        with self._lock:
+            entry = self._refusals.get(key)
+        if entry is None or at >= entry[0]:
+            return None
+        return MonitorError(entry[1], entry[2])  # a fresh one: callers add headers
+
+    def _remember(self, key: bytes, at: float, refusal: MonitorError) -> None:
+        with self._lock:
+            refusals = self._refusals
+            refusals.pop(key, None)
+            refusals[key] = (at + self.refusal_ttl, refusal.message, refusal.status)
+            while refusals:
+                oldest = next(iter(refusals))
+                if at < refusals[oldest][0] and len(refusals) <= MAX_REMEMBERED:
+                    break
+                del refusals[oldest]
 
 
 def _is_qualified_repo(qualified_repo: str) -> bool:

@@ -115,7 +115,9 @@ class FakeGitHub(Armable):
         with self._lock:
             self.runners[registration_id] = replace(self.runners[registration_id], **changes)
 
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
         """No workflow run has artifacts here (test_tokenless.py uses the real stand-in)."""
         self._call("list_artifacts", qualified_repo)
         return []

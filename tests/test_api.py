@@ -229,7 +229,11 @@ def test_select_runner_is_rate_limited_per_repository(make_rig):
     assert refused.headers["X-RateLimit-Reset"] == str(reset)
     # Another repository has its own count; the same one in other case does not.
     assert select("test/other").status_int != 429
-    select("TEST/Servo", status=429)
+    select("test/SERVO", status=429)
+    # Outside the prefix: refused before it is counted (it would be a key of its own).
+    outside = select("elsewhere/servo", status=403)
+    assert "X-RateLimit-Limit" not in outside.headers
+    assert "Not allowed on this qualified_repo" in assert_error(outside, 403)
 
 
 def test_select_runner_rate_limit_zero_means_none(make_rig):
@@ -658,7 +662,9 @@ def test_method_not_allowed_says_which_methods_are(rig):
 
 def test_select_runner_for_an_artifact_naming_an_unknown_profile_is_404(rig, monkeypatch):
     """As a take of that profile: documented in monitor/openapi.json since schemathesis met it."""
-    monkeypatch.setattr(web.tokenless, "validate_select", lambda github, **kwargs: ("macos", 1))
+    monkeypatch.setattr(
+        web.tokenless.TokenlessValidator, "validate", lambda self, **kwargs: ("macos", 1)
+    )
     url = f"/select-runner?unique_id={uuid.uuid4()}&qualified_repo=test/servo&run_id=1"
     response = rig.client.post(url, status=404)
     assert "macos" in assert_error(response, 404)

@@ -264,6 +264,18 @@ def test_list_artifacts_every_page(standin: GitHubStandIn, github: RestGitHub):
     assert counted(standin) == 2
 
 
+def test_list_artifacts_by_name_is_one_call(standin: GitHubStandIn, github: RestGitHub):
+    for n in range(150):
+        standin.add_artifact("servo/servo", "42", f"a{n}", {"f": "x"})
+    standin.add_artifact("servo/servo", "42", "a&name=a1", {"f": "x"})
+
+    assert [a.name for a in github.list_artifacts("servo/servo", "42", name="a7")] == ["a7"]
+    quoted = github.list_artifacts("servo/servo", "42", name="a&name=a1")
+    assert [a.name for a in quoted] == ["a&name=a1"]
+    assert github.list_artifacts("servo/servo", "42", name="none") == []
+    assert counted(standin) == 3
+
+
 def test_workflow_run_status(standin: GitHubStandIn, github: RestGitHub):
     assert github.workflow_run_status("servo/servo", "42") == ("in_progress", None)
     standin.set_run_status("servo/servo", 42, "completed", "cancelled")

@@ -344,13 +344,21 @@ def test_select_finds_ours_among_others(standin: GitHubStandIn, github: RestGitH
     assert select(github) == (IMAGE, 2)
 
 
-def test_select_finds_ours_on_the_second_page(standin: GitHubStandIn, github: RestGitHub):
-    # The stand-in lists newest first, so the oldest artifact lands on page 2 of 2.
+def test_select_asks_github_by_name_in_one_call(standin: GitHubStandIn, github: RestGitHub):
+    # Unfiltered, ours would be on page 2 of 2 (the stand-in lists newest first).
     upload(standin, args_text(count="4"), age=timedelta(seconds=200))
     for n in range(120):
         upload(standin, name=f"servo-ci-runners_other-{n}", age=timedelta(seconds=100 - n % 50))
     assert select(github) == (IMAGE, 4)
-    assert list_requests(standin) == [f"/repos/{REPO}/actions/runs/{RUN}/artifacts"] * 2
+    assert list_requests(standin) == [f"/repos/{REPO}/actions/runs/{RUN}/artifacts"]
+
+
+def test_select_reads_one_page_of_same_named_artifacts(standin: GitHubStandIn, github):
+    # Whoever uploads many artifacts of our name gets one list call, not a page each.
+    for n in range(150):
+        upload(standin, args_text(count="9"), age=timedelta(seconds=100 + n), expired=True)
+    assert refusal(github) == f"No args artifact found: {NAME}"
+    assert len(list_requests(standin)) == 1
 
 
 def test_select_too_old(standin: GitHubStandIn, github: RestGitHub):
@@ -475,7 +483,9 @@ class OneArtifactGitHub:
         self.data = data
         self.artifact = Artifact(1, NAME, NOW, "https://api.example/zip", False)
 
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
         return [self.artifact]
 
     def download_artifact(self, url: str) -> bytes:
