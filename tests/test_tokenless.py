@@ -7,21 +7,30 @@ import io
 import os
 import struct
 import tracemalloc
+import uuid
 import zipfile
+from collections import Counter
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 
 import pytest
+import webtest
 
+from monitor import config
+from monitor import loop
+from monitor import web
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.github import Artifact
 from monitor.github import RestGitHub
 from monitor.standin import GitHubStandIn
+from monitor.tokenless import TokenlessValidator
 from monitor.tokenless import check_args
 from monitor.tokenless import parse_args_file
 from monitor.tokenless import validate_select
+from tests.fakes import FakeHypervisor
+from tests.support.configs import write_config
 from tests.support.under_pytest import standin_fixtures
 
 TOKEN = "ghp_tokenlesstest0123456789SECRET"
@@ -645,3 +654,117 @@ def test_select_bounds_the_file_name_in_messages():
     data = zipped({"é" * 500: b"\xff"})
     message = refusal(OneArtifactGitHub(data))
     assert message == f"Unreadable args artifact: {'é' * 100!r} is not UTF-8 text"
+
+
+# -- TokenlessValidator: the limits for callers without credentials ----------------------------
+
+
+def validator(github, *, calls_per_hour: int = 1000) -> TokenlessValidator:
+    return TokenlessValidator(
+        github, allowed_prefix="servo/", max_age=MAX_AGE, calls_per_hour=calls_per_hour
+    )
+
+
+def validate(checker: TokenlessValidator, now: datetime = NOW, **overrides) -> tuple[str, int]:
+    kwargs = {"unique_id": UID, "qualified_repo": REPO, "run_id": RUN, "now": now, **overrides}
+    return checker.validate(**kwargs)
+
+
+def api_requests(standin: GitHubStandIn) -> list[str]:
+    """The calls that count against GitHub's rate limit (not the blob downloads)."""
+    return [r.path for r in standin.requests if r.path.startswith("/repos/")]
+
+
+def test_validator_costs_two_calls_for_a_select(standin: GitHubStandIn, github: RestGitHub):
+    upload(standin, args_text(count="2"))
+    checker = validator(github)
+    assert validate(checker) == (IMAGE, 2)
+    assert len(api_requests(standin)) == 2
+    assert checker.budget.spent(NOW.timestamp()) == 2
+
+
+def test_validator_remembers_a_refusal_for_a_minute(standin: GitHubStandIn, github: RestGitHub):
+    checker = validator(github)
+    first = refusal_of(checker)
+    assert first == f"No args artifact found: {NAME}"
+    assert checker.budget.spent(NOW.timestamp()) == 1  # the download it never needed
+    upload(standin)  # too late for the next minute: the refusal is remembered
+    for seconds in (1, 30, 59):
+        assert refusal_of(checker, NOW + timedelta(seconds=seconds)) == first
+    assert len(api_requests(standin)) == 1
+    # Another request is not refused by it; the same one a minute later asks again.
+    assert refusal_of(checker, run_id="14000000124") == f"No args artifact found: {NAME}"
+    assert validate(checker, NOW + timedelta(seconds=60)) == (IMAGE, 1)
+
+
+def test_validator_does_not_remember_github_failures(standin: GitHubStandIn, github):
+    upload(standin)
+    checker = validator(github)
+    standin.inject_fault(503, path_contains="/artifacts")
+    with pytest.raises(TransientError):
+        validate(checker)
+    assert validate(checker) == (IMAGE, 1)
+
+
+def test_validator_refuses_outside_the_prefix_for_free(standin: GitHubStandIn, github):
+    checker = validator(github, calls_per_hour=2)
+    for repo in ("evil/servo", "servo", "servo/" + "x" * 101):
+        assert refusal_of(checker, qualified_repo=repo) == "Not allowed on this qualified_repo"
+    assert standin.requests == [] and checker.budget.spent(NOW.timestamp()) == 0
+
+
+def test_validator_budget_is_shared_by_every_repository(standin: GitHubStandIn, github):
+    checker = validator(github, calls_per_hour=3)  # one refusal costs 1, a select 2
+    upload(standin)
+    refusal_of(checker, qualified_repo="servo/made-up")
+    assert validate(checker) == (IMAGE, 1)
+    with pytest.raises(MonitorError) as excinfo:
+        validate(checker, qualified_repo="servo/another", now=NOW + timedelta(minutes=10))
+    error = excinfo.value
+    assert error.status == 429 and error.headers == {"Retry-After": "3000"}
+    assert error.message == (
+        "Too many tokenless requests: this monitor's GitHub budget for them (3 calls an hour) "
+        "is spent; try again in 3000 s"
+    )
+    assert len(api_requests(standin)) == 3
+    # An hour after the first calls, the budget has room again.
+    later = NOW + timedelta(hours=1)
+    assert refusal_of(checker, later, run_id="14000000999").startswith("No args artifact")
+    assert len(api_requests(standin)) == 4
+
+
+def refusal_of(checker: TokenlessValidator, now: datetime = NOW, **overrides) -> str:
+    with pytest.raises(MonitorError) as excinfo:
+        validate(checker, now, **overrides)
+    return refused(excinfo)
+
+
+def test_500_made_up_repositories_cost_at_most_the_budget_at_the_standin(
+    standin: GitHubStandIn, tmp_path, store
+):
+    """Each name under the prefix is a fresh per-repository window, and (before the budget)
+    cost a GitHub call each; now they share the budget, and the rest are 429s."""
+    budget = 50
+    path = write_config(
+        tmp_path,
+        github_api_url=standin.base_url,
+        extra=f"tokenless_github_calls_per_hour = {budget}\n",  # the prefix is "test/"
+    )
+    loaded = config.load(path, environ={})
+    github = RestGitHub(standin.base_url, loaded.github_api_scope, TOKEN, timeout=5.0)
+    client = webtest.TestApp(web.make_app(loaded, loop.Monitor(loaded, github, FakeHypervisor())))
+
+    statuses: Counter[int] = Counter()
+    for n in range(500):
+        query = f"unique_id={uuid.uuid4()}&qualified_repo=test/made-up-{n}&run_id={RUN}"
+        response = client.post(f"/select-runner?{query}", status="*")
+        statuses[response.status_int] += 1
+        if response.status_int == 429:
+            assert 1 <= int(response.headers["Retry-After"]) <= 3600
+            assert "GitHub budget" in response.json["error"]
+    calls = len(api_requests(standin))
+    print(f"\n500 selects for 500 made-up repositories: {calls} GitHub calls, {dict(statuses)}")
+    assert calls <= budget
+    # Each refusal cost one call; a validation starts only with two calls left in the budget.
+    assert statuses[403] == calls >= budget - 1
+    assert statuses[429] == 500 - calls
