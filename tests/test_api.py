@@ -4,6 +4,8 @@ real stand-in and libvirt's test driver are in test_api_e2e.py)."""
 
 from __future__ import annotations
 
+import collections
+import gc
 import os
 import time
 import urllib.parse
@@ -234,6 +236,34 @@ def test_select_runner_is_rate_limited_per_repository(make_rig):
     outside = select("elsewhere/servo", status=403)
     assert "X-RateLimit-Limit" not in outside.headers
     assert "Not allowed on this qualified_repo" in assert_error(outside, 403)
+
+
+def _rss() -> int:
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_select_runner_with_20000_junk_repositories_grows_the_process_by_under_20_mib(make_rig):
+    """Junk used to be counted (and kept, up to 256 KiB a key) before the prefix was checked,
+    and the table was pruned of ended windows only, never below 10,000 keys."""
+    rig = make_rig()
+    select = rig.client.post
+    uid = "0b5e3c1e-4f5a-4b8e-9d63-2a1f0c7e9b11"
+    statuses: collections.Counter[int] = collections.Counter()
+    before = _rss()
+    for n in range(20_000):
+        if n % 2:  # 4 KiB, outside the prefix
+            repo = f"junk-{n}-" + "x" * 4096 + "/servo"
+        else:  # under the prefix: a made-up repository of the longest name GitHub allows
+            repo = f"test/{n:06d}" + "y" * 94
+        url = f"/select-runner?unique_id={uid}&qualified_repo={repo}&run_id=1"
+        statuses[select(url, status="*").status_int] += 1
+    grown = _rss() - before
+    print(f"\n20,000 junk selects: RSS grew {grown / 2**20:.1f} MiB; {dict(statuses)}")
+    assert grown < 20 * 2**20
+    assert statuses[422] == 10_000  # too long to be a repository: refused before counting
+    assert statuses[403] + statuses[429] == 10_000
 
 
 def test_select_runner_rate_limit_zero_means_none(make_rig):
