@@ -15,7 +15,9 @@ one dated more than a minute in the future, is refused; a `qualified_repo` that 
 `owner/repo` or a `run_id` that is not all digits is refused before GitHub is asked.
 
 `parse_args_file` and `check_args` are pure; `validate_select` does the I/O through the
-`GitHub` protocol.
+`GitHub` protocol (at most two calls). `TokenlessValidator` is what routes use: it adds the
+limits that callers without credentials need (the prefix checked first, one GitHub-call
+budget across every repository, refusals remembered for a minute).
 """
 
 from __future__ import annotations
