@@ -37,7 +37,8 @@ TIMESTAMP_HEADER = "X-Monitor-Timestamp"
 # A signed request is accepted this many seconds either side of its timestamp, and only once.
 SIGNATURE_WINDOW_SECONDS = 300
 
-RESERVE, OPERATE, ADMIN = API_SCOPES
+SCOPES = API_SCOPES
+RESERVE, OPERATE, ADMIN = SCOPES
 ALL_SCOPES = frozenset(API_SCOPES)
 
 # The only forms accepted, so that one request has exactly one signature string: the replay
@@ -51,9 +52,7 @@ def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def signature(
-    secret: str, timestamp: str, method: str, host: str, target: str, body: bytes
-) -> str:
+def signature(secret: str, timestamp: str, method: str, host: str, target: str, body: bytes) -> str:
     """The `X-Monitor-Signature` value of a request: HMAC-SHA256 over its timestamp, method,
     Host header and request target (the path and query exactly as sent on the request line),
     one per line, then the body as sent (possibly empty)."""
