@@ -513,7 +513,9 @@ def test_a_stale_timestamp_is_refused_before_the_body_is_read(rig):
         "wsgi.errors": io.StringIO(),
     }
     statuses = []
-    answer = b"".join(rig.client.app(environ, lambda status, headers, *exc_info: statuses.append(status)))
+    answer = b"".join(
+        rig.client.app(environ, lambda status, headers, *exc_info: statuses.append(status))
+    )
     assert statuses[0].startswith("401") and b"more than 300 s" in answer
     assert body.tell() == 0
 
