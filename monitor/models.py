@@ -622,6 +622,12 @@ def revoke_credential(sha256: str, name: str, at: datetime) -> None:
     RevokedCredential.insert(sha256=sha256, name=name, revoked_at=at).on_conflict_ignore().execute()
 
 
+def unrevoke_credential(sha256: str) -> None:
+    RevokedCredential.delete().where(  # type: ignore[misc, unused-ignore]
+        RevokedCredential.sha256 == sha256
+    ).execute()
+
+
 def revoked_credentials() -> set[str]:
     return {row.sha256 for row in RevokedCredential.select(RevokedCredential.sha256)}
 

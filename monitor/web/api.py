@@ -12,6 +12,7 @@ from typing import Any
 
 import bottle
 
+from monitor import auth
 from monitor import metrics
 from monitor import models
 from monitor import tokenless
@@ -79,7 +80,7 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
     @app.post("/profile/<profile_key>/take")
     @app.post("/profile/<profile_key>/take/<count>")
     def take(profile_key: str, count: str = "1") -> bottle.HTTPResponse:
-        require_token(context.credentials)
+        require_token(context.credentials, auth.RESERVE)
         number = parse_count(count, config.take_max_count)
         return json_response(run_take(context, profile_key, number, take_params()))
 
@@ -171,7 +172,7 @@ def _add_override_routes(app: bottle.Bottle, context: WebContext) -> None:
 
     @app.post("/policy/override")
     def post_override() -> bottle.HTTPResponse:
-        require_token(context.credentials)
+        require_token(context.credentials, auth.OPERATE)
         counts = {}
         for key, value in bottle.request.query.allitems():
             if not value.isdigit() or not value.isascii() or int(value) > MAX_OVERRIDE_COUNT:
@@ -185,7 +186,7 @@ def _add_override_routes(app: bottle.Bottle, context: WebContext) -> None:
 
     @app.delete("/policy/override")
     def delete_override() -> bottle.HTTPResponse:
-        require_token(context.credentials)
+        require_token(context.credentials, auth.OPERATE)
         override = monitor.call(monitor.clear_override, context.thread_timeout())
         return json_response(override.to_json() if override is not None else None)
 

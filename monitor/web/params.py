@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
+import urllib.parse
 from typing import Any
 
 import bottle
@@ -33,23 +34,40 @@ _SHOWN = 100
 MAX_SIGNED_BODY = 1 << 20
 
 
-def require_token(credentials: auth.Credentials) -> auth.Credential:
-    """Upstream's auth, checked before parameters: no credential → 401, a wrong or
-    revoked one → 403. A request may carry a bearer token or an HMAC signature."""
+def require_token(credentials: auth.Credentials, scope: str) -> auth.Credential:
+    """Upstream's auth, checked before parameters: no credential → 401, a wrong or revoked
+    one → 403, one without `scope` → 403 naming it. A request may carry a bearer token or an
+    HMAC signature; a signature's timestamp is checked before the body is read."""
     request = bottle.request
     signed = request.get_header(auth.SIGNATURE_HEADER)
     if signed is None:
-        return credentials.check_bearer(request.get_header("Authorization"))
-    query = request.environ.get("QUERY_STRING", "")
-    target = request.environ.get("PATH_INFO", "/") + (f"?{query}" if query else "")
-    return credentials.check_signature(
+        credential = credentials.check_bearer(request.get_header("Authorization"))
+        return credentials.authorize(credential, scope)
+    timestamp = request.get_header(auth.TIMESTAMP_HEADER)
+    now = time.time()
+    auth.check_timestamp(timestamp, now)
+    credential = credentials.check_signature(
         signed,
-        request.get_header(auth.TIMESTAMP_HEADER),
+        timestamp,
         request.method,
-        target,
+        request.environ.get("HTTP_HOST", ""),
+        request_target(request.environ),
         request.body.read(MAX_SIGNED_BODY),
-        time.time(),
+        now,
     )
+    return credentials.authorize(credential, scope)
+
+
+def request_target(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it on the request line (what a signature
+    covers): waitress' REQUEST_URI, else rebuilt from the WSGI path and query."""
+    raw = environ.get("REQUEST_URI")
+    if raw:
+        return str(raw)
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/")
+    query = environ.get("QUERY_STRING", "")
+    quoted = urllib.parse.quote(path.encode("latin-1"), safe="/!$&'()*+,;=:@-._~")
+    return quoted + (f"?{query}" if query else "")
 
 
 def guest_token() -> str:
