@@ -99,6 +99,8 @@ SETTINGS = {
     "api_cache_timeout": "1",
     "monitor_start_timeout": "10",
     "monitor_reserve_timeout": "8",
+    # The stand-in reports a job's runner busy at once: no lag to wait out past the timeout.
+    "github_busy_lag": "0",
 }
 # GitHub's round trip for the calls a create, a destroy and a take make (method, path part,
 # seconds): a request lands this long after it was sent, whether its sender is alive or not.

@@ -1,14 +1,17 @@
 """The operator CLI: `monitor status|runners|take|override|drain|undrain|destroy|screenshot|
-events`, talking to a running monitor's HTTP API with the API token of its config.
+events|revoke|unrevoke`, talking to a running monitor's HTTP API with the API token of its
+config.
 
 Tables for people, `--json` for scripts (the API's own JSON, unchanged). Errors are one line
 on stderr and exit status 1: the daemon is down, refused the token, or refused the request
-(with its message). A bad command line or config is exit status 2.
+(with its message). A bad command line or config is exit status 2. The token is sent only
+over https or to a loopback address: on plain http anyone on the path could read it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from typing import TextIO
 from urllib.parse import urlencode
+from urllib.parse import urlsplit
 
 import urllib3
 
@@ -42,6 +46,8 @@ COMMANDS = (
     "destroy",
     "screenshot",
     "events",
+    "revoke",
+    "unrevoke",
 )
 
 
@@ -67,6 +73,12 @@ class Client:
         if auth:
             if not self.token:
                 raise CliError("no API token: set SERVO_CI_MONITOR_API_TOKEN in the config's .env")
+            host = _plain_http_host(self.base_url)
+            if host is not None:
+                raise CliError(
+                    f"refusing to send the API token over plain http to {host}, which is not a "
+                    "loopback address: use an https:// --url, or the monitor's loopback address"
+                )
             headers["Authorization"] = f"Bearer {self.token}"
         try:
             response = self._http.request(method, url, headers=headers, timeout=self.timeout)
@@ -130,6 +142,13 @@ def add_commands(commands: Any) -> None:
     events = command("events", "the newest events: what the monitor did and why")
     events.add_argument("--limit", type=int, default=20)
     events.add_argument("--runner", type=int, help="only this runner's")
+    for name, text in (
+        ("revoke", "revoke an API token or HMAC secret (needs the admin scope)"),
+        ("unrevoke", "undo a revocation: the credential works again (needs admin)"),
+    ):
+        command(name, text).add_argument(
+            "sha256", help='its SHA-256, as `printf %%s "$TOKEN" | sha256sum` prints it'
+        )
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -149,8 +168,9 @@ def _client(args: argparse.Namespace) -> Client:
     config = config_module.load(args.config)
     url = args.url
     if url is None:
-        host = next(iter(config.listen_on), "127.0.0.1")
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        # A loopback address if the monitor listens on one: the token never leaves the host.
+        hosts = [{"0.0.0.0": "127.0.0.1", "::": "::1"}.get(h, h) for h in config.listen_on]
+        host = next((h for h in hosts if _is_loopback(h)), next(iter(hosts), "127.0.0.1"))
         host = f"[{host}]" if ":" in host else host
         url = f"http://{host}:{config.listen_port}"
     return Client(url, config.api_token)
@@ -343,6 +363,18 @@ def _events(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) 
     return 0
 
 
+def _revoke(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    method = "POST" if args.command == "revoke" else "DELETE"
+    answer = client.call(method, f"/revoke/{args.sha256}", auth=True)
+    if args.json:
+        return _print_json(out, answer)
+    kind = "API token" if answer["kind"] == "token" else "HMAC secret"
+    name = answer["revoked" if args.command == "revoke" else "unrevoked"]
+    done = "revoked" if args.command == "revoke" else "works again"
+    print(f"{kind} {name!r} {done}", file=out)
+    return 0
+
+
 _HANDLERS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]] = {
     "status": _status,
     "runners": _runners,
@@ -356,10 +388,30 @@ _HANDLERS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]
     "destroy": _destroy,
     "screenshot": _screenshot,
     "events": _events,
+    "revoke": _revoke,
+    "unrevoke": _revoke,
 }
 
 
 # Helpers ------------------------------------------------------------------------------------
+
+
+def _plain_http_host(base_url: str) -> str | None:
+    """The host of a plain-http URL that is not a loopback address (None otherwise)."""
+    parts = urlsplit(base_url)
+    if parts.scheme.lower() == "https":
+        return None
+    host = parts.hostname or ""
+    return None if _is_loopback(host) else host or base_url
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _waiting(ask: Callable[[], Any], wait: float | None, err: TextIO, what: str) -> Any:

@@ -89,8 +89,12 @@ class Config:
     api_cache_timeout: timedelta = timedelta(seconds=30)
     tokenless_select_artifact_max_age: timedelta = timedelta(seconds=300)
     select_runner_rate_limit: int = 30
+    tokenless_github_calls_per_hour: int = 1000
     monitor_start_timeout: timedelta = timedelta(seconds=120)
     monitor_reserve_timeout: timedelta = timedelta(seconds=60)
+    # GitHub's `busy` flag reads false for up to this long after a job starts: a Reserved
+    # runner is destroyed only this long after `monitor_reserve_timeout` (ours, not upstream's).
+    github_busy_lag: timedelta = timedelta(seconds=60)
     monitor_thread_send_timeout: timedelta = timedelta(seconds=10)
     monitor_thread_recv_timeout: timedelta = timedelta(seconds=10)
     destroy_all_non_busy_runners: bool = False
@@ -124,9 +128,13 @@ class Config:
     guest_auth: str = "token"
     # More API tokens, by name: the SHA-256 (hex) of each, never the token itself.
     api_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    # The scopes of the named tokens configured with some (the others have every scope).
+    api_token_scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Shared secrets of callers that sign their requests (HMAC-SHA256), by name, from the
     # environment (MONITOR_HMAC_SECRET_<NAME>).
     hmac_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    # Their scopes, where given (MONITOR_HMAC_SCOPES_<NAME>); the others have every scope.
+    hmac_scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     api_token: str = field(repr=False)
     github_token: str = field(repr=False)
     path: Path = Path("monitor.toml")
@@ -142,6 +150,12 @@ _MEMORY = re.compile(r"([0-9]+) ?([BKMGTP])")
 REBUILD_MODES = ("rolling", "drain")
 GUEST_AUTH_MODES = ("token", "address")
 HMAC_SECRET_PREFIX = "MONITOR_HMAC_SECRET_"
+HMAC_SCOPES_PREFIX = "MONITOR_HMAC_SCOPES_"
+# What an API credential may do (monitor/auth.py): takes; override, holds and destroy;
+# everything, revocation included.
+API_SCOPES = ("reserve", "operate", "admin")
+# The SHA-256 of the empty string: as a token hash it would let an empty bearer token in.
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _MEMORY_UNITS = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 _MAX_SECONDS = int(timedelta.max.total_seconds())
@@ -377,8 +391,10 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "api_cache_timeout": (_seconds, _OPTIONAL),
     "tokenless_select_artifact_max_age": (_seconds, _OPTIONAL),
     "select_runner_rate_limit": (_count, _OPTIONAL),
+    "tokenless_github_calls_per_hour": (_positive, _OPTIONAL),
     "monitor_start_timeout": (_seconds, _OPTIONAL),
     "monitor_reserve_timeout": (_seconds, _OPTIONAL),
+    "github_busy_lag": (_seconds, _OPTIONAL),
     "monitor_thread_send_timeout": (_seconds, _OPTIONAL),
     "monitor_thread_recv_timeout": (_seconds, _OPTIONAL),
     "destroy_all_non_busy_runners": (_bool, _OPTIONAL),
@@ -469,24 +485,9 @@ def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None 
     }
 
     api_tokens = _subtable(path, raw, "api_tokens", required=False) or {}
-    values["api_tokens"] = {}
-    for name, digest in api_tokens.items():
-        if not _NAME.fullmatch(name):
-            raise ConfigError(f"{path}: [api_tokens] {name!r}: expected a name of [A-Za-z0-9_.-]")
-        try:
-            values["api_tokens"][name] = _sha256_hex(digest)
-        except ValueError as error:
-            raise ConfigError(f"{path}: [api_tokens] {name}: {error}") from None
-
+    values["api_tokens"], values["api_token_scopes"] = _api_tokens(reader, path, api_tokens)
     dotenv_hint = env_file or config_dir / ".env"
-    values["hmac_secrets"] = {}
-    for key, secret in sorted(env.items()):
-        if key.startswith(HMAC_SECRET_PREFIX) and key != HMAC_SECRET_PREFIX:
-            if len(secret) < 16:
-                raise ConfigError(
-                    f"{key} is shorter than 16 characters (in {dotenv_hint} or the environment)"
-                )
-            values["hmac_secrets"][key.removeprefix(HMAC_SECRET_PREFIX).lower()] = secret
+    values["hmac_secrets"], values["hmac_scopes"] = _hmac_secrets(reader, env, dotenv_hint)
     for name, attribute in (
         ("SERVO_CI_MONITOR_API_TOKEN", "api_token"),
         ("GITHUB_TOKEN", "github_token"),
@@ -595,6 +596,87 @@ class _Reader:
             if key not in schema and key not in known:
                 self.warnings.append(f"{self.path}: unknown key {where}{key} (ignored)")
         return values
+
+
+def _api_tokens(
+    reader: _Reader, path: Path, table: Mapping[str, Any]
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """`[api_tokens]`: `name = "<sha256>"` (every scope, with a warning) or
+    `name = { sha256 = "<sha256>", scopes = [...] }`."""
+    hashes: dict[str, str] = {}
+    scopes: dict[str, tuple[str, ...]] = {}
+    for name, value in table.items():
+        where = f"{path}: [api_tokens] {name}"
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{path}: [api_tokens] {name!r}: expected a name of [A-Za-z0-9_.-]")
+        digest = value.get("sha256") if isinstance(value, dict) else value
+        try:
+            hashes[name] = _sha256_hex(digest)
+        except ValueError as error:
+            key = ".sha256" if isinstance(value, dict) else ""
+            raise ConfigError(f"{where}{key}: {error}") from None
+        if hashes[name] == _EMPTY_SHA256:
+            raise ConfigError(
+                f"{where}: that is the SHA-256 of the empty string, which would let an empty "
+                "token in"
+            )
+        if not isinstance(value, dict):
+            reader.warnings.append(
+                f"{where}: a token without scopes may do everything, revocation included; "
+                f'give it only what it needs, e.g. {_toml_key(name)} = {{ sha256 = "…", '
+                'scopes = ["reserve"] }'
+            )
+            continue
+        try:
+            scopes[name] = _scopes(value.get("scopes"))
+        except ValueError as error:
+            raise ConfigError(f"{where}.scopes: {error}") from None
+        for key in value:
+            if key not in ("sha256", "scopes"):
+                reader.warnings.append(f"{path}: unknown key [api_tokens] {name}.{key} (ignored)")
+    return hashes, scopes
+
+
+def _hmac_secrets(
+    reader: _Reader, env: Mapping[str, str], dotenv_hint: Path
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """`MONITOR_HMAC_SECRET_<NAME>` and `MONITOR_HMAC_SCOPES_<NAME>` (scopes separated by
+    commas or spaces; without them the caller may do everything, with a warning)."""
+    where = f"(in {dotenv_hint} or the environment)"
+    secrets: dict[str, str] = {}
+    for key, secret in sorted(env.items()):
+        if key.startswith(HMAC_SECRET_PREFIX) and key != HMAC_SECRET_PREFIX:
+            if len(secret) < 16:
+                raise ConfigError(f"{key} is shorter than 16 characters {where}")
+            secrets[key.removeprefix(HMAC_SECRET_PREFIX).lower()] = secret
+    scopes: dict[str, tuple[str, ...]] = {}
+    for key, text in sorted(env.items()):
+        if key.startswith(HMAC_SCOPES_PREFIX) and key != HMAC_SCOPES_PREFIX:
+            name = key.removeprefix(HMAC_SCOPES_PREFIX).lower()
+            if name not in secrets:
+                raise ConfigError(f"{key}: no {HMAC_SECRET_PREFIX}{name.upper()} for it {where}")
+            try:
+                scopes[name] = _scopes(text.replace(",", " ").split())
+            except ValueError as error:
+                raise ConfigError(f"{key}: {error} {where}") from None
+    for name in secrets:
+        if name not in scopes:
+            reader.warnings.append(
+                f"{HMAC_SECRET_PREFIX}{name.upper()}: without {HMAC_SCOPES_PREFIX}{name.upper()} "
+                "its caller may do everything, revocation included; give it only what it "
+                "needs, e.g. reserve"
+            )
+    return secrets, scopes
+
+
+def _scopes(value: Any) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(scope, str) and scope in API_SCOPES for scope in value)
+    ):
+        raise ValueError(f"expected a non-empty list of {', '.join(API_SCOPES)}, got {value!r}")
+    return tuple(sorted(set(value), key=API_SCOPES.index))
 
 
 def _profile(

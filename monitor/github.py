@@ -51,8 +51,9 @@ PER_PAGE = 100
 # A runaway `Link: rel="next"` chain (or a loop) must not hang a worker thread.
 MAX_PAGES = 200
 MAX_REDIRECTS = 5
-# The args artifact is a few hundred bytes; refuse to buffer anything absurd.
-MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
+# The args artifact is a zip of a few hundred bytes (its file may be 64 KiB at most); the
+# whole archive is held in memory, so anything much bigger is refused.
+MAX_DOWNLOAD_BYTES = 1024 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 _LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?([^",;]+)"?')
@@ -108,6 +109,10 @@ class GitHub(Protocol):
         """Every self-hosted runner registered at the scope (all pages)."""
         ...
 
+    def get_runner(self, registration_id: int) -> Registration | None:
+        """One runner as GitHub sees it now (not a cached list); None if it is gone."""
+        ...
+
     def generate_jitconfig(
         self,
         name: str,
@@ -131,8 +136,11 @@ class GitHub(Protocol):
         """Remove one custom label from a runner; False if it did not have it."""
         ...
 
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
-        """Every artifact of workflow run `run_id` in `qualified_repo` (all pages)."""
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
+        """Every artifact of workflow run `run_id` in `qualified_repo` (all pages); with
+        `name`, those GitHub finds by that name (one call)."""
         ...
 
     def download_artifact(self, url: str) -> bytes:
@@ -199,6 +207,19 @@ class RestGitHub:
                 del self._pages[stale]
         return runners
 
+    # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#get-a-self-hosted-runner-for-a-repository
+    def get_runner(self, registration_id: int) -> Registration | None:
+        """One runner as GitHub sees it now; None if it is gone (404).
+
+        Never conditional: a 304 would hand back what an earlier answer said, and the caller
+        asks precisely because the list it has may be out of date.
+        """
+        path = f"{self.scope}/actions/runners/{int(registration_id)}"
+        response = self._request("GET", self._url(path), ok=(200, 404))
+        if response.status == 404:
+            return None
+        return _registration(self._json(response, "GET", path))
+
     # Reference: https://docs.github.com/en/rest/actions/self-hosted-runners#create-configuration-for-a-just-in-time-runner-for-a-repository
     def generate_jitconfig(
         self,
@@ -253,15 +274,22 @@ class RestGitHub:
         return response.status == 200
 
     # Reference: https://docs.github.com/en/rest/actions/artifacts#list-workflow-run-artifacts
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
         """Every artifact of workflow run `run_id` in `qualified_repo` (all pages).
 
         Upstream reads only the first page; this follows `Link: rel="next"` to the end.
-        Both arguments come from untrusted callers, so they are validated before they
-        become part of a URL that carries our token.
+        With `name`, GitHub lists only the artifacts of that name, and only their first page
+        is read: one call, whoever uploaded how many artifacts (the tokenless check's cost
+        must not depend on its caller). The arguments come from untrusted callers, so they are
+        validated or quoted before they become part of a URL that carries our token.
         """
         path = _run_path(qualified_repo, run_id) + "/artifacts"
-        url: str | None = self._url(f"{path}?per_page={PER_PAGE}")
+        query = f"per_page={PER_PAGE}"
+        if name is not None:
+            query += "&" + urllib.parse.urlencode({"name": name})
+        url: str | None = self._url(f"{path}?{query}")
         seen: list[str] = []
         artifacts: list[Artifact] = []
         while url is not None:
@@ -271,7 +299,7 @@ class RestGitHub:
             response = self._request("GET", url)
             body = self._json(response, "GET", path)
             artifacts.extend(_artifact(item, path) for item in _items(body, "artifacts"))
-            url = _next_link(response, url)
+            url = _next_link(response, url) if name is None else None
         return artifacts
 
     # Reference: https://docs.github.com/en/rest/actions/workflow-runs#get-a-workflow-run
@@ -292,10 +320,13 @@ class RestGitHub:
         """The zip archive behind an artifact's `archive_download_url`.
 
         GitHub answers 302 with a short-lived signed URL on another host; redirects are
-        followed here so that the token is only ever sent to the API host.
+        followed here so that the token is only ever sent to the API host. Every hop must be
+        https (plain http only when the API URL itself is plain http, as a local stand-in),
+        and an archive over `MAX_DOWNLOAD_BYTES` is refused: both are `MonitorError` 502.
         """
         current = self._url(url)
         for _ in range(MAX_REDIRECTS + 1):
+            self._check_download_hop(current, url)
             response = self._request(
                 "GET", current, ok=(200, *REDIRECT_STATUSES), preload_content=False
             )
@@ -311,6 +342,19 @@ class RestGitHub:
                 continue
             return _read_limited(response, urlsplit(current).path)
         raise MonitorError(f"GitHub GET {urlsplit(url).path}: too many redirects", status=502)
+
+    def _check_download_hop(self, current: str, first: str) -> None:
+        # A downgrade to plain http would let anyone on the path swap the archive (and read
+        # the signed URL); other schemes urllib3 would not even try.
+        parts = urlsplit(current)
+        allowed = ("https", "http") if self._origin[0] == "http" else ("https",)
+        if parts.scheme.lower() not in allowed:
+            where = f"{parts.scheme}://{parts.hostname or ''}"[:100]
+            raise MonitorError(
+                f"GitHub GET {urlsplit(first).path}: refused to download from {where!r} "
+                f"(only {' or '.join(allowed)})",
+                status=502,
+            )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -560,6 +604,13 @@ def _next_link(response: urllib3.BaseHTTPResponse, current: str) -> str | None:
 
 
 def _read_limited(response: urllib3.BaseHTTPResponse, path: str) -> bytes:
+    too_large = MonitorError(
+        f"GitHub GET {path}: artifact larger than {MAX_DOWNLOAD_BYTES} bytes", status=502
+    )
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
+        response.close()  # refused before a byte of the body is read
+        raise too_large
     try:
         data = response.read(MAX_DOWNLOAD_BYTES + 1)
     except urllib3.exceptions.HTTPError as e:
@@ -568,6 +619,6 @@ def _read_limited(response: urllib3.BaseHTTPResponse, path: str) -> bytes:
     if len(data) > MAX_DOWNLOAD_BYTES:
         # Unread bytes remain: drop the connection rather than return it to the pool.
         response.close()
-        raise MonitorError(f"GitHub GET {path}: artifact larger than {MAX_DOWNLOAD_BYTES} bytes")
+        raise too_large
     response.release_conn()
     return data

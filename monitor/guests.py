@@ -157,11 +157,18 @@ class Guests:
         once the runner's JIT config has been served (its token is spent)."""
         profile = self.rebuilds.token_owner(token)
         if profile is None:
-            row = self.runner_for_guest_token(token)
-            if row.jit_served_at is not None:
-                raise MonitorError(f"the guest token of runner {row.id} is spent", status=410)
-            profile = row.profile
+            profile = self.runner_for_unspent_token(token).profile
         return self._boot_script(profile)
+
+    def runner_for_unspent_token(self, token: str) -> models.Runner:
+        """The runner whose guest holds `token`, while its JIT config has not been served:
+        403 for an unknown token, 410 for a spent one. Once the runner agent has its config,
+        a job's code runs in the guest and may read the token, so it opens nothing more (not
+        even the boot log: a job could fill it with anything)."""
+        row = self.runner_for_guest_token(token)
+        if row.jit_served_at is not None:
+            raise MonitorError(f"the guest token of runner {row.id} is spent", status=410)
+        return row
 
     def jit_config_for(self, address: str) -> str | None:
         """The JIT config of the runner at `address` (None if it has none)."""

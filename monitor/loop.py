@@ -43,6 +43,7 @@ from monitor.hypervisor import Hypervisor
 from monitor.ratelimit import Backoff
 from monitor.rebuilds import Rebuilds
 from monitor.registrations import Registrations
+from monitor.registrations import SeenBusy
 from monitor.takes import Takes
 from monitor.workers import Workers
 
@@ -109,8 +110,11 @@ class Monitor:
         self.clock = clock
         self.override: policy.Override | None = models.load_override()
         self.holds: policy.Holds = models.load_holds()
-        # Runners the operator asked to destroy, until they are gone (request_destroy).
+        # Runners the operator asked to destroy, until they are gone (request_destroy), and
+        # those of them asked with force (destroyed even when Busy, without a look first).
         self._destroy_requests: set[int] = set()
+        self._destroy_forced: set[int] = set()
+        self.seen_busy = SeenBusy()
         self.observation: policy.Observation | None = None
         self.rendered: Rendered | None = None
         self.metrics = metrics.Metrics()
@@ -148,6 +152,7 @@ class Monitor:
             hypervisor,
             registrations=self.registrations.cache,
             snapshots=self.snapshots,
+            seen_busy=self.seen_busy,
             post=self.post,
             request_reconcile=self.request_reconcile,
             stopping=self._stopping,
@@ -362,6 +367,7 @@ class Monitor:
         guest_names = [guest.name for guest in guests]
         runners, ignored = self._runners(registrations, guest_names, now)
         self._destroy_requests &= {r.id for r in runners}
+        self._destroy_forced &= self._destroy_requests
         override = policy.update_override(self.override, runners)
         if override != self.override:
             self.override = override
@@ -409,9 +415,14 @@ class Monitor:
             suffix=self.config.github_api_suffix,
             in_flight=in_flight.keys() | self.takes.reserving | self.takes.held.keys(),
             destroying=self.workers.destroying(),
+            seen_busy=self.seen_busy.ids,
         )
         self._report_ignored(ignored, now)
         present = {runner.id for runner in runners}
+        self.seen_busy.note(
+            (r.id for r in runners if r.registration is not None and r.registration.busy),
+            live=present,
+        )
         gone = [rid for rid in records if rid not in present and rid not in in_flight]
         if gone:
             models.mark_destroyed(gone, now)
@@ -438,6 +449,7 @@ class Monitor:
             drained=self.holds.drained_profiles(self.config.profiles),
             paused=self.holds.paused,
             destroy_requested=frozenset(self._destroy_requests),
+            destroy_forced=frozenset(self._destroy_forced),
         )
 
     def _adopt(
@@ -599,7 +611,9 @@ class Monitor:
 
     def request_destroy(self, runner_id: int, force: bool = False) -> dict[str, Any]:
         """Destroy a runner at the next pass (unregister, stop, delete its disk); the policy
-        replaces it. A Busy runner is running a job: only with `force`."""
+        replaces it. A Busy runner is running a job: only with `force`. Without it, the
+        worker first asks GitHub whether the runner is busy (the cached list may not say so
+        yet), and a runner that turns Busy meanwhile is left to finish its job."""
         observation = self.observation
         runner = (
             next((r for r in observation.runners if r.id == runner_id), None)
@@ -613,6 +627,8 @@ class Monitor:
                 f"runner {runner_id} is Busy (running a job); add force=1 to destroy it anyway",
                 status=409,
             )
+        if force:
+            self._destroy_forced.add(runner_id)
         if runner_id not in self._destroy_requests:
             self._destroy_requests.add(runner_id)
             models.record_event(

@@ -622,6 +622,12 @@ def revoke_credential(sha256: str, name: str, at: datetime) -> None:
     RevokedCredential.insert(sha256=sha256, name=name, revoked_at=at).on_conflict_ignore().execute()
 
 
+def unrevoke_credential(sha256: str) -> None:
+    RevokedCredential.delete().where(  # type: ignore[misc, unused-ignore]
+        RevokedCredential.sha256 == sha256
+    ).execute()
+
+
 def revoked_credentials() -> set[str]:
     return {row.sha256 for row in RevokedCredential.select(RevokedCredential.sha256)}
 
@@ -654,6 +660,29 @@ def load_holds() -> Holds:
 
 def save_holds(holds: Holds) -> None:
     _set("holds", json.dumps(holds.to_json(), sort_keys=True))
+
+
+def load_seen_busy() -> set[int]:
+    """Live runners GitHub has reported busy at least once. Without a stored set (a store
+    from before it was kept), those whose take history says their job started and did not
+    end."""
+    value = _get("seen_busy")
+    if value is not None:
+        try:
+            return {int(i) for i in json.loads(value)}
+        except (ValueError, TypeError) as error:
+            log.error("rebuilding the unreadable set of runners seen busy: %s", error)
+    started = TakeRecord.select(TakeRecord.runner_id).where(
+        TakeRecord.started_at.is_null(False)
+        & TakeRecord.ended_at.is_null()
+        & TakeRecord.runner_id.is_null(False)
+    )
+    live = {row.id for row in Runner.select(Runner.id).where(Runner.destroyed_at.is_null())}
+    return {row.runner_id for row in started if row.runner_id is not None} & live
+
+
+def save_seen_busy(runner_ids: Iterable[int]) -> None:
+    _set("seen_busy", json.dumps(sorted(runner_ids)))
 
 
 # Events -------------------------------------------------------------------------------------

@@ -100,6 +100,9 @@ class Runner:
     in_flight: bool = False
     image: str | None = None  # the rebuilt image's snapshot it was made from
     destroying: bool = False  # in flight because a destroy worker is removing it
+    # GitHub has reported it busy before. Its `busy` flag can read false for up to a minute
+    # after a job starts (and flap), so such a runner stays Busy while it is online.
+    seen_busy: bool = False
 
     @functools.cached_property
     def status(self) -> Status:
@@ -117,7 +120,7 @@ class Runner:
             return Status.INVALID
         if self.registration is None:
             return Status.DONE_OR_UNREGISTERED
-        if self.registration.busy:
+        if self.registration.busy or (self.seen_busy and self.registration.status == "online"):
             return Status.BUSY
         if self.registration.label_value(RESERVED_FOR) is not None:
             return Status.RESERVED
@@ -207,6 +210,7 @@ def build_runners(
     suffix: str,
     in_flight: Collection[int] = (),
     destroying: Collection[int] = (),
+    seen_busy: Collection[int] = (),
 ) -> tuple[list[Runner], list[str]]:
     """Pair registrations and guests into runners by id; return `(runners, problems)`.
 
@@ -219,7 +223,8 @@ def build_runners(
        upstream skips runners with no data directory.
     4. An id with a record but neither item is a runner only while it is in flight (being created).
 
-    The runners come back sorted by id, with `in_flight` set for ids in `in_flight`.
+    The runners come back sorted by id, with `in_flight` set for ids in `in_flight` (and
+    `destroying`, `seen_busy` for the ids in those).
     """
     problems: list[str] = []
     by_id_registration: dict[int, Registration] = {}
@@ -278,6 +283,7 @@ def build_runners(
             in_flight=runner_id in flying,
             image=records[runner_id].image,
             destroying=runner_id in destroying,
+            seen_busy=runner_id in seen_busy,
         )
         for runner_id in sorted(ids)
     ]
@@ -315,6 +321,8 @@ class SettingsLike(Protocol):
     def monitor_start_timeout(self) -> timedelta: ...
     @property
     def monitor_reserve_timeout(self) -> timedelta: ...
+    @property
+    def github_busy_lag(self) -> timedelta: ...
     @property
     def base_image_max_age(self) -> timedelta: ...
     @property
@@ -416,8 +424,10 @@ class PolicyInput:
     # a paused host creates nothing and rebuilds nothing, and keeps the runners it has.
     drained: frozenset[str] = frozenset()
     paused: bool = False
-    # Runners the operator asked to destroy (`monitor destroy ID`), destroyed first.
+    # Runners the operator asked to destroy (`monitor destroy ID`), destroyed first; those
+    # asked with `--force` are destroyed even when Busy, and without looking at GitHub first.
     destroy_requested: frozenset[int] = frozenset()
+    destroy_forced: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -447,6 +457,10 @@ class RunnerChanges:
     # Why each runner in `destroy` goes, for the log and the event log (not compared: two
     # decisions are the same when they change the same runners).
     reasons: Mapping[int, str] = field(default_factory=dict, compare=False)
+    # Runners in `destroy` that the cached list shows Idle or Reserved: GitHub's `busy` flag
+    # lags a job's start, so the worker asks GitHub about each of them afresh and destroys
+    # it only if that answer says it is not busy.
+    look_first: frozenset[int] = field(default_factory=frozenset, compare=False)
 
     def is_empty(self) -> bool:
         """True when nothing is destroyed and the create counts sum to 0."""
@@ -673,9 +687,10 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
     1. Destroy Invalid runners first; they are not healthy, so they do not count.
     2. Then DoneOrUnregistered (unless `dont_register_runners`), StartedOrCrashed older than
        `monitor_start_timeout` (or with an unknown age), and Reserved longer than
-       `monitor_reserve_timeout` (or with an unknown reservation time, or whose workflow run
-       has finished without them: `finished_runs`), counting these per profile as proposed
-       healthy destroys.
+       `monitor_reserve_timeout + github_busy_lag` (or with an unknown reservation time, or
+       whose workflow run has finished without them: `finished_runs`), counting these per
+       profile as proposed healthy destroys. The lag: a job that started just before the
+       reserve timeout shows as busy on GitHub only that much later.
     3. Then, per profile in key order, the first `excess_healthy - proposed` Idle runners.
     4. Create `wanted` per profile, cut to fit the resource budgets with critical runners kept,
        but create nothing at all while anything is being destroyed.
@@ -700,15 +715,22 @@ def compute_runner_changes(inp: PolicyInput, now: datetime) -> RunnerChanges:
         for r in of_status(Status.STARTED_OR_CRASHED)
         if (age := r.age(now)) is None or age > settings.monitor_start_timeout
     ]
+    longest_hold = settings.monitor_reserve_timeout + settings.github_busy_lag
     reserved_too_long = [
         r
         for r in of_status(Status.RESERVED)
         if (held := r.reserved_for(now)) is None
-        or held > settings.monitor_reserve_timeout
+        or held > longest_hold
         or r.reserved_by() in inp.finished_runs
     ]
 
-    requested = [r for r in runners if r.id in inp.destroy_requested]
+    # A runner that turned Busy after the operator's request runs its job, unless forced.
+    requested = [
+        r
+        for r in runners
+        if r.id in inp.destroy_requested
+        and (r.status is not Status.BUSY or r.id in inp.destroy_forced)
+    ]
     destroy = [r.id for r in requested if not r.in_flight]
     destroy += [r.id for r in invalid if not r.in_flight and r.id not in destroy]
     proposed = dict.fromkeys(inp.profiles, 0)
@@ -775,7 +797,18 @@ def decide(inp: PolicyInput, now: datetime) -> RunnerChanges:
         changes = RunnerChanges(destroy=destroy, create={})
     by_id = {runner.id: runner for runner in inp.runners or ()}
     reasons = {i: destroy_reason(by_id[i], inp) for i in changes.destroy if i in by_id}
-    return RunnerChanges(destroy=changes.destroy, create=changes.create, reasons=reasons)
+    look_first = frozenset(
+        i
+        for i in changes.destroy
+        if i in by_id and by_id[i].status in LOOK_FIRST and i not in inp.destroy_forced
+    )
+    return RunnerChanges(
+        destroy=changes.destroy, create=changes.create, reasons=reasons, look_first=look_first
+    )
+
+
+# Statuses whose runner may be running a job that GitHub does not report yet.
+LOOK_FIRST = frozenset({Status.IDLE, Status.RESERVED})
 
 
 def destroy_reason(runner: Runner, inp: PolicyInput) -> str:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterable
 from datetime import datetime
 from datetime import timedelta
 from typing import Any
@@ -292,6 +293,30 @@ class Registrations:
             models.record_event("stale", message, at=now)
         self._stale_reported = stale
         return stale
+
+
+class SeenBusy:
+    """Runners GitHub has reported busy at least once (`ids`), kept in the store.
+
+    GitHub's `busy` flag reads false for up to a minute after a job starts, and may flap; a
+    runner in this set counts as Busy while it is online (`policy.Runner.seen_busy`), so it is
+    never reclaimed as Idle or Reserved again. Monitor thread only.
+    """
+
+    def __init__(self) -> None:
+        self.ids: frozenset[int] = frozenset(models.load_seen_busy())
+
+    def note(self, busy: Iterable[int], live: Iterable[int]) -> None:
+        """Add the runners seen `busy` now and forget those no longer `live` (ids are never
+        reused); stored only when the set changes."""
+        ids = (self.ids | frozenset(busy)) & frozenset(live)
+        if ids != self.ids:
+            models.save_seen_busy(ids)
+            self.ids = ids
+
+    def add(self, runner_id: int) -> None:
+        if runner_id not in self.ids:
+            self.note([runner_id], self.ids | {runner_id})
 
 
 def polling_delay(

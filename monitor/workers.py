@@ -31,6 +31,7 @@ from monitor.hypervisor import Hypervisor
 from monitor.ratelimit import Backoff
 from monitor.rebuilds import image_volume
 from monitor.registrations import RegistrationCache
+from monitor.registrations import SeenBusy
 from monitor.registrations import retry_after
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Workers:
         *,
         registrations: RegistrationCache,
         snapshots: Mapping[str, str],
+        seen_busy: SeenBusy,
         post: Callable[[Callable[[], None]], None],
         request_reconcile: Callable[[], None],
         stopping: threading.Event,
@@ -66,6 +68,7 @@ class Workers:
         self.hypervisor = hypervisor
         self.registrations = registrations
         self.snapshots = snapshots
+        self.seen_busy = seen_busy
         self.post = post
         self.request_reconcile = request_reconcile
         self.stopping = stopping
@@ -114,7 +117,7 @@ class Workers:
                 "destroy", reason, runner_id=runner_id, profile=runner.profile, at=now
             )
             self.in_flight[runner_id] = Work.DESTROY
-            self._pool.submit(self._destroy_worker, runner)
+            self._pool.submit(self._destroy_worker, runner, runner_id in changes.look_first)
         # Destroys may fail, so their resources are not assumed free until they are done
         # (upstream clears the create map when destroying, spec §5.4 step 11).
         if changes.destroy or Work.DESTROY in self.in_flight.values():
@@ -238,17 +241,34 @@ class Workers:
         except Exception as error:  # noqa: BLE001 - best effort
             log.warning("undo create %s: destroy failed (will retry): %s", name, error)
 
-    def _destroy_worker(self, runner: policy.Runner) -> None:
+    def _destroy_worker(self, runner: policy.Runner, look_first: bool = False) -> None:
         """Unregister, then destroy the guest and its disk. The guest is kept when the
         unregister fails: GitHub refuses to delete a runner that is running a job, and a
-        busy VM must not vanish under it. Always reports back, whatever happens."""
+        busy VM must not vanish under it. Always reports back, whatever happens.
+
+        With `look_first` (the cached list shows it Idle or Reserved, and that list may be
+        out of date), GitHub is asked about this one runner first: busy, and nothing is
+        done; gone, and only the guest is removed; no answer, and nothing is done until the
+        back-off has passed."""
         errors: list[str] = []
         delay: float | None = None
         unregistered = False
+        busy: policy.Registration | None = None
+        step = "look at GitHub" if look_first and runner.registration else "unregister"
         try:
-            if runner.registration is not None:
-                self.github.delete_runner(runner.registration.id)
+            registration = runner.registration
+            if registration is not None and look_first:
+                fresh = self.github.get_runner(registration.id)
+                step = "unregister"
+                if fresh is not None and fresh.busy:
+                    busy = fresh
+                    return
+                if fresh is None:
+                    registration, unregistered = None, True  # GitHub removed it already
+            if registration is not None:
+                self.github.delete_runner(registration.id)
                 unregistered = True
+            step = "destroy guest"
             # Also without a guest: a create killed between its volume and its domain left
             # `<guest>.qcow2` behind (destroy_guest is idempotent; ids are never reused).
             self.hypervisor.destroy_guest(
@@ -258,14 +278,17 @@ class Workers:
         except Exception as failure:  # noqa: BLE001 - a worker must report, not vanish
             if not isinstance(failure, MonitorError):
                 log.exception("destroy worker for runner %d crashed", runner.id)
-            step = "destroy guest" if unregistered or runner.registration is None else "unregister"
             errors.append(f"{step}: {failure}")
             delay = retry_after(failure)
         finally:
-            unregistered_id = (
-                runner.registration.id if unregistered and runner.registration else None
-            )
-            self.post(lambda: self._destroy_done(runner, unregistered_id, errors, delay))
+            if busy is not None:
+                fresh_busy = busy
+                self.post(lambda: self._destroy_aborted(runner, fresh_busy))
+            else:
+                unregistered_id = (
+                    runner.registration.id if unregistered and runner.registration else None
+                )
+                self.post(lambda: self._destroy_done(runner, unregistered_id, errors, delay))
 
     def _cleanup_worker(self, runner_id: int, name: str, volume: str) -> None:
         error: MonitorError | None = None
@@ -346,6 +369,20 @@ class Workers:
             models.record_event("destroyed", f"destroyed runner {runner.id}", runner_id=runner.id)
             self.registrations.invalidate()
             self.request_reconcile()
+
+    def _destroy_aborted(self, runner: policy.Runner, fresh: policy.Registration) -> None:
+        """GitHub says the runner is running a job that the cached list did not show: it
+        stays, and counts as Busy from now on, whatever the flag says later."""
+        self.in_flight.pop(runner.id, None)
+        self.destroy_backoff.succeeded(runner.id)
+        self.seen_busy.add(runner.id)
+        self.registrations.upsert(fresh)
+        message = f"GitHub says runner {runner.id} is busy (running a job): keeping it"
+        log.warning(
+            "not destroying runner %d: %s", runner.id, message, extra={"runner_id": runner.id}
+        )
+        models.record_event("destroy-aborted", message, runner_id=runner.id, profile=runner.profile)
+        self.request_reconcile()
 
     def _cleanup_done(self, runner_id: int, volume: str, error: MonitorError | None) -> None:
         self.in_flight.pop(runner_id, None)

@@ -74,6 +74,11 @@ class FakeGitHub(Armable):
             self.runners[registration.id] = registration
         return JitConfig(registration, f"jit-secret-{registration.id}")
 
+    def get_runner(self, registration_id: int) -> Registration | None:
+        self._call("get_runner", registration_id)
+        with self._lock:
+            return self.runners.get(registration_id)
+
     def delete_runner(self, registration_id: int) -> bool:
         self._call("delete_runner", registration_id)
         with self._lock:
@@ -110,7 +115,9 @@ class FakeGitHub(Armable):
         with self._lock:
             self.runners[registration_id] = replace(self.runners[registration_id], **changes)
 
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
         """No workflow run has artifacts here (test_tokenless.py uses the real stand-in)."""
         self._call("list_artifacts", qualified_repo)
         return []

@@ -4,8 +4,11 @@ real stand-in and libvirt's test driver are in test_api_e2e.py)."""
 
 from __future__ import annotations
 
+import collections
+import gc
 import os
 import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -103,6 +106,57 @@ def test_take_with_malformed_parameters_is_422(rig, query):
     assert_error(rig.client.post(url, headers=AUTH, status=422), 422)
 
 
+UUID = "0b5e3c1e-4f5a-4b8e-9d63-2a1f0c7e9b11"
+NOT_UUIDS = [
+    "{" + UUID + "}",  # each of these uuid.UUID() took
+    "urn:uuid:" + UUID,
+    UUID.replace("-", ""),
+    "0b5e3c1e4f5a-4b8e-9d63-2a1f-0c7e9b11",
+    "-".join(["", UUID]),
+    UUID + "0",
+    UUID[:-1],
+    UUID + "\n",
+    UUID.replace("0", "\u0660"),  # Arabic-Indic zero
+    "g" * 8 + UUID[8:],
+    "nope",
+]
+
+
+@pytest.mark.parametrize("unique_id", NOT_UUIDS)
+@pytest.mark.parametrize("route", ["/profile/linux/take", "/select-runner"])
+def test_unique_id_must_be_a_uuid_as_uuidgen_prints_it(rig, route, unique_id):
+    query = urllib.parse.urlencode(
+        {"unique_id": unique_id, "qualified_repo": "test/servo", "run_id": "1"}
+    )
+    response = rig.client.post(f"{route}?{query}", headers=AUTH, status=422)
+    message = assert_error(response, 422)
+    assert message.startswith("unique_id must be a UUID as uuidgen prints it"), message
+    assert not [call for call in rig.github.calls if call[0] == "list_artifacts"]
+
+
+@pytest.mark.parametrize("unique_id", [UUID, UUID.upper()])  # Linux's and macOS's uuidgen
+def test_unique_id_in_either_case_is_taken_as_given(rig, unique_id):
+    response = rig.client.post(rig.take_url(unique_id=unique_id), headers=AUTH)
+    (entry,) = response.json
+    registration = rig.github.by_name(f"ci-runner-linux.{entry['id']}@host")
+    assert f"reserved-for:{unique_id}" in registration.labels
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("qualified_repo", "a" * 101 + "/b"),
+        ("qualified_repo", "a/" + "b" * 101),
+        ("run_id", "1" * 21),
+    ],
+)
+def test_take_parameters_longer_than_github_allows_are_422(rig, name, value):
+    params = {"unique_id": UUID, "qualified_repo": "test/servo", "run_id": "1", name: value}
+    url = "/profile/linux/take?" + urllib.parse.urlencode(params)
+    message = assert_error(rig.client.post(url, headers=AUTH, status=422), 422)
+    assert len(message) < 200, message  # a bad value is not echoed whole
+
+
 @pytest.mark.parametrize("count", ["0", "x", "-1", "33", "1.5"])
 def test_take_with_bad_count_is_422(rig, count):
     url = f"/profile/linux/take/{count}?unique_id={uuid.uuid4()}&qualified_repo=a/b&run_id=1"
@@ -177,7 +231,39 @@ def test_select_runner_is_rate_limited_per_repository(make_rig):
     assert refused.headers["X-RateLimit-Reset"] == str(reset)
     # Another repository has its own count; the same one in other case does not.
     assert select("test/other").status_int != 429
-    select("TEST/Servo", status=429)
+    select("test/SERVO", status=429)
+    # Outside the prefix: refused before it is counted (it would be a key of its own).
+    outside = select("elsewhere/servo", status=403)
+    assert "X-RateLimit-Limit" not in outside.headers
+    assert "Not allowed on this qualified_repo" in assert_error(outside, 403)
+
+
+def _rss() -> int:
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_select_runner_with_20000_junk_repositories_grows_the_process_by_under_20_mib(make_rig):
+    """Junk used to be counted (and kept, up to 256 KiB a key) before the prefix was checked,
+    and the table was pruned of ended windows only, never below 10,000 keys."""
+    rig = make_rig()
+    select = rig.client.post
+    uid = "0b5e3c1e-4f5a-4b8e-9d63-2a1f0c7e9b11"
+    statuses: collections.Counter[int] = collections.Counter()
+    before = _rss()
+    for n in range(20_000):
+        if n % 2:  # 4 KiB, outside the prefix
+            repo = f"junk-{n}-" + "x" * 4096 + "/servo"
+        else:  # under the prefix: a made-up repository of the longest name GitHub allows
+            repo = f"test/{n:06d}" + "y" * 94
+        url = f"/select-runner?unique_id={uid}&qualified_repo={repo}&run_id=1"
+        statuses[select(url, status="*").status_int] += 1
+    grown = _rss() - before
+    print(f"\n20,000 junk selects: RSS grew {grown / 2**20:.1f} MiB; {dict(statuses)}")
+    assert grown < 20 * 2**20
+    assert statuses[422] == 10_000  # too long to be a repository: refused before counting
+    assert statuses[403] + statuses[429] == 10_000
 
 
 def test_select_runner_rate_limit_zero_means_none(make_rig):
@@ -606,7 +692,9 @@ def test_method_not_allowed_says_which_methods_are(rig):
 
 def test_select_runner_for_an_artifact_naming_an_unknown_profile_is_404(rig, monkeypatch):
     """As a take of that profile: documented in monitor/openapi.json since schemathesis met it."""
-    monkeypatch.setattr(web.tokenless, "validate_select", lambda github, **kwargs: ("macos", 1))
+    monkeypatch.setattr(
+        web.tokenless.TokenlessValidator, "validate", lambda self, **kwargs: ("macos", 1)
+    )
     url = f"/select-runner?unique_id={uuid.uuid4()}&qualified_repo=test/servo&run_id=1"
     response = rig.client.post(url, status=404)
     assert "macos" in assert_error(response, 404)

@@ -394,7 +394,8 @@ def test_half_failed_reservation_is_rolled_back(make_rig):
 
 
 def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed(make_rig, monkeypatch):
-    """Without the check it would stay Reserved for monitor_reserve_timeout (60 s here)."""
+    """Without the check it would stay Reserved for monitor_reserve_timeout + github_busy_lag
+    (60 s + 60 s here)."""
     monkeypatch.setattr(registrations, "RUN_CHECK_AFTER", timedelta(0))
     rig = make_rig(2)
     taken = taken_runner(take(rig.port, str(uuid.uuid4()), 18000000101))

@@ -108,3 +108,9 @@ def test_benchmark_runs_without_pytest(name):
     )
     assert result.returncode == 0, result.stderr
     assert name == "rig" or "usage:" in result.stdout
+
+
+def test_tokenless_benchmark_runs():
+    output = run("tokenless.py", "--repos", "20", "--budget", "10", "--junk", "200")
+    assert "GitHub calls at the stand-in: 9 (budget 10)" in output
+    assert "PASS" in output

@@ -765,6 +765,19 @@ def test_rebuild_keys_of_a_profile(tmp_path):
         path.write_text(text)
 
 
+def test_tokenless_github_calls_per_hour(tmp_path):
+    from tests.support.configs import write_config
+
+    loaded = config.load(write_config(tmp_path, extra="tokenless_github_calls_per_hour = 50\n"), {})
+    assert loaded.tokenless_github_calls_per_hour == 50
+    defaults = config.load(write_config(tmp_path / "d"), environ={})
+    assert defaults.tokenless_github_calls_per_hour == 1000
+    for bad in ("0", "-1", '"1000"', "1.5", "true"):
+        path = write_config(tmp_path / "bad", extra=f"tokenless_github_calls_per_hour = {bad}\n")
+        with pytest.raises(ConfigError, match="tokenless_github_calls_per_hour"):
+            config.load(path, environ={})
+
+
 # What a config may not hold: a tokenless prefix that lets in anybody, GitHub's token over
 # plain http, a secret in a URL; and no secret ever leaves through repr, summary or errors.
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
 import logging
+import os
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -21,6 +27,7 @@ from openapi_schema_validator import OAS30Validator
 
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
+from monitor.github import MAX_DOWNLOAD_BYTES
 from monitor.github import Artifact
 from monitor.github import GitHub
 from monitor.github import JitConfig
@@ -205,6 +212,41 @@ def test_delete_runner(standin: GitHubStandIn, github: RestGitHub):
     assert github.delete_runner(runner_id) is False
 
 
+@pytest.mark.parametrize("scope", ["/repos/servo/servo", "/orgs/servo"])
+def test_get_runner_asks_github_afresh_about_one_runner(standin: GitHubStandIn, scope: str):
+    github = RestGitHub(standin.base_url, scope, TOKEN)
+    runner_id = standin.add_runner(scope, "ci-runner-a.1@ci0", ["self-hosted", "X64"])
+    standin.set_status(runner_id, "online")
+    assert github.get_runner(runner_id) == Registration(
+        runner_id, "ci-runner-a.1@ci0", "online", False, ("self-hosted", "X64")
+    )
+    standin.set_busy(runner_id, True)
+
+    # Asked again at once: GitHub's answer now, not an ETag'd copy of the last one.
+    fresh = github.get_runner(runner_id)
+
+    assert fresh is not None and fresh.busy
+    spec_path = scope.replace("servo/servo", "{owner}/{repo}").replace("servo", "{org}")
+    assert "get" in PATHS[spec_path + "/actions/runners/{runner_id}"]
+    assert [(r.method, r.path, r.status) for r in standin.requests] == [
+        ("GET", f"{scope}/actions/runners/{runner_id}", 200)
+    ] * 2
+    standin.finish_job(runner_id)
+    assert github.get_runner(runner_id) is None  # gone: 404
+
+
+def test_get_runner_failures_are_errors_not_answers(standin: GitHubStandIn, github: RestGitHub):
+    runner_id = standin.add_runner(SCOPE, "ci-runner-a.1@ci0")
+    standin.inject_fault(503, retry_after=4)
+    with pytest.raises(TransientError) as raised:
+        github.get_runner(runner_id)
+    assert raised.value.retry_after == 4.0
+    standin.inject_fault(None, body='{"id": 1}')
+    with pytest.raises(MonitorError) as malformed:
+        github.get_runner(runner_id)
+    assert malformed.value.status == 502
+
+
 def test_list_artifacts_every_page(standin: GitHubStandIn, github: RestGitHub):
     base = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
     for n in range(150):
@@ -220,6 +262,18 @@ def test_list_artifacts_every_page(standin: GitHubStandIn, github: RestGitHub):
     assert newest.created_at == base + timedelta(seconds=149)
     assert newest.created_at.tzinfo is not None and newest.created_at.utcoffset() == timedelta(0)
     assert counted(standin) == 2
+
+
+def test_list_artifacts_by_name_is_one_call(standin: GitHubStandIn, github: RestGitHub):
+    for n in range(150):
+        standin.add_artifact("servo/servo", "42", f"a{n}", {"f": "x"})
+    standin.add_artifact("servo/servo", "42", "a&name=a1", {"f": "x"})
+
+    assert [a.name for a in github.list_artifacts("servo/servo", "42", name="a7")] == ["a7"]
+    quoted = github.list_artifacts("servo/servo", "42", name="a&name=a1")
+    assert [a.name for a in quoted] == ["a&name=a1"]
+    assert github.list_artifacts("servo/servo", "42", name="none") == []
+    assert counted(standin) == 3
 
 
 def test_workflow_run_status(standin: GitHubStandIn, github: RestGitHub):
@@ -467,3 +521,123 @@ def test_sends_github_headers():
     assert headers["accept"] == "application/vnd.github+json"
     assert headers["x-github-api-version"] == "2022-11-28"
     assert headers["user-agent"].startswith("servo-ci-monitor/")
+
+
+# -- artifact downloads: where from, and how much --------------------------------------------
+
+
+def test_download_refuses_an_archive_over_the_limit(standin: GitHubStandIn, github: RestGitHub):
+    big = os.urandom(MAX_DOWNLOAD_BYTES + 1000)  # incompressible: the zip is bigger still
+    standin.add_artifact("servo/servo", "42", "big", {"args": big})
+    (artifact,) = github.list_artifacts("servo/servo", "42")
+
+    with pytest.raises(MonitorError) as raised:
+        github.download_artifact(artifact.archive_download_url)
+
+    assert type(raised.value) is MonitorError and raised.value.status == 502
+    assert str(raised.value) == (
+        f"GitHub GET /_blob/{artifact.id}: artifact larger than {MAX_DOWNLOAD_BYTES} bytes"
+    )
+    # The connection was dropped, not reused with unread bytes: the next call still works.
+    standin.add_artifact("servo/servo", "43", "small", {"args": "a=1\n"})
+    (small,) = github.list_artifacts("servo/servo", "43")
+    assert zipfile.ZipFile(io.BytesIO(github.download_artifact(small.archive_download_url)))
+
+
+class _Redirector(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a 302 to `location`; records the paths asked for."""
+
+    location = ""
+    seen: list[str] = []
+
+    def do_GET(self) -> None:
+        type(self).seen.append(self.path)
+        self.send_response(302)
+        self.send_header("Location", type(self).location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _serving(handler: type, context: ssl.SSLContext | None = None) -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def tls_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A server context with a self-signed certificate for 127.0.0.1 that clients trust
+    (through SSL_CERT_FILE, which OpenSSL's default verify paths read)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_download_refuses_a_redirect_from_https_to_plain_http(tls_context: ssl.SSLContext):
+    class Plain(_Redirector):
+        seen: list[str] = []
+
+    class Secure(_Redirector):
+        seen: list[str] = []
+
+    with _serving(Plain) as plain_port, _serving(Secure, tls_context) as tls_port:
+        Secure.location = f"http://127.0.0.1:{plain_port}/_blob/1?sig=SIGNATURE"
+        api = f"https://127.0.0.1:{tls_port}"
+        github = RestGitHub(api, SCOPE, TOKEN, timeout=5.0)
+
+        with pytest.raises(MonitorError) as raised:
+            github.download_artifact(f"{api}/repos/servo/servo/actions/artifacts/1/zip")
+
+    assert type(raised.value) is MonitorError and raised.value.status == 502
+    message = str(raised.value)
+    assert message == (
+        "GitHub GET /repos/servo/servo/actions/artifacts/1/zip: refused to download from "
+        "'http://127.0.0.1' (only https)"
+    )
+    assert Secure.seen == ["/repos/servo/servo/actions/artifacts/1/zip"]  # TLS worked
+    assert Plain.seen == []  # never asked
+
+
+def test_download_from_an_https_api_refuses_a_plain_http_url_before_asking():
+    github = RestGitHub("https://127.0.0.1:9", SCOPE, TOKEN, timeout=1.0)
+    with pytest.raises(MonitorError) as raised:
+        github.download_artifact("http://127.0.0.1:9/zip")
+    assert type(raised.value) is MonitorError and raised.value.status == 502
+    assert "refused to download from" in str(raised.value)
+    assert github.api_calls == {}

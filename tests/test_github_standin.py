@@ -784,3 +784,118 @@ def test_runs_as_a_script():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# -- busy lag: GitHub reports a job's runner busy only some seconds after the job started --------
+
+
+class FakeSeconds:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_busy_lag_hides_a_started_job_from_the_api_and_lets_its_runner_be_deleted(
+    standin: GitHubStandIn, api: Client
+):
+    clock = FakeSeconds()
+    standin.clock, standin.busy_lag = clock, 45
+    created = [jit(api, name=f"ci-runner-a.{n}@ci0") for n in (1, 2)]
+    for runner in created:
+        config = runner["encoded_jit_config"]
+        assert agent(api, "online", config).status == 200
+        path = f"{REPO}/actions/runners/{runner['runner']['id']}/labels"
+        api.json("POST", path, {"labels": ["reserved-for:job"]})
+        assert agent(api, "job", config).status == 200  # the job started
+
+    def reported(runner: Any) -> bool:
+        one = api.json("GET", f"{REPO}/actions/runners/{runner['runner']['id']}")
+        listed = api.json("GET", f"{REPO}/actions/runners")["runners"]
+        (same,) = [r for r in listed if r["id"] == one["id"]]
+        assert same["busy"] is one["busy"]
+        return one["busy"]
+
+    clock.now += 44.9
+    assert not reported(created[0])
+    validate(
+        api.json("GET", f"{REPO}/actions/runners/{created[0]['runner']['id']}"),
+        "/repos/{owner}/{repo}/actions/runners/{runner_id}",
+        "get",
+    )
+    # GitHub does not know about the job yet: deleting the runner kills it.
+    assert api("DELETE", f"{REPO}/actions/runners/{created[0]['runner']['id']}").status == 204
+    assert agent(api, "finish", created[0]["encoded_jit_config"]).status == 404
+    clock.now += 0.1
+    assert reported(created[1])
+    assert api("DELETE", f"{REPO}/actions/runners/{created[1]['runner']['id']}").status == 422
+    assert agent(api, "finish", created[1]["encoded_jit_config"]).status == 204
+
+
+def test_simulated_jobs_lag_too_and_set_busy_does_not(standin: GitHubStandIn, api: Client):
+    clock = FakeSeconds()
+    standin.clock, standin.busy_lag = clock, 30
+    simulated = jit(api)["runner"]["id"]
+    standin.set_status(simulated, "online")
+    direct = jit(api, name="ci-runner-a.2@ci0")["runner"]["id"]
+    standin.set_busy(direct, True)
+    standin.start_job_simulation(every=0.02, duration=60, reserve_idle=True)
+    wait_until(lambda: standin.records.runners[simulated].busy, "a simulated job", 5, 0.02)
+    standin.stop_job_simulation()
+    busy = {r["id"]: r["busy"] for r in standin.runners()}
+    assert busy == {simulated: False, direct: True}
+    clock.now += 30
+    assert {r["id"]: r["busy"] for r in standin.runners()} == {simulated: True, direct: True}
+
+
+def test_agent_settings_change_only_what_the_body_names(standin: GitHubStandIn, api: Client):
+    def post(body: Any, status: int = 200) -> None:
+        response = api("POST", "/_standin/agent", body, auth=False)
+        assert response.status == status, response.data
+
+    post({"online_after": 0.5, "busy_lag": 45})
+    post({"job_seconds": 3})
+    post({"hold_jobs": False})
+    assert (standin.agent_online_after, standin.busy_lag, standin.agent_job_seconds) == (
+        0.5,
+        45.0,
+        3.0,
+    )
+    post({"online_after": None, "busy_lag": 0})
+    assert (standin.agent_online_after, standin.busy_lag) == (None, 0.0)
+    post({"busy_lag": -1}, status=400)
+    post({"busy_lag": "soon"}, status=400)
+    assert standin.busy_lag == 0.0
+
+
+def test_the_script_takes_a_busy_lag():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monitor.standin", "--port", str(port), "--busy-lag", "45"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        assert "listening" in process.stdout.readline()
+        api = Client(f"http://127.0.0.1:{port}")
+        created = jit(api)
+        config, runner_id = created["encoded_jit_config"], created["runner"]["id"]
+        assert agent(api, "online", config).status == 200
+        api.json(
+            "POST", f"{REPO}/actions/runners/{runner_id}/labels", {"labels": ["reserved-for:j"]}
+        )
+        assert agent(api, "job", config).status == 200
+        assert api.json("GET", f"{REPO}/actions/runners/{runner_id}")["busy"] is False
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

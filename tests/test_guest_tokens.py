@@ -155,17 +155,17 @@ def test_a_destroyed_runner_s_token_is_dead(rig):
     rig.client.get("/boot", headers=as_guest(token), status=403)
 
 
-def test_boot_log_is_filed_under_the_token_s_runner_even_after_the_jit_config(rig):
+def test_a_spent_guest_token_no_longer_opens_the_boot_log(rig):
+    """Once the JIT config is served, the job's code runs in the guest and may read the token:
+    the log the guest sent before that stays, and nothing more is taken."""
     token = token_of(rig, 2)
+    upload = {"content_type": "application/x-www-form-urlencoded", "headers": as_guest(token)}
+    response = rig.client.post("/boot-log", params=b"booting\n", **upload)
+    assert response.json == {"bytes": 8}
     rig.client.get("/github-jitconfig", headers=as_guest(token))
-    response = rig.client.post(
-        "/boot-log",
-        params=b"agent online\n",
-        content_type="application/x-www-form-urlencoded",
-        headers=as_guest(token),
-    )
-    assert response.json == {"bytes": 13}
-    assert rig.client.get("/runner/2/boot.log").body == b"agent online\n"
+    refused = rig.client.post("/boot-log", params=b"forged line\n", status=410, **upload)
+    assert "the guest token of runner 2 is spent" in assert_error(refused, 410)
+    assert rig.client.get("/runner/2/boot.log").body == b"booting\n"
 
 
 def test_address_mode_ignores_tokens(make_rig):

@@ -4,6 +4,7 @@ the real binding. Each test gets a private test-driver node (a custom node file)
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.scheduler import make_scheduler
 from monitor.standin import GitHubStandIn
 from tests.support.clock import Clock
+from tests.support.configs import set_settings
 from tests.support.configs import write_config
 from tests.support.constants import NODE_XML
 from tests.support.monitor_thread import settle
@@ -189,3 +191,63 @@ def test_libvirt_faults_do_not_stop_the_monitor_and_leak_nothing(rig):
     assert len(names) == 3
     assert sorted(r["name"] for r in standin.runners()) == sorted(f"{n}@host" for n in names)
     assert hypervisor.volume_names() == sorted(f"{n}.qcow2" for n in names)
+
+
+def test_a_job_whose_busy_flag_lags_past_the_reserve_timeout_runs_to_its_end(
+    tmp_path: Path, standin: GitHubStandIn
+):
+    """GitHub reports the job's runner busy only 45 s after the job started; the reserve
+    timeout is 30 s. The runner must neither be destroyed for its timeout while the flag
+    still reads false, nor once it turned true."""
+    node = tmp_path / "node.xml"
+    node.write_text(NODE_XML)
+    path = write_config(
+        tmp_path,
+        github_api_url=standin.base_url,
+        libvirt_uri=f"test://{node}",
+        targets={"linux": 1},
+    )
+    set_settings(path, {"monitor_reserve_timeout": "30"})
+    config = config_module.load(path, environ={})
+    models.open_store(config.data_path)
+    github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
+    hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
+    clock = Clock()
+    standin.clock = lambda: clock().timestamp()
+    standin.busy_lag = 45
+    monitor = loop.Monitor(config, github, hypervisor, clock=clock)
+    try:
+        step(monitor, clock)
+        assert guests(hypervisor) == ["ci-runner-linux.0"]
+        jit_config = models.get_runner(0).jit_config
+        standin.agent_online(jit_config)
+        assert [r.status.value for r in step(monitor, clock).runners] == ["Idle"]
+
+        # A workflow job takes the runner, as `take` does, and the agent starts it at once.
+        registration_id = models.get_runner(0).registration_id
+        labels = policy.reservation_labels(
+            "5f0c6b1e-8d3a-4c2b-9e7f-1a2b3c4d5e6f", "test/servo", "77", clock()
+        )
+        github.add_labels(registration_id, labels)
+        assert standin.agent_job(jit_config) is not None
+        started = clock()
+
+        seen = []
+        while clock() - started < timedelta(seconds=120):
+            clock.advance(5)
+            observation = step(monitor, clock)
+            seen.append(observation.runners[0].status.value)
+            assert guests(hypervisor) == ["ci-runner-linux.0"], f"after {clock() - started}"
+        # Reserved while the flag lagged (past the 30 s timeout), Busy from 45 s on.
+        assert seen == ["Reserved"] * 8 + ["Busy"] * 16, seen
+
+        standin.agent_finish(jit_config)  # the job ran to its end on its runner
+        step(monitor, clock)
+        step(monitor, clock)
+        assert guests(hypervisor) == ["ci-runner-linux.1"]
+        kinds = [e.kind for e in models.recent_events(200) if e.runner_id == 0]
+        assert "destroy-failed" not in kinds
+    finally:
+        monitor.workers.shutdown()
+        hypervisor.close()
+        models.close_store()

@@ -572,3 +572,99 @@ def test_a_runner_reserved_for_a_cancelled_run_is_reclaimed_at_once(env):
     assert linux[1].name.removesuffix("@host") in hypervisor.guests  # its run goes on
     (event,) = [e for e in models.recent_events() if e.kind == "destroy"]
     assert f"its workflow run {cancelled} ended (cancelled) without using it" in event.message
+
+
+# -- GitHub's busy flag lags a job's start: look before destroying -----------------------------
+
+
+def reserved_past_its_timeout(env) -> Registration:
+    """All three runners online, ci-runner-linux.0 Reserved, the clock past
+    monitor_reserve_timeout + github_busy_lag, and GitHub's list fetched just now."""
+    config, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    for registration in list(github.runners.values()):
+        github.set(registration.id, status="online")
+    target = github.by_name("ci-runner-linux.0@host")
+    since = int(clock().timestamp())
+    github.set(target.id, labels=("reserved-for:u", f"reserved-since:{since}"))
+    assert statuses(step(monitor, clock))["ci-runner-linux.0"] == "Reserved"
+    clock.advance((config.monitor_reserve_timeout + config.github_busy_lag).total_seconds() + 1)
+    monitor.registrations.refresh(force=True)
+    github.calls.clear()
+    return target
+
+
+def test_a_reserved_runner_github_now_says_is_busy_is_kept_and_stays_busy(env, make_config):
+    config, github, hypervisor, clock, monitor = env
+    target = reserved_past_its_timeout(env)
+    github.set(target.id, busy=True)  # its job started since the list was fetched
+
+    monitor.tick(clock())
+    settle(monitor)
+
+    assert "ci-runner-linux.0" in hypervisor.guests and target.id in github.runners
+    assert ("get_runner", target.id) in github.calls
+    assert ("delete_runner", target.id) not in github.calls
+    (aborted,) = [e for e in models.recent_events() if e.kind == "destroy-aborted"]
+    assert aborted.runner_id == 0 and "busy" in aborted.message
+    # Its flag reading false again (as GitHub's does) changes nothing, nor does a restart.
+    github.set(target.id, busy=False)
+    clock.advance(600)
+    assert statuses(step(monitor, clock))["ci-runner-linux.0"] == "Busy"
+    monitor.workers.shutdown()
+    again = loop.Monitor(config, github, hypervisor, clock=clock)
+    try:
+        assert statuses(step(again, clock))["ci-runner-linux.0"] == "Busy"
+        assert "ci-runner-linux.0" in hypervisor.guests
+    finally:
+        again.workers.shutdown()
+
+
+def test_a_runner_github_no_longer_knows_loses_only_its_guest(env):
+    config, github, hypervisor, clock, monitor = env
+    target = reserved_past_its_timeout(env)
+    del github.runners[target.id]  # gone from GitHub since the list was fetched
+
+    monitor.tick(clock())
+    settle(monitor)
+
+    assert ("get_runner", target.id) in github.calls
+    assert ("delete_runner", target.id) not in github.calls
+    assert "ci-runner-linux.0" not in hypervisor.guests
+    assert "destroyed" in {e.kind for e in models.recent_events()}
+
+
+def test_a_failed_look_destroys_nothing_and_is_tried_again_after_the_back_off(env):
+    config, github, hypervisor, clock, monitor = env
+    target = reserved_past_its_timeout(env)
+    github.fail_next("get_runner", TransientError("GitHub GET: 502"))
+
+    monitor.tick(clock())
+    settle(monitor)
+
+    assert "ci-runner-linux.0" in hypervisor.guests and target.id in github.runners
+    assert ("delete_runner", target.id) not in github.calls
+    (failed,) = [e for e in models.recent_events() if e.kind == "destroy-failed"]
+    assert failed.message.startswith("look at GitHub: GitHub GET: 502")
+    monitor.tick(clock())  # within the back-off: not asked again
+    settle(monitor)
+    assert github.calls.count(("get_runner", target.id)) == 1
+    clock.advance(6)
+    step(monitor, clock)
+    assert "ci-runner-linux.0" not in hypervisor.guests and target.id not in github.runners
+
+
+def test_a_forced_operator_destroy_does_not_look_first(env):
+    config, github, hypervisor, clock, monitor = env
+    step(monitor, clock)
+    for registration in list(github.runners.values()):
+        github.set(registration.id, status="online")
+    step(monitor, clock)
+    github.calls.clear()
+    monitor.request_destroy(1, force=True)
+    monitor.request_destroy(2)
+    step(monitor, clock)
+    assert "ci-runner-linux.1" not in hypervisor.guests
+    assert "ci-runner-windows.2" not in hypervisor.guests
+    looked = [arg for call, arg in github.calls if call == "get_runner"]
+    assert looked == [models.get_runner(2).registration_id]  # only the one asked without force

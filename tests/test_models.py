@@ -107,3 +107,19 @@ def test_batched_events_trim_the_log_when_they_cross_the_mark(store, monkeypatch
     models.save_reservations({"id": record})  # ids TRIM_EVERY - 1 .. TRIM_EVERY + 2
     assert models.Event.select().count() <= 5 + 3
     assert [e.runner_id for e in models.recent_events(4)] == [4, 3, 2, 1]
+
+
+def test_runners_seen_busy_survive_a_restart_or_come_back_from_take_history(store):
+    for runner_id in (1, 2, 3, 4):
+        models.create_runner(runner_id, "linux", f"ci-runner-linux.{runner_id}", NOW)
+    for runner_id in (1, 2, 3):
+        unique_id = f"id-{runner_id}"
+        models.record_take(unique_id, "linux", "servo/servo", "7", [runner_id], "ok", NOW, NOW)
+    models.record_job_started([1, 2, 3], NOW)  # 4: taken by nobody
+    models.record_runner_ended([2], NOW)  # its job is over
+    models.mark_destroyed([3], NOW)  # gone
+    # A store from before the set was kept: the runners whose job started and did not end.
+    assert models.load_seen_busy() == {1}
+
+    models.save_seen_busy([4, 1])
+    assert models.load_seen_busy() == {1, 4}

@@ -4,9 +4,11 @@ for a wrong token and a daemon that is down."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import urllib.error
+import urllib.request
 
 import pytest
 
@@ -19,6 +21,9 @@ from tests.support.daemons import monitor
 from tests.support.daemons import wait_for_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A named token of the daemon's config, which the revoke test revokes and restores.
+CI_TOKEN = "ci-token-for-the-cli-tests-0123"
+CI_SHA256 = hashlib.sha256(CI_TOKEN.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +31,17 @@ def daemon(tmp_path_factory):
     """One monitor for the module: profiles linux (2) and windows (1), all Idle."""
     root = tmp_path_factory.mktemp("operator")
     standin = GitHubStandIn(token="test-gh-token")
-    standin.agent_online_after = 0.2
+    # Online by the monitor's first look after a create: an agent that connected later than
+    # that look would read "offline" from the cached list for api_cache_timeout (30 s), as
+    # long as this module's waits for an idle pool.
+    standin.agent_online_after = 0.0
     standin.start()
     port = free_port()
-    path = write_config(root, github_api_url=standin.base_url, extra=f"listen_port = {port}\n")
+    extra = (
+        f"listen_port = {port}\n"
+        f'[api_tokens]\nci = {{ sha256 = "{CI_SHA256}", scopes = ["reserve"] }}\n'
+    )
+    path = write_config(root, github_api_url=standin.base_url, extra=extra)
     running = Daemon("run", "--config", str(path), cwd=root)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -160,6 +172,55 @@ def test_a_wrong_token_is_reported(daemon, tmp_path):
     )
     # Reading needs no token: still fine.
     assert monitor("status", "--config", str(path), cwd=tmp_path).returncode == 0
+
+
+def test_revoke_and_unrevoke_a_token(daemon):
+    def take_status() -> int:
+        request = urllib.request.Request(
+            f"{daemon['base']}/profile/linux/take",  # no parameters: 422 once let in
+            method="POST",
+            headers={"Authorization": f"Bearer {CI_TOKEN}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert take_status() == 422
+    revoked = cli(daemon, "revoke", CI_SHA256)
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.strip() == "API token 'ci' revoked"
+    assert take_status() == 403
+    restored = cli(daemon, "unrevoke", CI_SHA256, "--json")
+    assert json.loads(restored.stdout) == {"unrevoked": "ci", "kind": "token"}
+    assert take_status() == 422
+    unknown = cli(daemon, "revoke", "0" * 64)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == (
+        "monitor revoke: the monitor answered 404: no API token or HMAC secret has that SHA-256"
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://192.0.2.1:8000", "http://monitor.example:8000/", "HTTP://10.0.0.1"]
+)
+def test_the_token_is_never_sent_over_plain_http_to_another_host(daemon, url):
+    result = cli(daemon, "drain", "linux", "--url", url)
+    assert result.returncode == 1
+    host = url.split("//")[1].split(":")[0].split("/")[0].lower()
+    assert result.stderr.strip() == (
+        f"monitor drain: refusing to send the API token over plain http to {host}, which is "
+        "not a loopback address: use an https:// --url, or the monitor's loopback address"
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "localhost", "[::1]"])
+def test_the_token_goes_over_plain_http_to_a_loopback_address(daemon, host):
+    # Nothing listens on port 9 (discard): the request is made, and refused by the kernel.
+    result = cli(daemon, "drain", "linux", "--url", f"http://{host}:9")
+    assert result.returncode == 1
+    assert "cannot reach the monitor" in result.stderr and "refusing" not in result.stderr
 
 
 def test_a_daemon_that_is_down_is_reported(tmp_path):

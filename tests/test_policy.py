@@ -16,6 +16,7 @@ from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,7 @@ class Settings:
     available_normal_memory: int = 16 * GIB
     monitor_start_timeout: timedelta = timedelta(seconds=120)
     monitor_reserve_timeout: timedelta = timedelta(seconds=60)
+    github_busy_lag: timedelta = timedelta(0)  # upstream's scenarios know no lag
     base_image_max_age: timedelta = timedelta(seconds=86400)
     dont_create_runners: bool = False
     dont_register_runners: bool = False
@@ -730,6 +732,7 @@ def test_in_flight_ids_with_a_record_are_runners_even_without_items() -> None:
 # --- Extra: destroy rules (spec §5.4, §5.9) ---------------------------------------------------
 
 LINUX_1 = profiles(("linux", 1, 0, 0))
+LINUX_2 = profiles(("linux", 2, 0, 0))
 LINUX_3 = profiles(("linux", 3, 0, 0))
 
 
@@ -1211,3 +1214,125 @@ def test_a_paused_host_creates_nothing_and_replaces_nothing():
     assert policy.Holds.from_json(policy.Holds(frozenset({"a"}), True).to_json()) == policy.Holds(
         frozenset({"a"}), True
     )
+
+
+# --- Extra: GitHub's busy flag lags a job's start ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("registration", "status"),
+    [
+        pytest.param(reg("online"), BUSY, id="online-flag-false"),
+        pytest.param(reg("online", labels=("reserved-for:x",)), BUSY, id="reserved-flag-false"),
+        pytest.param(reg("online", True), BUSY, id="flag-true"),
+        # Offline with the flag down: the agent is gone, the job with it.
+        pytest.param(reg("offline"), STARTED, id="offline"),
+        pytest.param(None, DONE, id="unregistered-after-its-job"),
+    ],
+)
+def test_a_runner_once_seen_busy_is_never_idle_or_reserved_again(
+    registration: Registration | None, status: Status
+) -> None:
+    assert replace(runner(registration), seen_busy=True).status is status
+
+
+def test_build_runners_marks_the_runners_seen_busy() -> None:
+    runners, _ = policy.build_runners(
+        [Registration(i, f"ci-runner-linux.{i}@host", "online", False) for i in (1, 2)],
+        ["ci-runner-linux.1", "ci-runner-linux.2"],
+        {i: RunnerRecord("linux", NOW) for i in (1, 2)},
+        runner_prefix=PREFIX,
+        suffix=SUFFIX,
+        seen_busy={2},
+    )
+    assert [r.status for r in runners] == [IDLE, BUSY]
+
+
+LAG = Settings(github_busy_lag=timedelta(seconds=60))
+
+
+@pytest.mark.parametrize(
+    ("held", "settings", "destroyed"),
+    [
+        pytest.param(61, Settings(), True, id="no-lag-past-timeout"),
+        pytest.param(61, LAG, False, id="lag-past-timeout"),
+        pytest.param(120, LAG, False, id="lag-at-timeout-plus-lag"),
+        pytest.param(121, LAG, True, id="lag-past-timeout-plus-lag"),
+        # The case: reserve timeout 30 s, busy shows 45 s after the job started.
+        pytest.param(
+            46,
+            Settings(
+                monitor_reserve_timeout=timedelta(seconds=30),
+                github_busy_lag=timedelta(seconds=60),
+            ),
+            False,
+            id="30s-timeout-job-busy-after-45s",
+        ),
+    ],
+)
+def test_a_reserved_runner_is_destroyed_only_after_the_reserve_timeout_plus_the_busy_lag(
+    held: int, settings: Settings, destroyed: bool
+) -> None:
+    runners = install([Fake("linux", RESERVED, reserved_ago=held)])
+    changes = decide(LINUX_1, runners, settings)
+    assert changes.destroy == ([0] if destroyed else [])
+    assert changes.look_first == (frozenset({0}) if destroyed else frozenset())
+
+
+def look_first_input(**kwargs: Any) -> PolicyInput:
+    fakes = [
+        idle("linux"),  # [0] excess (target 2: six healthy, three going anyway)
+        Fake("linux", RESERVED, reserved_ago=500),  # [1] reserved too long
+        Fake("linux", STARTED, created_ago=500),  # [2] never came online
+        done("linux"),  # [3] its job is done
+        Fake("linux", INVALID),  # [4] its guest is gone
+        busy("linux"),  # [5] running a job
+        idle("linux"),  # [6] kept
+    ]
+    return PolicyInput(LINUX_2, Settings(), install(fakes), {"linux": FRESH}, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "destroy", "look_first"),
+    [
+        pytest.param({}, [4, 3, 2, 1, 0], {0, 1}, id="policy"),
+        pytest.param(
+            {"destroy_requested": frozenset({6})}, [6, 4, 3, 2, 1], {6, 1}, id="operator"
+        ),
+        pytest.param(
+            {"destroy_requested": frozenset({6}), "destroy_forced": frozenset({6})},
+            [6, 4, 3, 2, 1],
+            {1},
+            id="operator-force",
+        ),
+        # Busy since the operator asked without force: it finishes its job.
+        pytest.param(
+            {"destroy_requested": frozenset({5})}, [4, 3, 2, 1, 0], {0, 1}, id="operator-busy"
+        ),
+        pytest.param(
+            {"destroy_requested": frozenset({5}), "destroy_forced": frozenset({5})},
+            [5, 4, 3, 2, 1],
+            {1},
+            id="operator-busy-force",
+        ),
+        pytest.param({"drained": frozenset({"linux"})}, [4, 3, 2, 1, 0, 6], {0, 1, 6}, id="drain"),
+    ],
+)
+def test_destroys_of_runners_that_look_idle_or_reserved_look_at_github_first(
+    kwargs: dict[str, Any], destroy: list[int], look_first: set[int]
+) -> None:
+    changes = policy.decide(look_first_input(**kwargs), NOW)
+    assert changes.destroy == destroy
+    assert changes.look_first == look_first
+
+
+def test_outdated_and_destroy_all_non_busy_destroys_look_first() -> None:
+    rolling = {"linux": Profile("linux", 1, 0, 0, rebuild_mode="rolling")}
+    runners = [replace(r, image=snap(600)) for r in install([idle("linux")])]
+    changes = policy.decide(PolicyInput(rolling, Settings(), runners, {"linux": FRESH}), NOW)
+    assert (changes.destroy, changes.look_first) == ([0], {0})
+
+    everything = install([idle("linux"), busy("linux"), Fake("linux", RESERVED, reserved_ago=0)])
+    settings = Settings(destroy_all_non_busy_runners=True)
+    changes = decide(LINUX_1, everything, settings)
+    assert (changes.destroy, changes.look_first) == ([0, 2], {0, 2})

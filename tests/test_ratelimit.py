@@ -1,11 +1,14 @@
-"""The fixed-window limit of the tokenless select (monitor/ratelimit.py): pure, given times."""
+"""The tokenless select's limits (monitor/ratelimit.py): the per-repository fixed window and
+the shared GitHub-call budget. Pure, given times."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
-from monitor import ratelimit
 from monitor.ratelimit import FixedWindowLimiter
+from monitor.ratelimit import SlidingWindowBudget
 
 T0 = 1_795_000_000.25
 
@@ -36,13 +39,66 @@ def test_refused_requests_are_not_counted_and_keys_are_separate():
     assert limiter.hit("a/a", T0 + 10).allowed  # not pushed back by the refused ones
 
 
-def test_ended_windows_are_dropped_when_there_are_many_keys(monkeypatch):
-    monkeypatch.setattr(ratelimit, "PRUNE_AT", 3)
+def test_ended_windows_are_dropped_as_new_ones_start():
     limiter = FixedWindowLimiter(1, window=10)
-    for key in ("a", "b", "c"):
+    for key in ("a/a", "b/b", "c/c"):
         limiter.hit(key, T0)
-    limiter.hit("d", T0 + 20)  # the others' windows have ended
-    assert set(limiter._windows) == {"d"}
+    limiter.hit("a/a", T0 + 5)  # still in its window: kept in place
+    limiter.hit("d/d", T0 + 20)  # every other window has ended
+    assert len(limiter) == 1
+
+
+def test_a_restarted_window_is_kept_past_older_ended_ones():
+    limiter = FixedWindowLimiter(1, window=10)
+    limiter.hit("a/a", T0)
+    limiter.hit("b/b", T0 + 5)
+    limiter.hit("a/a", T0 + 12)  # a's new window starts after b's
+    assert not limiter.hit("a/a", T0 + 16).allowed  # b's ended window dropped, a's kept
+    assert len(limiter) == 1
+
+
+def test_the_table_keeps_at_most_max_keys_forgetting_the_oldest():
+    limiter = FixedWindowLimiter(1, window=60, max_keys=3)
+    for n in range(10):
+        assert limiter.hit(f"servo/made-up-{n}", T0 + n).allowed
+    assert len(limiter) == 3
+    assert not limiter.hit("servo/made-up-9", T0 + 10).allowed  # the newest are remembered
+    assert limiter.hit("servo/made-up-0", T0 + 10).allowed  # the oldest were forgotten
+
+
+def test_keys_cost_the_same_memory_however_long():
+    limiter = FixedWindowLimiter(1, window=60)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(100):
+            limiter.hit(f"{n}/" + "x" * 256 * 1024, T0)  # each key 256 KiB
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(limiter) == 100
+    assert grown < 100 * 1024, grown  # about a hundred bytes a key, not 25 MiB
+
+
+def test_a_budget_is_spent_across_callers_and_frees_as_the_window_slides():
+    budget = SlidingWindowBudget(5, window=3600)
+    assert budget.take(2, T0) is None
+    assert budget.take(2, T0 + 100) is None
+    assert budget.take(2, T0 + 200) == 3400  # one unit short until T0's two leave the window
+    assert budget.spent(T0 + 200) == 4  # a refusal spends nothing
+    assert budget.take(1, T0 + 200) is None
+    assert budget.take(1, T0 + 300) == 3300
+    assert budget.take(1, T0 + 3600) is None  # T0's units have left the window
+    assert budget.spent(T0 + 3600) == 4
+
+
+def test_a_budget_takes_back_what_was_not_spent():
+    budget = SlidingWindowBudget(2, window=60)
+    assert budget.take(2, T0) is None
+    budget.give_back(1)
+    assert budget.take(1, T0 + 1) is None
+    assert budget.take(1, T0 + 2) == 58
+    assert budget.take(3, T0 + 2) == 60  # never enough
 
 
 @pytest.mark.parametrize(("limit", "window"), [(0, 60), (1, 0)])

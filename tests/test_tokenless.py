@@ -4,22 +4,33 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import tracemalloc
+import uuid
 import zipfile
+from collections import Counter
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 
 import pytest
+import webtest
 
+from monitor import config
+from monitor import loop
+from monitor import web
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.github import Artifact
 from monitor.github import RestGitHub
 from monitor.standin import GitHubStandIn
+from monitor.tokenless import TokenlessValidator
 from monitor.tokenless import check_args
 from monitor.tokenless import parse_args_file
 from monitor.tokenless import validate_select
+from tests.fakes import FakeHypervisor
+from tests.support.configs import write_config
 from tests.support.under_pytest import standin_fixtures
 
 TOKEN = "ghp_tokenlesstest0123456789SECRET"
@@ -342,13 +353,21 @@ def test_select_finds_ours_among_others(standin: GitHubStandIn, github: RestGitH
     assert select(github) == (IMAGE, 2)
 
 
-def test_select_finds_ours_on_the_second_page(standin: GitHubStandIn, github: RestGitHub):
-    # The stand-in lists newest first, so the oldest artifact lands on page 2 of 2.
+def test_select_asks_github_by_name_in_one_call(standin: GitHubStandIn, github: RestGitHub):
+    # Unfiltered, ours would be on page 2 of 2 (the stand-in lists newest first).
     upload(standin, args_text(count="4"), age=timedelta(seconds=200))
     for n in range(120):
         upload(standin, name=f"servo-ci-runners_other-{n}", age=timedelta(seconds=100 - n % 50))
     assert select(github) == (IMAGE, 4)
-    assert list_requests(standin) == [f"/repos/{REPO}/actions/runs/{RUN}/artifacts"] * 2
+    assert list_requests(standin) == [f"/repos/{REPO}/actions/runs/{RUN}/artifacts"]
+
+
+def test_select_reads_one_page_of_same_named_artifacts(standin: GitHubStandIn, github):
+    # Whoever uploads many artifacts of our name gets one list call, not a page each.
+    for n in range(150):
+        upload(standin, args_text(count="9"), age=timedelta(seconds=100 + n), expired=True)
+    assert refusal(github) == f"No args artifact found: {NAME}"
+    assert len(list_requests(standin)) == 1
 
 
 def test_select_too_old(standin: GitHubStandIn, github: RestGitHub):
@@ -473,7 +492,9 @@ class OneArtifactGitHub:
         self.data = data
         self.artifact = Artifact(1, NAME, NOW, "https://api.example/zip", False)
 
-    def list_artifacts(self, qualified_repo: str, run_id: str) -> list[Artifact]:
+    def list_artifacts(
+        self, qualified_repo: str, run_id: str, *, name: str | None = None
+    ) -> list[Artifact]:
         return [self.artifact]
 
     def download_artifact(self, url: str) -> bytes:
@@ -537,6 +558,58 @@ def patched(data: bytes, signature: bytes, offset: int, fmt: str, value: int) ->
     return bytes(out)
 
 
+def _streamed(uncompressed: int, compression: int) -> bytes:
+    """A zip of one member `args` holding `uncompressed` zero bytes, written in chunks (the
+    test itself must not hold 100 MB at once)."""
+    buffer = io.BytesIO()
+    entry = zipfile.ZipInfo("args")
+    entry.compress_type = compression
+    with zipfile.ZipFile(buffer, "w") as archive:
+        with archive.open(entry, "w") as member:
+            chunk = bytes(1 << 20)
+            for start in range(0, uncompressed, len(chunk)):
+                member.write(chunk[: uncompressed - start])
+    return buffer.getvalue()
+
+
+def _claiming(data: bytes, size: int) -> bytes:
+    """`data` with every header of its single member claiming `size` bytes uncompressed."""
+    data = patched(data, b"PK\x01\x02", 24, "<I", size)  # central directory
+    return patched(data, b"PK\x03\x04", 22, "<I", size)  # local header
+
+
+BOMBS = {
+    # Over the args file's limit even compressed (deflate tops out at ~1:1000).
+    "deflate 100 MB": (100_000_000, zipfile.ZIP_DEFLATED),
+    # Within the limit compressed (58 KB): only a bounded read stops it.
+    "deflate 60 MB": (60_000_000, zipfile.ZIP_DEFLATED),
+    "bzip2 100 MB": (100_000_000, zipfile.ZIP_BZIP2),
+    "lzma 20 MB": (20_000_000, zipfile.ZIP_LZMA),
+}
+
+
+@pytest.fixture(scope="module", params=list(BOMBS))
+def bomb(request: pytest.FixtureRequest) -> bytes:
+    uncompressed, compression = BOMBS[request.param]
+    return _claiming(_streamed(uncompressed, compression), 10)
+
+
+def test_select_refuses_a_member_that_claims_10_bytes_without_inflating_it(bomb: bytes):
+    github = OneArtifactGitHub(bomb)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(MonitorError) as excinfo:
+            select(github)
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    message = refused(excinfo)
+    print(f"\npeak {peak / 1024:.0f} KiB above baseline for a {len(bomb)}-byte zip: {message}")
+    assert message.startswith("Unreadable args artifact: ")
+    assert peak < 1 << 20
+
+
 def test_select_member_larger_than_it_claims():
     # Both headers claim 10 bytes; the member inflates to far more and fails its CRC.
     data = zipped({"args": args_text().encode() * 1000}, compression=zipfile.ZIP_DEFLATED)
@@ -551,10 +624,147 @@ def test_select_unsupported_compression():
     data = patched(data, b"PK\x01\x02", 10, "<H", 99)
     data = patched(data, b"PK\x03\x04", 8, "<H", 99)
     message = refusal(OneArtifactGitHub(data))
-    assert message.startswith("Unreadable args artifact: not a valid zip archive (")
+    assert message == (
+        "Unreadable args artifact: 'args' uses compression method 99 "
+        "(only stored and deflated files are read)"
+    )
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_select_refuses_methods_whose_output_zipfile_does_not_bound(compression: int):
+    data = zipped({"args": args_text().encode()}, compression=compression)
+    assert "only stored and deflated files are read" in refusal(OneArtifactGitHub(data))
+
+
+def test_select_reads_a_stored_member():
+    data = zipped({"args": args_text(count="3").encode()}, compression=zipfile.ZIP_STORED)
+    assert select(OneArtifactGitHub(data)) == (IMAGE, 3)
+
+
+def test_select_refuses_a_member_whose_compressed_size_is_over_the_limit():
+    # Claims a small file, but its compressed data alone is past what an args file can be.
+    data = zipped({"args": os.urandom(70_000)}, compression=zipfile.ZIP_DEFLATED)
+    data = _claiming(data, 100)
+    assert refusal(OneArtifactGitHub(data)) == (
+        "Unreadable args artifact: 'args' is larger than 65536 bytes"
+    )
 
 
 def test_select_bounds_the_file_name_in_messages():
     data = zipped({"é" * 500: b"\xff"})
     message = refusal(OneArtifactGitHub(data))
     assert message == f"Unreadable args artifact: {'é' * 100!r} is not UTF-8 text"
+
+
+# -- TokenlessValidator: the limits for callers without credentials ----------------------------
+
+
+def validator(github, *, calls_per_hour: int = 1000) -> TokenlessValidator:
+    return TokenlessValidator(
+        github, allowed_prefix="servo/", max_age=MAX_AGE, calls_per_hour=calls_per_hour
+    )
+
+
+def validate(checker: TokenlessValidator, now: datetime = NOW, **overrides) -> tuple[str, int]:
+    kwargs = {"unique_id": UID, "qualified_repo": REPO, "run_id": RUN, "now": now, **overrides}
+    return checker.validate(**kwargs)
+
+
+def api_requests(standin: GitHubStandIn) -> list[str]:
+    """The calls that count against GitHub's rate limit (not the blob downloads)."""
+    return [r.path for r in standin.requests if r.path.startswith("/repos/")]
+
+
+def test_validator_costs_two_calls_for_a_select(standin: GitHubStandIn, github: RestGitHub):
+    upload(standin, args_text(count="2"))
+    checker = validator(github)
+    assert validate(checker) == (IMAGE, 2)
+    assert len(api_requests(standin)) == 2
+    assert checker.budget.spent(NOW.timestamp()) == 2
+
+
+def test_validator_remembers_a_refusal_for_a_minute(standin: GitHubStandIn, github: RestGitHub):
+    checker = validator(github)
+    first = refusal_of(checker)
+    assert first == f"No args artifact found: {NAME}"
+    assert checker.budget.spent(NOW.timestamp()) == 1  # the download it never needed
+    upload(standin)  # too late for the next minute: the refusal is remembered
+    for seconds in (1, 30, 59):
+        assert refusal_of(checker, NOW + timedelta(seconds=seconds)) == first
+    assert len(api_requests(standin)) == 1
+    # Another request is not refused by it; the same one a minute later asks again.
+    assert refusal_of(checker, run_id="14000000124") == f"No args artifact found: {NAME}"
+    assert validate(checker, NOW + timedelta(seconds=60)) == (IMAGE, 1)
+
+
+def test_validator_does_not_remember_github_failures(standin: GitHubStandIn, github):
+    upload(standin)
+    checker = validator(github)
+    standin.inject_fault(503, path_contains="/artifacts")
+    with pytest.raises(TransientError):
+        validate(checker)
+    assert validate(checker) == (IMAGE, 1)
+
+
+def test_validator_refuses_outside_the_prefix_for_free(standin: GitHubStandIn, github):
+    checker = validator(github, calls_per_hour=2)
+    for repo in ("evil/servo", "servo", "servo/" + "x" * 101):
+        assert refusal_of(checker, qualified_repo=repo) == "Not allowed on this qualified_repo"
+    assert standin.requests == [] and checker.budget.spent(NOW.timestamp()) == 0
+
+
+def test_validator_budget_is_shared_by_every_repository(standin: GitHubStandIn, github):
+    checker = validator(github, calls_per_hour=3)  # one refusal costs 1, a select 2
+    upload(standin)
+    refusal_of(checker, qualified_repo="servo/made-up")
+    assert validate(checker) == (IMAGE, 1)
+    with pytest.raises(MonitorError) as excinfo:
+        validate(checker, qualified_repo="servo/another", now=NOW + timedelta(minutes=10))
+    error = excinfo.value
+    assert error.status == 429 and error.headers == {"Retry-After": "3000"}
+    assert error.message == (
+        "Too many tokenless requests: this monitor's GitHub budget for them (3 calls an hour) "
+        "is spent; try again in 3000 s"
+    )
+    assert len(api_requests(standin)) == 3
+    # An hour after the first calls, the budget has room again.
+    later = NOW + timedelta(hours=1)
+    assert refusal_of(checker, later, run_id="14000000999").startswith("No args artifact")
+    assert len(api_requests(standin)) == 4
+
+
+def refusal_of(checker: TokenlessValidator, now: datetime = NOW, **overrides) -> str:
+    with pytest.raises(MonitorError) as excinfo:
+        validate(checker, now, **overrides)
+    return refused(excinfo)
+
+
+def test_500_made_up_repositories_cost_at_most_the_budget_at_the_standin(
+    standin: GitHubStandIn, tmp_path, store
+):
+    """Each name under the prefix is a fresh per-repository window, and (before the budget)
+    cost a GitHub call each; now they share the budget, and the rest are 429s."""
+    budget = 50
+    path = write_config(
+        tmp_path,
+        github_api_url=standin.base_url,
+        extra=f"tokenless_github_calls_per_hour = {budget}\n",  # the prefix is "test/"
+    )
+    loaded = config.load(path, environ={})
+    github = RestGitHub(standin.base_url, loaded.github_api_scope, TOKEN, timeout=5.0)
+    client = webtest.TestApp(web.make_app(loaded, loop.Monitor(loaded, github, FakeHypervisor())))
+
+    statuses: Counter[int] = Counter()
+    for n in range(500):
+        query = f"unique_id={uuid.uuid4()}&qualified_repo=test/made-up-{n}&run_id={RUN}"
+        response = client.post(f"/select-runner?{query}", status="*")
+        statuses[response.status_int] += 1
+        if response.status_int == 429:
+            assert 1 <= int(response.headers["Retry-After"]) <= 3600
+            assert "GitHub budget" in response.json["error"]
+    calls = len(api_requests(standin))
+    print(f"\n500 selects for 500 made-up repositories: {calls} GitHub calls, {dict(statuses)}")
+    assert calls <= budget
+    # Each refusal cost one call; a validation starts only with two calls left in the budget.
+    assert statuses[403] == calls >= budget - 1
+    assert statuses[429] == 500 - calls

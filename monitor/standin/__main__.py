@@ -24,10 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent-online-after", type=float, default=3.0, metavar="SECONDS")
     parser.add_argument("--job-every", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--job-duration", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument(
+        "--busy-lag",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="report a runner busy only this long after its job started, as GitHub may",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     standin = GitHubStandIn(token=args.token)
+    standin.busy_lag = args.busy_lag
     if args.demo:
         standin.agent_online_after = args.agent_online_after
     base_url = standin.start(args.host, args.port)

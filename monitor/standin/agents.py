@@ -43,7 +43,7 @@ class RunnerAgents:
             runner.status, runner.online_at = "online", None
             runner.version = RUNNER_VERSION
             self._record(runner, "online", address)
-            return runner.to_json()
+            return runner.to_json(self.state.clock())
 
     def job(self, jit_config: str, address: str | None = None) -> dict[str, Any] | None:
         """The agent asks for work: the job it was given, or a new one if the runner is
@@ -60,7 +60,7 @@ class RunnerAgents:
                     "reserved_for": reserved_for,
                     "seconds": self.state.agent_job_seconds,
                 }
-                runner.busy = True
+                runner.start_job(self.state.job_started_busy_from())
                 self._record(runner, "job", address)
                 log.info("job %d assigned to %s", job_id, runner.name)
             return None if runner.job is None else dict(runner.job)
@@ -76,7 +76,7 @@ class RunnerAgents:
             if runner.ephemeral:
                 del self.state.records.runners[runner.id]
             else:
-                runner.busy, runner.job = False, None
+                runner.busy, runner.busy_from, runner.job = False, None, None
 
     def _runner(self, jit_config: str) -> Runner:
         agent_id, token = jit_identity(jit_config)
@@ -146,7 +146,7 @@ class JobSimulation:
                     records.add_labels(runner, self._reservation_labels(runner))
                     chosen.append(runner)
                 for runner in chosen:
-                    runner.busy = True
+                    runner.start_job(self.state.job_started_busy_from())
                     runner.done_at = time.monotonic() + duration
                     log.info("simulated job started on %s for %.1f s", runner.name, duration)
         # Let the transitions already scheduled happen even if nobody polls.

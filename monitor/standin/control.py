@@ -156,8 +156,15 @@ class ControlRoutes:
         return [r._asdict() for r in self.state.requests]
 
     def _agent_settings(self, body: dict[str, Any]) -> None:
-        value = body.get("online_after")
-        self.state.agent_online_after = None if value is None else float(value)
+        """Change the settings the body names; the others stay as they are."""
+        if "online_after" in body:
+            value = body["online_after"]
+            self.state.agent_online_after = None if value is None else float(value)
+        if "busy_lag" in body:
+            lag = float(body["busy_lag"])
+            if not 0 <= lag < float("inf"):
+                raise ValueError(f"busy_lag must be a non-negative number of seconds, not {lag}")
+            self.state.busy_lag = lag
         if "job_seconds" in body:
             self.state.agent_job_seconds = float(body["job_seconds"])
         if "hold_jobs" in body:

@@ -223,19 +223,22 @@ class RestApi:
     def _list_runners(self, scope: str) -> _Reply:
         self._records.advance()
         name = bottle.request.query.get("name")
+        now = self.state.clock()
         runners = [
-            r.to_json()
+            r.to_json(now)
             for r in self._records.runners.values()
             if r.scope == scope and (name is None or r.name == name)
         ]
         return self._paginate(runners, "runners")
 
     def _get_runner(self, scope: str, runner_id: int) -> _Reply:
-        return _Reply(200, self._scoped_runner(scope, runner_id).to_json(), etag=True)
+        runner = self._scoped_runner(scope, runner_id)
+        return _Reply(200, runner.to_json(self.state.clock()), etag=True)
 
     def _delete_runner(self, scope: str, runner_id: int) -> _Reply:
         runner = self._scoped_runner(scope, runner_id)
-        if runner.busy:
+        # During the busy lag GitHub does not know either: the runner goes, its job with it.
+        if runner.reported_busy(self.state.clock()):
             raise _ApiError(422, f'Bad request - Runner "{runner.name}" is still running a job')
         del self._records.runners[runner.id]
         return _Reply(204)
@@ -263,7 +266,8 @@ class RestApi:
         if self.state.agent_online_after is not None:
             runner.online_at = time.monotonic() + self.state.agent_online_after
         self._records.jit_names.append(name)
-        return _Reply(201, {"runner": runner.to_json(), "encoded_jit_config": jit_config(runner)})
+        created = runner.to_json(self.state.clock())
+        return _Reply(201, {"runner": created, "encoded_jit_config": jit_config(runner)})
 
     # https://docs.github.com/rest/actions/self-hosted-runners#list-labels-for-a-self-hosted-runner-for-a-repository
     def _get_labels(self, scope: str, runner_id: int) -> _Reply:

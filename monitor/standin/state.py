@@ -15,6 +15,7 @@ import math
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,15 +77,26 @@ class Runner:
     done_at: float | None = None  # monotonic; the simulated job ends then
     jit_token: str | None = None  # the credential in its JIT config (a real agent's proof)
     job: dict[str, Any] | None = None  # the job a real agent was given
+    # While `busy`, GitHub reports it only from this time on (`StandInState.clock`): the
+    # `busy_lag` after its job started. None: at once.
+    busy_from: float | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def reported_busy(self, now: float) -> bool:
+        """`busy` as GitHub's API says it at `now`: false during the lag after a job started."""
+        return self.busy and (self.busy_from is None or now >= self.busy_from)
+
+    def start_job(self, busy_from: float | None) -> None:
+        self.busy, self.busy_from = True, busy_from
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        """GitHub's JSON for the runner as the API shows it at `now` (`StandInState.clock`)."""
         return {
             "id": self.id,
             "runner_group_id": self.runner_group_id,
             "name": self.name,
             "os": self.os,
             "status": self.status,
-            "busy": self.busy,
+            "busy": self.reported_busy(now),
             "ephemeral": self.ephemeral,
             "labels": [dict(label) for label in self.labels],
             "version": self.version,
@@ -201,7 +213,11 @@ class StandInState:
     `agent_online_after` (seconds or None) makes each new JIT runner go online that long after
     its config was generated. `agent_job_seconds` is how long a real agent is told to run the
     job it is given; while `hold_jobs` is set, no agent is given one (the jobs wait in GitHub's
-    queue), so a test can see a runner Reserved before it is Busy.
+    queue), so a test can see a runner Reserved before it is Busy. `busy_lag` (seconds) makes
+    the API report a runner whose job started (an agent's or a simulated one) as not busy for
+    that long, as GitHub does for 25-60 s; meanwhile it also lets the runner be deleted, job
+    and all. It is measured on `clock` (`time.monotonic`; a test may give the stand-in its own
+    fake clock).
     """
 
     def __init__(self, token: str | None = None, *, rate_limit: int = 5000) -> None:
@@ -209,6 +225,8 @@ class StandInState:
         self.agent_online_after: float | None = None
         self.agent_job_seconds = 5.0
         self.hold_jobs = False
+        self.busy_lag = 0.0
+        self.clock: Callable[[], float] = time.monotonic
         self.rate_limit_limit = rate_limit
         self.lock = threading.RLock()
         self._runner_ids = itertools.count(41_000_000)
@@ -219,7 +237,8 @@ class StandInState:
         """Every runner in every scope, as GitHub's JSON plus a `scope` key."""
         with self.lock:
             self.records.advance()
-            return [{**r.to_json(), "scope": r.scope} for r in self.records.runners.values()]
+            now = self.clock()
+            return [{**r.to_json(now), "scope": r.scope} for r in self.records.runners.values()]
 
     def add_runner(
         self,
@@ -253,9 +272,14 @@ class StandInState:
                 runner.version = runner.version or RUNNER_VERSION
 
     def set_busy(self, runner_id: int, busy: bool) -> None:
-        """Mark a runner busy (running a job) or not."""
+        """Mark a runner busy (running a job) or not, as the API reports it at once."""
         with self.lock:
-            self.records.runner(runner_id).busy = bool(busy)
+            runner = self.records.runner(runner_id)
+            runner.busy, runner.busy_from = bool(busy), None
+
+    def job_started_busy_from(self) -> float | None:
+        """When a job starting now shows as busy in the API (None: at once). Lock held."""
+        return self.clock() + self.busy_lag if self.busy_lag > 0 else None
 
     def finish_job(self, runner_id: int) -> None:
         """The runner's job ended: an ephemeral runner deregisters itself."""

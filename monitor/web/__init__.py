@@ -114,6 +114,8 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
             token_hashes=config.api_tokens,
             hmac_secrets=config.hmac_secrets,
             revoked=models.revoked_credentials(),
+            token_scopes=config.api_token_scopes,
+            hmac_scopes=config.hmac_scopes,
         ),
         boot_logs=bootlog.BootLogStore(config.data_path),
         render=render,

@@ -12,6 +12,7 @@ from typing import Any
 
 import bottle
 
+from monitor import auth
 from monitor import metrics
 from monitor import models
 from monitor import tokenless
@@ -69,11 +70,17 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
         if config.select_runner_rate_limit
         else None
     )
+    validator = tokenless.TokenlessValidator(
+        context.monitor.github,
+        allowed_prefix=config.allowed_qualified_repo_prefix,
+        max_age=config.tokenless_select_artifact_max_age,
+        calls_per_hour=config.tokenless_github_calls_per_hour,
+    )
 
     @app.post("/profile/<profile_key>/take")
     @app.post("/profile/<profile_key>/take/<count>")
     def take(profile_key: str, count: str = "1") -> bottle.HTTPResponse:
-        require_token(context.credentials)
+        require_token(context.credentials, auth.RESERVE)
         number = parse_count(count, config.take_max_count)
         return json_response(run_take(context, profile_key, number, take_params()))
 
@@ -83,8 +90,10 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
             raise MonitorError("Tokenless select is disabled due to `queue_member` setting", 409)
         params = take_params()
         unique_id, qualified_repo, run_id = params
-        # Anyone who can open a pull request can call this: a repository gets so many
-        # selects a minute, counted before its artifact is fetched from GitHub.
+        # Anyone can call this. Only repositories under the prefix are counted; each gets so
+        # many selects a minute before its artifact is fetched from GitHub, and all of them
+        # together so many GitHub calls an hour (the validator's budget).
+        validator.check_repo(qualified_repo)
         limit_headers: dict[str, str] = {}
         if select_limiter is not None:
             now = time.time()
@@ -109,10 +118,7 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
 
     def select_runner_checked(params: tuple[str, str, str]) -> bottle.HTTPResponse:
         unique_id, qualified_repo, run_id = params
-        profile_key, count = tokenless.validate_select(
-            context.monitor.github,
-            allowed_prefix=config.allowed_qualified_repo_prefix,
-            max_age=config.tokenless_select_artifact_max_age,
+        profile_key, count = validator.validate(
             unique_id=unique_id,
             qualified_repo=qualified_repo,
             run_id=run_id,
@@ -166,7 +172,7 @@ def _add_override_routes(app: bottle.Bottle, context: WebContext) -> None:
 
     @app.post("/policy/override")
     def post_override() -> bottle.HTTPResponse:
-        require_token(context.credentials)
+        require_token(context.credentials, auth.OPERATE)
         counts = {}
         for key, value in bottle.request.query.allitems():
             if not value.isdigit() or not value.isascii() or int(value) > MAX_OVERRIDE_COUNT:
@@ -180,7 +186,7 @@ def _add_override_routes(app: bottle.Bottle, context: WebContext) -> None:
 
     @app.delete("/policy/override")
     def delete_override() -> bottle.HTTPResponse:
-        require_token(context.credentials)
+        require_token(context.credentials, auth.OPERATE)
         override = monitor.call(monitor.clear_override, context.thread_timeout())
         return json_response(override.to_json() if override is not None else None)
 

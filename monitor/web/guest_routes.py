@@ -42,7 +42,7 @@ def add_routes(app: bottle.Bottle, context: WebContext) -> None:
         if address_only:
             runner_id = monitor.guests.runner_for_address(client_address(config.trusted_proxies)).id
         else:
-            runner_id = monitor.guests.runner_for_guest_token(guest_token()).id
+            runner_id = monitor.guests.runner_for_unspent_token(guest_token()).id
         length = bottle.request.content_length
         if length > boot_logs.max_bytes:  # refused before reading it
             raise MonitorError(f"a boot log chunk of {length} bytes is too big", 413)

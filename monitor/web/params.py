@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-import uuid
+import urllib.parse
 from typing import Any
 
 import bottle
@@ -17,28 +17,57 @@ from monitor import auth
 from monitor.errors import MonitorError
 from monitor.guests import parse_address
 
-_QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+# GitHub's own limits are 39 characters for an owner and 100 for a repository; the bounds keep
+# junk out of rate-limit keys, labels and logs.
+_QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
+# A UUID as `uuidgen` prints it: lower case on Linux, upper case on macOS. Kept as given (the
+# args artifact's name and its unique_id line hold the caller's spelling), and nothing but hex
+# digits and hyphens reaches labels and logs.
+_UNIQUE_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+# Run ids are 64-bit integers.
+_MAX_RUN_ID_DIGITS = 20
+# How much of a bad value an error message repeats.
+_SHOWN = 100
 # Token routes take no body; a signed request's is hashed up to this much.
 MAX_SIGNED_BODY = 1 << 20
 
 
-def require_token(credentials: auth.Credentials) -> auth.Credential:
-    """Upstream's auth, checked before parameters: no credential → 401, a wrong or
-    revoked one → 403. A request may carry a bearer token or an HMAC signature."""
+def require_token(credentials: auth.Credentials, scope: str) -> auth.Credential:
+    """Upstream's auth, checked before parameters: no credential → 401, a wrong or revoked
+    one → 403, one without `scope` → 403 naming it. A request may carry a bearer token or an
+    HMAC signature; a signature's timestamp is checked before the body is read."""
     request = bottle.request
     signed = request.get_header(auth.SIGNATURE_HEADER)
     if signed is None:
-        return credentials.check_bearer(request.get_header("Authorization"))
-    query = request.environ.get("QUERY_STRING", "")
-    target = request.environ.get("PATH_INFO", "/") + (f"?{query}" if query else "")
-    return credentials.check_signature(
+        credential = credentials.check_bearer(request.get_header("Authorization"))
+        return credentials.authorize(credential, scope)
+    timestamp = request.get_header(auth.TIMESTAMP_HEADER)
+    now = time.time()
+    auth.check_timestamp(timestamp, now)
+    credential = credentials.check_signature(
         signed,
-        request.get_header(auth.TIMESTAMP_HEADER),
+        timestamp,
         request.method,
-        target,
+        request.environ.get("HTTP_HOST", ""),
+        request_target(request.environ),
         request.body.read(MAX_SIGNED_BODY),
-        time.time(),
+        now,
     )
+    return credentials.authorize(credential, scope)
+
+
+def request_target(environ: dict[str, Any]) -> str:
+    """The request target as the client sent it on the request line (what a signature
+    covers): waitress' REQUEST_URI, else rebuilt from the WSGI path and query."""
+    raw = environ.get("REQUEST_URI")
+    if raw:
+        return str(raw)
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/")
+    query = environ.get("QUERY_STRING", "")
+    quoted = urllib.parse.quote(path.encode("latin-1"), safe="/!$&'()*+,;=:@-._~")
+    return quoted + (f"?{query}" if query else "")
 
 
 def guest_token() -> str:
@@ -72,14 +101,18 @@ def take_params() -> tuple[str, str, str]:
     unique_id = required_param(query, "unique_id")
     qualified_repo = required_param(query, "qualified_repo")
     run_id = required_param(query, "run_id")
-    try:
-        uuid.UUID(unique_id)  # validated only: artifact names and labels use it as given
-    except ValueError:
-        raise MonitorError(f"unique_id must be a UUID, got {unique_id!r}", 422) from None
+    if not _UNIQUE_ID.fullmatch(unique_id):
+        raise MonitorError(
+            "unique_id must be a UUID as uuidgen prints it (8-4-4-4-12 hex digits), "
+            f"got {unique_id[:_SHOWN]!r}",
+            422,
+        )
     if not _QUALIFIED_REPO.fullmatch(qualified_repo):
-        raise MonitorError(f"qualified_repo must be <owner>/<repo>, got {qualified_repo!r}", 422)
-    if not run_id.isdigit() or not run_id.isascii():
-        raise MonitorError(f"run_id must be a number, got {run_id!r}", 422)
+        raise MonitorError(
+            f"qualified_repo must be <owner>/<repo>, got {qualified_repo[:_SHOWN]!r}", 422
+        )
+    if not run_id.isdigit() or not run_id.isascii() or len(run_id) > _MAX_RUN_ID_DIGITS:
+        raise MonitorError(f"run_id must be a number, got {run_id[:_SHOWN]!r}", 422)
     return unique_id, qualified_repo, run_id
 
 

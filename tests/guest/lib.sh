@@ -3,6 +3,9 @@
 # Everything these scripts print goes, through the tee that /init starts, both to the VGA
 # console (tty0, so screenshots show it) and to $LOG, which `upload_log` sends to the
 # monitor's POST /boot-log in chunks: only the bytes added since the last accepted upload.
+# The guest's token opens /boot-log only until the JIT config is served (then a job's code
+# could use it), so the runner boot script flushes the log before it asks for the config, and
+# uploading stops at the first 410.
 
 LOG=/run/boot.log
 # Written by /init once it has a lease: IP, ROUTER, MONITOR and STANDIN (base URLs), and
@@ -39,8 +42,8 @@ upload_log() {
     tail -c +$((sent + 1)) "$LOG" | head -c "$count" > /run/log.chunk
     if monitor_wget -q -O /dev/null --post-file /run/log.chunk "$MONITOR/boot-log" 2>/run/log.err; then
         echo $((sent + count)) > /run/log.sent
-    elif grep -q ' 413 ' /run/log.err; then
-        # Over the monitor's cap: sending more would only be refused again.
+    elif grep -q -e ' 413 ' -e ' 410 ' /run/log.err; then
+        # Over the monitor's cap, or the token is spent: sending more would only be refused.
         touch /run/log.refused
     fi
     rmdir /run/log.lock
@@ -59,6 +62,7 @@ flush_log() {
     sleep 0.3
     # Wait for a running upload to finish, then send the rest (a few tries, then give up).
     for attempt in 1 2 3 4 5 6 7 8 9 10; do
+        [ -e /run/log.refused ] && return 1
         if upload_log; then
             [ "$(cat /run/log.sent 2>/dev/null || echo 0)" -ge "$(wc -c < "$LOG")" ] && return 0
         fi

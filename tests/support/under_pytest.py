@@ -4,6 +4,7 @@ fixture factories. Benchmarks never import this module."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -34,6 +35,7 @@ def standin_fixtures(token: str):
     def standin(server: GitHubStandIn):
         server.reset()
         server.agent_online_after = None
+        server.busy_lag, server.clock = 0.0, time.monotonic
         yield server
         server.stop_job_simulation()
         server.clear_faults()
