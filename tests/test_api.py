@@ -15,6 +15,7 @@ import pytest
 import webtest
 
 from monitor import models
+from monitor import tokenless
 from monitor import web
 from monitor.errors import MonitorError
 from tests.fakes import PNG
@@ -693,7 +694,7 @@ def test_method_not_allowed_says_which_methods_are(rig):
 def test_select_runner_for_an_artifact_naming_an_unknown_profile_is_404(rig, monkeypatch):
     """As a take of that profile: documented in monitor/openapi.json since schemathesis met it."""
     monkeypatch.setattr(
-        web.tokenless.TokenlessValidator, "validate", lambda self, **kwargs: ("macos", 1)
+        tokenless.TokenlessValidator, "validate", lambda self, **kwargs: ("macos", 1)
     )
     url = f"/select-runner?unique_id={uuid.uuid4()}&qualified_repo=test/servo&run_id=1"
     response = rig.client.post(url, status=404)

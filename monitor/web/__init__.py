@@ -26,7 +26,6 @@ import bottle
 from monitor import auth
 from monitor import bootlog
 from monitor import models
-from monitor import tokenless  # noqa: F401 - tests patch monitor.web.tokenless.validate_select
 from monitor.errors import MonitorError
 from monitor.loop import Monitor
 from monitor.web import api
