@@ -359,6 +359,35 @@ def test_artifact_download_redirects_to_blob_host(standin: GitHubStandIn, api: C
     assert api("GET", forged, auth=False).status == 403
 
 
+def test_artifact_deleted_over_rest_and_control(standin: GitHubStandIn, api: Client):
+    """`DELETE /repos/<repo>/actions/artifacts/<id>` (what `gh api -X DELETE` sends when a
+    workflow deletes its args artifact) and `/_standin/artifacts` (the upload and the list
+    a test uses instead of actions/upload-artifact)."""
+    body = {"qualified_repo": "servo/servo", "run_id": 9, "name": "servo-ci-runners_x"}
+    uploaded = api("POST", "/_standin/artifacts", {**body, "files": {"args": "a=1\n"}}, auth=False)
+    assert uploaded.status == 200
+    artifact_id = uploaded.json()["id"]
+    other = standin.add_artifact("servo/servo", 9, "kept", {"f": "x"})
+    (listed, _) = api.json("GET", "/_standin/artifacts")
+    assert {k: listed[k] for k in ("id", "qualified_repo", "run_id", "name")} == {
+        "id": artifact_id,
+        **body,
+    }
+    assert listed["created_at"].endswith("Z") and listed["expired"] is False
+
+    assert api("DELETE", f"/repos/servo/other/actions/artifacts/{artifact_id}").status == 404
+    assert api("DELETE", f"{REPO}/actions/artifacts/{artifact_id}", auth=False).status == 401
+    deleted = api("DELETE", f"{REPO}/actions/artifacts/{artifact_id}")
+    assert (deleted.status, deleted.data) == (204, b"")
+    assert api("DELETE", f"{REPO}/actions/artifacts/{artifact_id}").status == 404
+    names = [a["name"] for a in api.json("GET", f"{REPO}/actions/runs/9/artifacts")["artifacts"]]
+    assert names == ["kept"]
+
+    assert api("DELETE", f"/_standin/artifacts/{other}", auth=False).status == 200
+    assert api("DELETE", f"/_standin/artifacts/{other}", auth=False).status == 404
+    assert standin.artifacts() == []
+
+
 def test_expired_artifact_is_410(standin: GitHubStandIn, api: Client):
     artifact_id = standin.add_artifact("servo/servo", "5", "old", {"f": "x"}, expired=True)
 

@@ -45,6 +45,12 @@ class ControlRoutes:
         app.route("/_standin/runners/<runner_id:int>/busy", "POST", ctl(self._busy))
         app.route("/_standin/runners/<runner_id:int>/finish-job", "POST", ctl(self._finish))
         app.route("/_standin/artifacts", "POST", ctl(self._add_artifact))
+        app.route("/_standin/artifacts", "GET", ctl(lambda body: state.artifacts()))
+        app.route(
+            "/_standin/artifacts/<artifact_id:int>",
+            "DELETE",
+            ctl(lambda body, artifact_id: state.delete_artifact(artifact_id)),
+        )
         app.route("/_standin/faults", "POST", ctl(self._inject_fault))
         app.route("/_standin/faults", "DELETE", ctl(lambda body: state.clear_faults()))
         app.route(

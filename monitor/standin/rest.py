@@ -89,6 +89,9 @@ class RestApi:
         app.route(artifacts + "/runs/<run_id:int>", "GET", api(self._get_workflow_run))
         app.route(artifacts + "/runs/<run_id:int>/artifacts", "GET", api(self._list_artifacts))
         app.route(
+            artifacts + "/artifacts/<artifact_id:int>", "DELETE", api(self._delete_artifact)
+        )
+        app.route(
             artifacts + "/artifacts/<artifact_id:int>/<archive_format>",
             "GET",
             api(self._download_artifact),
@@ -337,6 +340,14 @@ class RestApi:
         self._records.blobs[signature] = (artifact.id, time.monotonic() + BLOB_URL_LIFETIME)
         location = f"{_blob_base()}/_blob/{artifact.id}?{urlencode({'sig': signature})}"
         return _Reply(302, headers={"Location": location})
+
+    # https://docs.github.com/rest/actions/artifacts#delete-an-artifact
+    def _delete_artifact(self, scope: str, artifact_id: int) -> _Reply:
+        artifact = self._records.artifacts.get(artifact_id)
+        if artifact is None or f"/repos/{artifact.repo}" != scope:
+            raise _ApiError(404, "Not Found")
+        del self._records.artifacts[artifact_id]
+        return _Reply(204)
 
     # https://docs.github.com/rest/rate-limit/rate-limit#get-rate-limit-status-for-the-authenticated-user
     def _get_rate_limit(self, scope: str) -> _Reply:

@@ -326,6 +326,29 @@ class StandInState:
             )
             return artifact_id
 
+    def artifacts(self) -> list[dict[str, Any]]:
+        """Every artifact not yet deleted, oldest first: id, qualified_repo, run_id, name,
+        created_at (RFC 3339), expired."""
+        with self.lock:
+            return [
+                {
+                    "id": a.id,
+                    "qualified_repo": a.repo,
+                    "run_id": a.run_id,
+                    "name": a.name,
+                    "created_at": a.created_at.isoformat().replace("+00:00", "Z"),
+                    "expired": a.expired,
+                }
+                for a in sorted(self.records.artifacts.values(), key=lambda a: a.id)
+            ]
+
+    def delete_artifact(self, artifact_id: int) -> None:
+        """Delete an artifact, as `DELETE /repos/<repo>/actions/artifacts/<id>` does (a
+        workflow deletes its args artifact once the queue has read it); KeyError if there is
+        none."""
+        with self.lock:
+            del self.records.artifacts[int(artifact_id)]
+
     def set_run_status(
         self, qualified_repo: str, run_id: int, status: str, conclusion: str | None = None
     ) -> None:
