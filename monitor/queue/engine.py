@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -58,8 +59,11 @@ Clock = Callable[[], datetime]
 # A member polled successfully within this long is fresh for enqueue (read from the store, so
 # every queue process agrees, and a dead dispatcher leaves no member fresh for long).
 MEMBER_FRESH_SECONDS = 10.0
-# How long a cycle waits for the members' answers (their adapter times out at 1.5 s).
-POLL_WAIT_SECONDS = 2.0
+# How long a cycle waits for the answers of the polls it started: a member slower than
+# that is planned on with its last answer, and marked stale once its poll has run for
+# STALE_AFTER_SECONDS (the adapter gives up at 1.5 s).
+POLL_WAIT_SECONDS = 0.5
+STALE_AFTER_SECONDS = 2.0
 LEASE_SECONDS = 5.0
 RETRY_AFTER = 1.0
 # A poll writes last_poll_at only when the stored one is older: 500 clients polling each
@@ -67,7 +71,10 @@ RETRY_AFTER = 1.0
 TOUCH_EVERY_SECONDS = 5.0
 # An entry whose takes failed this often ends "failed": its client falls back at once
 # instead of waiting out its retries.
-MAX_FAILURES = 5
+MAX_FAILURES = 10
+# A member whose take failed is not planned on for this long (its counts may still answer):
+# the entry waits in its place, or goes to other members, instead of failing again at once.
+TAKE_BACKOFF_SECONDS = 5.0
 RECENT = 50
 RETAIN = timedelta(days=1)
 PRUNE_EVERY_SECONDS = 600.0
@@ -156,6 +163,8 @@ class Dispatcher:
         }
         self.polling: dict[str, Future[Mapping[str, Counts]]] = {}
         self.poll_started: dict[str, float] = {}
+        self.take_backoff = TAKE_BACKOFF_SECONDS
+        self.take_failed_at: dict[str, float] = {}  # member url -> time.monotonic()
         self.last_prune = 0.0
         self.store_down = False
         workers = max(4, 2 * len(self.servers))
@@ -219,7 +228,7 @@ class Dispatcher:
         self.store.save_members(views)
         self.expire(self.clock())
         waiting = [r.waiting for r in self.store.active() if r.entry.state == "waiting"]
-        planned = policy.plan(waiting, views, self.reserving())
+        planned = policy.plan(waiting, self.plannable(views), self.reserving())
         for claim in self.store.claim(planned):
             self.forward(claim)
         if time.monotonic() - self.last_prune > PRUNE_EVERY_SECONDS:
@@ -232,16 +241,20 @@ class Dispatcher:
         """Every member's counts, concurrently; one that fails or is slow is marked stale,
         keeps its last counts, and holds up no one (a poll still running is not repeated)."""
         now = self.clock()
+        submitted = []
         for url in self.servers:
             if url not in self.polling:
                 self.poll_started[url] = time.monotonic()
                 self.polling[url] = self.poll_pool.submit(self.members.counts, url)
-        wait(list(self.polling.values()), timeout=POLL_WAIT_SECONDS)
+                submitted.append(self.polling[url])
+        wait(submitted, timeout=POLL_WAIT_SECONDS)
         for url in self.servers:
             future = self.polling[url]
             last = self.views[url]
             if not future.done():
-                self.views[url] = MemberView(url, False, last.counts, last.polled_at, "no answer")
+                if time.monotonic() - self.poll_started[url] > STALE_AFTER_SECONDS:
+                    error = f"no answer within {STALE_AFTER_SECONDS:g} s"
+                    self.views[url] = MemberView(url, False, last.counts, last.polled_at, error)
                 continue
             del self.polling[url]
             try:
@@ -256,6 +269,15 @@ class Dispatcher:
                 started = self.poll_started[url]
                 self.unseen = [u for u in self.unseen if u[0] != url or u[3] >= started]
         return [self.views[url] for url in self.servers]
+
+    def plannable(self, views: list[MemberView]) -> list[MemberView]:
+        """The members as the plan sees them: one whose take failed lately is not fresh."""
+        now = time.monotonic()
+        with self.lock:
+            backed_off = {
+                url for url, at in self.take_failed_at.items() if now - at < self.take_backoff
+            }
+        return [replace(view, fresh=False) if view.url in backed_off else view for view in views]
 
     def reserving(self) -> dict[str, dict[str, int]]:
         """member url -> profile -> runners being reserved there, or reserved but not yet
@@ -333,6 +355,8 @@ class Dispatcher:
             )
         except Exception as error:  # MonitorError from the adapter, or a bug in it
             result = f"{url}: {error}"
+            with self.lock:
+                self.take_failed_at[url] = time.monotonic()
         with self.lock:
             flight.results[url] = result
             flight.pending -= 1

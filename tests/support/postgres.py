@@ -104,6 +104,11 @@ class Proxy:
             sockets, self._sockets = self._sockets, []
             listener, self._listener = self._listener, None
         if listener is not None:
+            # close() alone leaves a socket that a thread blocks in accept() on listening.
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         for sock in sockets:
             try:
@@ -155,13 +160,33 @@ def store_url_fixture():  # noqa: ANN201 - a pytest fixture, made here so benchm
         if request.param == "sqlite":
             yield f"sqlite:///{tmp_path / 'queue.sqlite3'}"
             return
-        reason = unavailable()
-        if reason is not None:
-            message = f"{reason}; {HINT}"
-            if os.environ.get("MONITOR_REQUIRE_POSTGRES") == "1":
-                pytest.fail(message)
-            pytest.skip(message)
+        require()
         with fresh_database() as url:
             yield url
 
     return store_url
+
+
+def postgres_url_fixture():  # noqa: ANN201 - see store_url_fixture
+    """A fixture `postgres_url`: a fresh PostgreSQL database (skips or fails as above)."""
+    import pytest
+
+    @pytest.fixture
+    def postgres_url() -> Iterator[str]:
+        require()
+        with fresh_database() as url:
+            yield url
+
+    return postgres_url
+
+
+def require() -> None:
+    """Skip the calling test without PostgreSQL, or fail it under MONITOR_REQUIRE_POSTGRES=1."""
+    import pytest
+
+    reason = unavailable()
+    if reason is not None:
+        message = f"{reason}; {HINT}"
+        if os.environ.get("MONITOR_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
