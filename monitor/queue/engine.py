@@ -570,7 +570,7 @@ def open_engine(
     data_path: Path | None = None,
     lease_seconds: float = LEASE_SECONDS,
 ) -> SqlQueueEngine:
-    """An engine on the store at `store_url` (`sqlite:///path`, `postgresql://...`, or "" for
+    """An engine on the store at `store_url` (`sqlite:////abs/path`, `postgresql://...`, or "" for
     `<data_path>/queue.sqlite3`), its dispatcher not started yet."""
     return SqlQueueEngine(
         QueueStore(store_url, data_path),

@@ -172,18 +172,21 @@ def _bind(
 
 
 def database_for(url: str, data_path: Path | None = None) -> Database:
-    """`sqlite:///path` (WAL), `postgresql://user:password@host:port/name`, or "" for
+    """`sqlite:////abs/path` (WAL), `postgresql://user:password@host:port/name`, or "" for
     `<data_path>/queue.sqlite3`."""
     if not url:
         if data_path is None:
             raise ConfigError("queue store: no database URL and no data_path")
         data_path.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{data_path / DEFAULT_FILENAME}"
+        url = f"sqlite:///{data_path.resolve() / DEFAULT_FILENAME}"
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
-        path = Path(url.removeprefix("sqlite://"))
-        if not str(path) or str(path) == "/":
-            raise ConfigError(f"queue store: {url!r} names no file")
+        # As SQLAlchemy and playhouse.db_url read it: sqlite:////abs/path (four slashes) is
+        # absolute; sqlite:///rel/path is relative, here to data_path (the daemon's cwd is /).
+        raw = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+        if not raw or raw.endswith("/"):
+            raise ConfigError(f"queue store: {url!r} names no file (sqlite:////abs/path)")
+        path = Path(raw) if raw.startswith("/") else (data_path or Path.cwd()) / raw
         path.parent.mkdir(parents=True, exist_ok=True)
         # Tokens are stored only hashed, but entries say which repositories run what.
         path.touch(mode=0o600, exist_ok=True)
@@ -215,7 +218,7 @@ def database_for(url: str, data_path: Path | None = None) -> Database:
         )
     raise ConfigError(
         f"queue store: unsupported database URL {redact(url)} "
-        "(expected sqlite:///path or postgresql://user:password@host/database)"
+        "(expected sqlite:////absolute/path or postgresql://user:password@host/database)"
     )
 
 
