@@ -93,11 +93,6 @@ class Snapshot:
     recent: Sequence[Entry]  # the latest served, expired and failed entries, newest first
     outcomes: Mapping[str, int]  # served, expired, refused, failed: counts since start
     taken_at: datetime
-    # The waits from enqueue to served (seconds) of the entries this process served since it
-    # started, as a cumulative histogram for /metrics: upper bound -> entries that waited at
-    # most that long (the last bound is inf, so it holds them all), and the waits' sum.
-    wait_buckets: Mapping[float, int] = field(default_factory=dict)
-    wait_sum: float = 0.0
 
 
 class QueueEngine(Protocol):

@@ -17,7 +17,6 @@ same runners; a late result of an older attempt is void (`attempt`).
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import hmac
 import logging
@@ -78,7 +77,6 @@ TAKE_BACKOFF_SECONDS = 5.0
 RECENT = 50
 RETAIN = timedelta(days=1)
 PRUNE_EVERY_SECONDS = 600.0
-WAIT_BOUNDS = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
 def token_hash(token: str) -> str:
@@ -87,33 +85,19 @@ def token_hash(token: str) -> str:
 
 @dataclass
 class Outcomes:
-    """What this process did since it started (for /metrics): counters and the waits."""
+    """What this process did since it started (for /metrics): served and expired count where
+    the dispatcher did it, refused where the enqueue was refused. The waits come from the
+    served entries of `Snapshot.recent` (enqueued_at -> served_at), which every queue process
+    sharing the store sees (monitor/queue/views.py tallies them)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     counts: dict[str, int] = field(
         default_factory=lambda: {"served": 0, "expired": 0, "refused": 0, "failed": 0}
     )
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BOUNDS) + 1))
-    wait_sum: float = 0.0
 
     def add(self, outcome: str, n: int = 1) -> None:
         with self.lock:
             self.counts[outcome] += n
-
-    def served(self, wait: float) -> None:
-        with self.lock:
-            self.counts["served"] += 1
-            self.buckets[bisect.bisect_left(WAIT_BOUNDS, wait)] += 1
-            self.wait_sum += wait
-
-    def histogram(self) -> tuple[dict[float, int], float]:
-        with self.lock:
-            cumulative: dict[float, int] = {}
-            total = 0
-            for bound, n in zip((*WAIT_BOUNDS, float("inf")), self.buckets, strict=True):
-                total += n
-                cumulative[bound] = total
-            return cumulative, self.wait_sum
 
 
 @dataclass
@@ -394,9 +378,7 @@ class Dispatcher:
         if not errors:
             state = self.store.serve(claim.unique_id, claim.attempt, reserved, now)
             if state is None:
-                record = self.store.get(claim.unique_id)
-                enqueued_at = record.entry.enqueued_at if record else now
-                self.outcomes.served((now - enqueued_at).total_seconds())
+                self.outcomes.add("served")
                 log.info("queue: served %s: %s", claim.unique_id, reserved)
                 return
             if state == "served":  # another dispatcher's result for the same runners
@@ -541,7 +523,6 @@ class SqlQueueEngine:
 
     def snapshot(self) -> Snapshot:
         now = self.clock()
-        buckets, wait_sum = self.outcomes.histogram()
         with self.outcomes.lock:
             outcomes = dict(self.outcomes.counts)
         return Snapshot(
@@ -550,8 +531,6 @@ class SqlQueueEngine:
             recent=self.store.recent(RECENT),
             outcomes=outcomes,
             taken_at=now,
-            wait_buckets=buckets,
-            wait_sum=wait_sum,
         )
 
 

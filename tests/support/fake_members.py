@@ -42,7 +42,8 @@ class FakeMembers:
             host.idle.setdefault(profile, [])
             host.busy[profile] = host.busy.get(profile, 0) + busy
             host.target[profile] = target or idle + busy
-        self.free(url, profile, idle)
+            host.idle[profile] += range(self.next_id, self.next_id + idle)
+            self.next_id += idle
 
     def free(self, url: str, profile: str, n: int = 1) -> list[int]:
         """`n` runners of `profile` on `url` become idle (a busy one finished, or a new one
