@@ -419,7 +419,7 @@ def _sha256_hex(value: Any) -> str:
     if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
         raise ValueError(
             "expected the token's SHA-256 as 64 hex digits "
-            '(printf %s "$TOKEN" | sha256sum), not the token itself'
+            "(printf %s \"$TOKEN\" | sha256sum), not the token itself"
         )
     return value.lower()
 

@@ -43,6 +43,8 @@ from monitor.ratelimit import key_digest
 log = logging.getLogger(__name__)
 
 ARTIFACT_PREFIX = "servo-ci-runners_"
+# What an open upstream change renames `self_hosted_image_name` to; either is accepted.
+PROFILE_KEY_NEW_NAME = "self_hosted_profile"
 # A clock difference between GitHub and us that is tolerated for a created_at in the future.
 MAX_CLOCK_SKEW = timedelta(seconds=60)
 # The args file is five short lines; refuse to decompress anything much bigger.
@@ -91,8 +93,10 @@ def check_args(
     """Check parsed args against the request; return `(profile_key, runner_count)`.
 
     `unique_id`, `qualified_repo` and `run_id` must equal the request's;
-    `self_hosted_image_name` (the profile key) must be present; `self_hosted_runner_count` is
-    optional (default 1) and must be a non-negative integer. Other keys are ignored. Raises
+    `self_hosted_image_name` (the profile key) must be present, or `self_hosted_profile`, its
+    new name in an open upstream change (both present: they must agree);
+    `self_hosted_runner_count` is optional (default 1) and must be a non-negative integer.
+    Other keys are ignored. Raises
     `MonitorError` with status 403 on the first failure.
     """
     if args.get("unique_id") != unique_id:
@@ -102,6 +106,14 @@ def check_args(
     if args.get("run_id") != run_id:
         raise MonitorError("Wrong run_id in artifact", status=FORBIDDEN)
     profile_key = args.get("self_hosted_image_name")
+    renamed = args.get(PROFILE_KEY_NEW_NAME)
+    if profile_key is None:
+        profile_key = renamed
+    elif renamed is not None and renamed != profile_key:
+        raise MonitorError(
+            f"self_hosted_image_name and {PROFILE_KEY_NEW_NAME} disagree in artifact",
+            status=FORBIDDEN,
+        )
     if profile_key is None:
         raise MonitorError("Missing self_hosted_image_name in artifact", status=FORBIDDEN)
     raw_count = args.get("self_hosted_runner_count")
