@@ -27,6 +27,7 @@ from monitor.web.context import json_response
 from monitor.web.params import bounded_param
 from monitor.web.params import parse_count
 from monitor.web.params import parse_runner_id
+from monitor.web.params import parse_unique_id
 from monitor.web.params import require_token
 from monitor.web.params import single_param
 from monitor.web.params import take_params
@@ -83,6 +84,17 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
         require_token(context.credentials, auth.RESERVE)
         number = parse_count(count, config.take_max_count)
         return json_response(run_take(context, profile_key, number, take_params()))
+
+    @app.delete("/reservation/<unique_id>")
+    def release(unique_id: str) -> bottle.HTTPResponse:
+        """Give back the runners a take reserved for `unique_id` whose job has not started
+        (the global queue, when it cannot serve the entry they were for)."""
+        require_token(context.credentials, auth.RESERVE)
+        parse_unique_id(unique_id)
+        monitor = context.monitor
+        return json_response(
+            monitor.call(lambda: monitor.takes.release(unique_id), context.thread_timeout())
+        )
 
     @app.post("/select-runner")
     def select_runner() -> bottle.HTTPResponse:
