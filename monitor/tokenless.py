@@ -37,6 +37,7 @@ from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.github import Artifact
 from monitor.github import GitHub
+from monitor.ratelimit import FixedWindowLimiter
 from monitor.ratelimit import SlidingWindowBudget
 from monitor.ratelimit import key_digest
 
@@ -61,6 +62,9 @@ FORBIDDEN = 403
 REFUSAL_TTL = timedelta(seconds=60)
 # ...and at most this many are remembered (about 2 MB), the oldest forgotten first.
 MAX_REMEMBERED = 10_000
+
+# The per-repository limit counts requests in windows of this long.
+REPO_WINDOW_SECONDS = 60.0
 
 # What GitHub allows in owner and repository names; anything else cannot have our artifact.
 _QUALIFIED_REPO_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
@@ -234,6 +238,32 @@ def read_args(
         profile_key,
     )
     return profile_key, runner_count
+
+
+def repo_limiter(per_minute: int) -> FixedWindowLimiter | None:
+    """The per-repository limit of tokenless requests (`select_runner_rate_limit`; 0: none)."""
+    return FixedWindowLimiter(per_minute, REPO_WINDOW_SECONDS) if per_minute else None
+
+
+def count_repo_request(
+    limiter: FixedWindowLimiter | None, qualified_repo: str, now: float, what: str
+) -> dict[str, str]:
+    """Count one tokenless request (`what`, e.g. "selects") for `qualified_repo` (case-
+    insensitive); its `X-RateLimit-*` headers, or a `MonitorError` 429 with them and
+    `Retry-After` once the repository is past its limit this minute. Call after
+    `check_repo`, so only repositories under the prefix are counted."""
+    if limiter is None:
+        return {}
+    decision = limiter.hit(qualified_repo.lower(), now)
+    headers = decision.headers()
+    if not decision.allowed:
+        headers["Retry-After"] = str(decision.retry_after(now))
+        raise MonitorError(
+            f"too many tokenless {what} for {qualified_repo}: at most {decision.limit} a minute",
+            429,
+            headers,
+        )
+    return headers
 
 
 class TokenlessValidator:

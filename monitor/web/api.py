@@ -18,7 +18,6 @@ from monitor import models
 from monitor import tokenless
 from monitor import wire
 from monitor.errors import MonitorError
-from monitor.ratelimit import FixedWindowLimiter
 from monitor.web.context import EVENTS_SHOWN
 from monitor.web.context import JSON
 from monitor.web.context import NOT_READY
@@ -36,8 +35,6 @@ log = logging.getLogger(__name__)
 
 # More runners than any host holds; the override maths are linear in the counts.
 MAX_OVERRIDE_COUNT = 1000
-# The tokenless select's rate limit counts requests per repository in windows of this long.
-SELECT_WINDOW_SECONDS = 60.0
 # At most this many events at /events.
 EVENTS_MAX = 1000
 # Reservation history: rows per page by default and at most.
@@ -66,11 +63,7 @@ def run_take(
 
 def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
     config = context.config
-    select_limiter = (
-        FixedWindowLimiter(config.select_runner_rate_limit, SELECT_WINDOW_SECONDS)
-        if config.select_runner_rate_limit
-        else None
-    )
+    select_limiter = tokenless.repo_limiter(config.select_runner_rate_limit)
     validator = tokenless.TokenlessValidator(
         context.monitor.github,
         allowed_prefix=config.allowed_qualified_repo_prefix,
@@ -106,19 +99,9 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
         # many selects a minute before its artifact is fetched from GitHub, and all of them
         # together so many GitHub calls an hour (the validator's budget).
         validator.check_repo(qualified_repo)
-        limit_headers: dict[str, str] = {}
-        if select_limiter is not None:
-            now = time.time()
-            decision = select_limiter.hit(qualified_repo.lower(), now)
-            limit_headers = decision.headers()
-            if not decision.allowed:
-                limit_headers["Retry-After"] = str(decision.retry_after(now))
-                raise MonitorError(
-                    f"too many tokenless selects for {qualified_repo}: at most "
-                    f"{decision.limit} a minute",
-                    429,
-                    limit_headers,
-                )
+        limit_headers = tokenless.count_repo_request(
+            select_limiter, qualified_repo, time.time(), "selects"
+        )
         try:
             response = select_runner_checked(params)
         except MonitorError as error:
