@@ -56,16 +56,20 @@ def open_engine_for(config: Config) -> RunningEngine:
 
 @dataclass
 class QueueService:
-    """The queue being served: `close` stops the servers, then the engine."""
+    """The queue being served: `close` stops the servers, then the engine (once)."""
 
     engine: RunningEngine
     servers: list[BackgroundServer]
+    closed: bool = False
 
     @property
     def urls(self) -> list[str]:
         return [server.url for server in self.servers]
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for server in self.servers:
             server.close()
         self.engine.stop()
