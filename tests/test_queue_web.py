@@ -4,7 +4,10 @@ enqueues, and Servo's client steps run as curl and jq."""
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,10 +22,16 @@ from monitor.github import RestGitHub
 from monitor.queue import service
 from monitor.web import credentials_for
 from tests.support.configs import config_for_test_driver
+from tests.support.configs import write_config
 from tests.support.constants import API_TOKEN
 from tests.support.constants import GITHUB_TOKEN
 from tests.support.constants import REPO
+from tests.support.constants import ROOT
+from tests.support.daemons import Daemon
+from tests.support.daemons import clean_env
 from tests.support.daemons import free_port
+from tests.support.daemons import monitor
+from tests.support.daemons import wait_for_json
 from tests.support.queue_engine import FakeQueueEngine
 from tests.support.served import Reply
 from tests.support.served import args_file
@@ -350,3 +359,131 @@ def test_the_edge_is_the_monitors(queue) -> None:
         queue.port, "POST", "/enqueue?x", {"Content-Length": "5000", "Content-Type": "text/plain"}
     )
     assert body.status == 413
+
+
+# `monitor queue` and `monitor run` as processes ----------------------------------------------
+
+# `main.run_queue` / `main.run` in a process of its own with the hand-written engine (the real
+# one is monitor/queue/engine.py; `python -m monitor` uses it), reporting whether libvirt's
+# binding was ever imported.
+_CHILD = """
+import os, sys
+from pathlib import Path
+from monitor import logs, main
+from tests.support.queue_engine import FakeQueueEngine
+logs.setup_logging(os.environ)
+config = main.load_config(Path(sys.argv[2]))
+factory = lambda config: FakeQueueEngine()
+if sys.argv[1] == "queue":
+    code = main.run_queue(config, engine_factory=factory)
+else:
+    code = main.run(config, engine_factory=factory)
+print("libvirt imported:", "libvirt" in sys.modules, flush=True)
+sys.exit(code)
+"""
+
+
+def queue_config(root: Path, standin, extra: str = "") -> tuple[Path, int, int]:
+    """A config with a [queue] table on free ports: (path, monitor port, queue port)."""
+
+    port, queue_port = free_port(), free_port()
+    path = write_config(
+        root,
+        github_api_url=standin.base_url,
+        targets={"linux": 1},
+        extra=f"listen_port = {port}\n{extra}[queue]\nservers = ['http://127.0.0.1:{port}']\n"
+        f"listen_port = {queue_port}\n",
+    )
+    return path, port, queue_port
+
+
+def child(command: str, path: Path) -> subprocess.Popen:
+
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, command, str(path)],
+        cwd=path.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**clean_env(), "PYTHONPATH": str(ROOT)},
+    )
+
+
+def stop(process: subprocess.Popen) -> tuple[int, str]:
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    return process.returncode, output
+
+
+def test_monitor_queue_serves_the_queue_alone_without_libvirt(tmp_path: Path, standin) -> None:
+
+    # libvirt_uri names a socket that does not exist: connecting would fail loudly.
+    path, port, queue_port = queue_config(tmp_path, standin)
+    text = path.read_text().replace('libvirt_uri = "test:///default"', "")
+    path.write_text('libvirt_uri = "qemu+unix:///system?socket=/nonexistent"\n' + text)
+    process = child("queue", path)
+    try:
+        health = wait_for_json(f"http://127.0.0.1:{queue_port}/healthz", time.monotonic() + 30)
+        assert health["entries"] == 0
+        unique_id = str(uuid.uuid4())
+        publish_args(standin, unique_id, RUN)
+        reply = request(queue_port, "POST", f"/enqueue?{params(unique_id)}")
+        assert reply.status == 200 and reply.body
+        with pytest.raises(OSError):  # no monitor: nothing on its port
+            request(port, "GET", "/healthz")
+    finally:
+        code, output = stop(process)
+    assert code == 0, output
+    assert "libvirt imported: False" in output
+    assert "Traceback" not in output and "stopped" in output
+
+
+def test_monitor_run_serves_the_queue_beside_the_monitor(tmp_path: Path, standin) -> None:
+
+    path, port, queue_port = queue_config(tmp_path, standin)
+    process = child("run", path)
+    try:
+        deadline = time.monotonic() + 30
+        wait_for_json(f"http://127.0.0.1:{port}/healthz", deadline)
+        assert wait_for_json(f"http://127.0.0.1:{queue_port}/healthz", deadline)["members"] == 1
+    finally:
+        code, output = stop(process)
+    assert code == 0, output
+    assert "stopping the queue" in output and "Traceback" not in output
+
+
+def test_monitor_queue_needs_a_queue_table(tmp_path: Path) -> None:
+
+    path = write_config(tmp_path)
+
+    done = monitor("queue", "--config", str(path))
+
+    assert done.returncode == 2
+    assert "[queue]: required table is missing" in done.stderr + done.stdout
+
+
+def test_a_queue_port_in_use_is_reported(tmp_path: Path, standin) -> None:
+
+    path, _, queue_port = queue_config(tmp_path, standin)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", queue_port))
+        taken.listen(1)
+        process = child("queue", path)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1, output
+    assert f"cannot serve the queue on port {queue_port}" in output
+
+
+def test_python_m_monitor_queue_with_the_real_engine(tmp_path: Path, standin) -> None:
+    """`monitor queue` as deployed: the real engine over SQLite under data_path."""
+    pytest.importorskip("monitor.queue.engine", reason="the engine (qcore) is not merged yet")
+
+    path, _, queue_port = queue_config(tmp_path, standin)
+    with Daemon("queue", "--config", str(path), cwd=tmp_path) as daemon:
+        wait_for_json(f"http://127.0.0.1:{queue_port}/healthz", time.monotonic() + 30)
+        reply = request(queue_port, "POST", f"/take/{uuid.uuid4()}?token=x")
+        assert reply.status == 404
+        code, output = daemon.terminate()
+    assert code == 0, output
+    assert (tmp_path / "data" / "queue.sqlite3").exists()
