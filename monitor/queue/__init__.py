@@ -14,4 +14,6 @@ Modules:
                 the JSON, Prometheus text, the page's view-model
   pages.py      `install_view_routes`: the queue page and its live fragment, /queue.json,
                 /metrics (views/queue*.tpl, static/queue.*)
+  service.py    composition: the engine `[queue]` configures, served on its port on every
+                `listen_on` address (`monitor run` with `[queue]`, or `monitor queue` alone)
 """
