@@ -1,6 +1,7 @@
 """The operator CLI: `monitor status|runners|take|override|drain|undrain|destroy|screenshot|
 events|revoke|unrevoke`, talking to a running monitor's HTTP API with the API token of its
-config.
+config; and `monitor queue-status`, reading the global queue's `/queue.json` on its own port
+(`[queue] listen_port`, default 8002).
 
 Tables for people, `--json` for scripts (the API's own JSON, unchanged). Errors are one line
 on stderr and exit status 1: the daemon is down, refused the token, or refused the request
@@ -15,6 +16,7 @@ import ipaddress
 import json
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ import urllib3
 
 from monitor import config as config_module
 from monitor.errors import ConfigError
+from monitor.queue.views import OUTCOMES
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -48,7 +51,10 @@ COMMANDS = (
     "events",
     "revoke",
     "unrevoke",
+    "queue-status",
 )
+# The queue's port when the config does not say (upstream's).
+QUEUE_PORT = 8002
 
 
 class CliError(Exception):
@@ -56,12 +62,16 @@ class CliError(Exception):
 
 
 class Client:
-    """The monitor's HTTP API at `base_url`, with `token` for the routes that need one."""
+    """The monitor's HTTP API at `base_url`, with `token` for the routes that need one.
+    `name` is what the messages call the server ("monitor", or "queue")."""
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, token: str | None, timeout: float = 30.0, name: str = "monitor"
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.name = name
         self._http = urllib3.PoolManager(retries=False)
 
     def call(
@@ -85,14 +95,16 @@ class Client:
         except urllib3.exceptions.HTTPError as error:
             reason = getattr(error, "reason", None) or error
             raise CliError(
-                f"cannot reach the monitor at {self.base_url}: {_plain(reason)} "
+                f"cannot reach the {self.name} at {self.base_url}: {_plain(reason)} "
                 "(is it running? see `systemctl status monitor`)"
             ) from None
         if response.status >= 400:
             message = _error_message(response)
             if response.status in (401, 403):
-                raise CliError(f"the monitor refused the API token ({response.status}): {message}")
-            raise CliError(f"the monitor answered {response.status}: {message}")
+                raise CliError(
+                    f"the {self.name} refused the API token ({response.status}): {message}"
+                )
+            raise CliError(f"the {self.name} answered {response.status}: {message}")
         if raw:
             return response.data
         return json.loads(response.data) if response.data else None
@@ -149,6 +161,7 @@ def add_commands(commands: Any) -> None:
         command(name, text).add_argument(
             "sha256", help='its SHA-256, as `printf %%s "$TOKEN" | sha256sum` prints it'
         )
+    command("queue-status", "the global queue: who waits, in serving order, and its members")
 
 
 def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -166,14 +179,35 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
 
 def _client(args: argparse.Namespace) -> Client:
     config = config_module.load(args.config)
+    queue = args.command == "queue-status"
     url = args.url
     if url is None:
         # A loopback address if the monitor listens on one: the token never leaves the host.
+        # The queue listens on the same addresses, on its own port.
         hosts = [{"0.0.0.0": "127.0.0.1", "::": "::1"}.get(h, h) for h in config.listen_on]
         host = next((h for h in hosts if _is_loopback(h)), next(iter(hosts), "127.0.0.1"))
         host = f"[{host}]" if ":" in host else host
-        url = f"http://{host}:{config.listen_port}"
-    return Client(url, config.api_token)
+        port = queue_port(config, args.config) if queue else config.listen_port
+        url = f"http://{host}:{port}"
+    return Client(url, config.api_token, name="queue" if queue else "monitor")
+
+
+def queue_port(config: Any, path: Path) -> int:
+    """The queue's port: the config's `[queue] listen_port` (read from the file itself if
+    this version's Config does not carry it), else upstream's 8002."""
+    port = getattr(config, "queue_listen_port", None)
+    if port is None:
+        try:
+            with path.open("rb") as file:
+                table = tomllib.load(file).get("queue")
+        except (OSError, tomllib.TOMLDecodeError) as error:  # load() read it a moment ago
+            raise ConfigError(f"{path}: cannot read it again: {error}") from None
+        port = table.get("listen_port") if isinstance(table, dict) else None
+    if port is None:
+        return QUEUE_PORT
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{path}: [queue] listen_port: expected a port (1-65535), got {port!r}")
+    return port
 
 
 # Commands -----------------------------------------------------------------------------------
@@ -375,6 +409,41 @@ def _revoke(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) 
     return 0
 
 
+def _queue_status(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    queue = client.call("GET", "/queue.json")
+    if args.json:
+        return _print_json(out, queue)
+    # The four outcomes in their order, then any other the queue counts.
+    known = {name: queue["outcomes"].get(name, 0) for name in OUTCOMES}
+    outcomes = ", ".join(f"{k} {n}" for k, n in {**known, **queue["outcomes"]}.items())
+    print(f"taken at  {queue['taken_at']}", file=out)
+    print(f"outcomes  {outcomes}", file=out)
+    print(file=out)
+    rows = [
+        [
+            e["position"],
+            e["unique_id"],
+            e["profile"],
+            e["count"],
+            f"{e['qualified_repo']} #{e['run_id']}",
+            _age(e["waiting_seconds"]),
+            e["state"] + (f" (priority {e['priority']})" if e["priority"] else ""),
+        ]
+        for e in queue["entries"]
+    ]
+    _table(out, ["POS", "UNIQUE ID", "PROFILE", "COUNT", "REPO", "WAITING", "STATE"], rows)
+    print(file=out)
+    rows = []
+    for m in queue["members"]:
+        data = "fresh" if m["fresh"] else f"STALE ({m['error'] or 'no answer'})"
+        counts = m["counts"] or {"": None}
+        for key, c in counts.items():
+            numbers = ["", "", ""] if c is None else [c["idle"], c["healthy"], c["target"]]
+            rows.append([m["url"], data, key, *numbers])
+    _table(out, ["MEMBER", "DATA", "PROFILE", "IDLE", "HEALTHY", "TARGET"], rows)
+    return 0
+
+
 _HANDLERS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]] = {
     "status": _status,
     "runners": _runners,
@@ -390,6 +459,7 @@ _HANDLERS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]
     "events": _events,
     "revoke": _revoke,
     "unrevoke": _revoke,
+    "queue-status": _queue_status,
 }
 
 

@@ -73,6 +73,21 @@ class Profile:
         return self.config_dir / "guest.xml"
 
 
+@dataclass(frozen=True)
+class QueueConfig:
+    """The `[queue]` table: this host also serves the global queue (`monitor run`, or
+    `monitor queue` alone). `store_url` is where its entries live: `database_url` (PostgreSQL,
+    shared by several queue processes) or, without it, SQLite at
+    `<data_path>/queue.sqlite3` (as `sqlite:///<absolute path>`)."""
+
+    servers: tuple[str, ...]
+    store_url: str
+    listen_port: int = 8002
+    database_url: str | None = None
+    # "owner/repo" -> its entries' priority (higher first); other repositories have 0.
+    repository_priority: Mapping[str, int] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration. Field names are upstream's key names; the defaults here are
@@ -110,6 +125,8 @@ class Config:
     available_normal_memory: int
     queue_member: bool = False
     queue_servers: tuple[str, ...] | None = None
+    # The `[queue]` table; None without one (this host serves no queue).
+    queue: QueueConfig | None = None
     profiles: dict[str, Profile]
     # Ours, not upstream's.
     listen_port: int = 8000
@@ -159,6 +176,10 @@ _EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _MEMORY_UNITS = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 _MAX_SECONDS = int(timedelta.max.total_seconds())
+# `[queue] repository_priority` keys: GitHub's owner/repo (as the queue's clients send them).
+_QUALIFIED_REPO = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
+# Priorities are stored as 64-bit integers; anything near that is a typo.
+_MAX_PRIORITY = 1_000_000
 
 
 def _count(value: Any) -> int:
@@ -344,6 +365,44 @@ def _urls(value: Any) -> tuple[str, ...]:
     return tuple(_http_url(item) for item in value)
 
 
+def _database_url(value: Any) -> str:
+    """A PostgreSQL URL (libpq's form: `postgresql://[user@]host[:port]/dbname[?…]`). No
+    password: config values are shown in summaries and logs; libpq reads it from
+    `~/.pgpass`, `PGPASSFILE` or `PGPASSWORD` itself."""
+    url = _string(value)
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"expected a postgresql:// (or postgres://) URL, got {url.split('://')[0]!r}://…;"
+            " leave the key out to keep the queue in SQLite under data_path"
+        )
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if ":" in authority.rpartition("@")[0]:
+        raise ValueError(
+            "a password in the URL is refused: config values are shown in summaries and logs;"
+            " give it to libpq in ~/.pgpass, PGPASSFILE or PGPASSWORD (URL not shown)"
+        )
+    if not rest.split("?", 1)[0].partition("/")[2]:
+        raise ValueError(f"expected a database name after the host, got {url!r}")
+    return url
+
+
+def _repository_priority(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise ValueError(f'expected a table of "owner/repo" = integer, got {value!r}')
+    priorities = {}
+    for repo, priority in value.items():
+        if not _QUALIFIED_REPO.fullmatch(repo):
+            raise ValueError(f'expected keys of the form "owner/repo", got {repo!r}')
+        if type(priority) is not int or not -_MAX_PRIORITY <= priority <= _MAX_PRIORITY:
+            raise ValueError(
+                f"{repo}: expected an integer from {-_MAX_PRIORITY} to {_MAX_PRIORITY},"
+                f" got {priority!r}"
+            )
+        priorities[repo] = priority
+    return priorities
+
+
 def _rebuild_mode(value: Any) -> str:
     if value not in REBUILD_MODES:
         raise ValueError(f'expected "rolling" or "drain", got {value!r}')
@@ -424,6 +483,9 @@ _TABLES = ("queue", "profiles", "api_tokens")
 
 _QUEUE: dict[str, tuple[_Converter, bool]] = {
     "servers": (_urls, _REQUIRED),
+    "listen_port": (_port, _OPTIONAL),
+    "database_url": (_database_url, _OPTIONAL),
+    "repository_priority": (_repository_priority, _OPTIONAL),
 }
 
 _PROFILE: dict[str, tuple[_Converter, bool]] = {
@@ -460,8 +522,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None 
     reader = _Reader(path)
     values = reader.table(raw, _TOP_LEVEL, "", known=_TABLES)
     queue = _subtable(path, raw, "queue", required=False)
-    if queue is not None:
-        values["queue_servers"] = reader.table(queue, _QUEUE, "[queue] ")["servers"]
+    queue_values = None if queue is None else reader.table(queue, _QUEUE, "[queue] ")
 
     values.setdefault("external_base_url", f"http://127.0.0.1:{values.get('listen_port', 8000)}/")
     values.setdefault("dont_create_runners", values.get("destroy_all_non_busy_runners", False))
@@ -477,6 +538,10 @@ def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None 
         if key in values:
             # No normalisation: `..` must mean what the kernel says when symlinks are involved.
             values[key] = config_dir / values[key]
+
+    if queue_values is not None:
+        values["queue_servers"] = queue_values["servers"]
+        values["queue"] = _queue(path, values, queue_values)
 
     profiles = _subtable(path, raw, "profiles", required=True) or {}
     values["profiles"] = {
@@ -557,6 +622,14 @@ def summary(config: Config) -> str:
         f"  normal memory: {_human_size(memory)} of {_human_size(config.available_normal_memory)}"
         f" ({_fits(memory, config.available_normal_memory)})",
     ]
+    if config.queue is not None:
+        queue = config.queue
+        store = "PostgreSQL" if queue.database_url else "SQLite"
+        lines.append(
+            f"queue: served on port {queue.listen_port} for {len(queue.servers)} member(s),"
+            f" entries in {store} ({queue.store_url}),"
+            f" {len(queue.repository_priority)} repository priority setting(s)"
+        )
     if config.destroy_all_non_busy_runners:
         lines.append("destroy_all_non_busy_runners: every runner that is not busy is destroyed")
     if config.dont_create_runners:
@@ -596,6 +669,19 @@ class _Reader:
             if key not in schema and key not in known:
                 self.warnings.append(f"{self.path}: unknown key {where}{key} (ignored)")
         return values
+
+
+def _queue(path: Path, values: Mapping[str, Any], queue: dict[str, Any]) -> QueueConfig:
+    """The `[queue]` table with its store derived; its port must not be the monitor's."""
+    port = queue.get("listen_port", QueueConfig.listen_port)
+    if port == values.get("listen_port", Config.listen_port):
+        raise ConfigError(
+            f"{path}: [queue] listen_port: {port} is the monitor's own listen_port; the queue"
+            " needs a port of its own (default 8002)"
+        )
+    database_url = queue.get("database_url")
+    store_url = database_url or f"sqlite:///{Path(values['data_path']) / 'queue.sqlite3'}"
+    return QueueConfig(**queue, store_url=store_url)
 
 
 def _api_tokens(

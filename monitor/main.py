@@ -2,6 +2,7 @@
 
     monitor run [--config PATH]           run the daemon (default ./monitor.toml)
     monitor check-config [--config PATH]  validate, print profiles and budgets; exit 0 or 2
+    monitor queue [--config PATH]         serve only the global queue ([queue]), no libvirt
     monitor demo [--port N]               libvirt's test driver + the GitHub stand-in
 
 Nothing else reads the process environment: it is handed to `config.load` and
@@ -36,7 +37,12 @@ from monitor.errors import MonitorError
 from monitor.hypervisor import Hypervisor
 
 if TYPE_CHECKING:
+    from monitor.auth import Credentials
     from monitor.github import GitHub
+    from monitor.queue.service import QueueService
+    from monitor.queue.service import RunningEngine
+
+    EngineFactory = Callable[[Config], RunningEngine]
 
 log = logging.getLogger("monitor")
 
@@ -58,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the monitor daemon")
     run.add_argument(
+        "--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s"
+    )
+
+    queue = commands.add_parser(
+        "queue", help="serve only the global queue of [queue], without libvirt"
+    )
+    queue.add_argument(
         "--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s"
     )
 
@@ -85,13 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup_logging(os.environ)
     if args.command == "check-config":
         return check_config(args.config)
-    if args.command == "run":
+    if args.command in ("run", "queue"):
         try:
             config = load_config(args.config)
         except ConfigError as error:
             print(f"monitor: {error}", file=sys.stderr)
             return EXIT_CONFIG
-        return run(config)
+        return run(config) if args.command == "run" else run_queue(config)
     if args.command == "demo":
         from monitor.demo import demo
 
@@ -138,13 +151,16 @@ def run(
     github: GitHub | None = None,
     hypervisor: Hypervisor | None = None,
     on_ready: Callable[[Any], None] | None = None,
+    engine_factory: EngineFactory | None = None,
 ) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status. With a `[queue]`
+    table it serves the queue too (its engine from `engine_factory`, default the real one)."""
     from monitor.github import RestGitHub
     from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
     from monitor.loop import Monitor
     from monitor.scheduler import make_scheduler
     from monitor.web import body_limit
+    from monitor.web import credentials_for
     from monitor.web import make_app
 
     tune_interpreter()
@@ -161,10 +177,12 @@ def run(
     if hypervisor is None:
         hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
     monitor = Monitor(config, github, hypervisor)
+    # One set for both apps: a revocation on the monitor closes the queue to it too.
+    credentials = credentials_for(config, models.revoked_credentials())
     listen = " ".join(_listen_address(host, config.listen_port) for host in config.listen_on)
     try:
         server = serving.create_server(
-            make_app(config, monitor),
+            make_app(config, monitor, credentials),
             body_limit=body_limit,
             listen=listen,
             threads=HTTP_THREADS,
@@ -174,6 +192,13 @@ def run(
         log.critical("cannot listen on %s: %s", listen, error)
         models.close_store()
         return 1
+    queue = None
+    if config.queue is not None:
+        queue = _start_queue(config, github, credentials, engine_factory)
+        if queue is None:
+            server.close()
+            models.close_store()
+            return 1
     scheduler = make_scheduler(monitor)
     monitor.start()
     scheduler.start()
@@ -209,6 +234,9 @@ def run(
         notifier.send("STOPPING=1", "STATUS=stopping")
         if watchdog is not None:
             watchdog.stop()
+        if queue is not None:
+            log.info("stopping the queue")
+            queue.close()
         log.info("stopping scheduler and monitor thread")
         scheduler.shutdown(wait=False)
         monitor.stop()
@@ -216,6 +244,79 @@ def run(
         models.close_store()
         log.info("stopped")
     return 0
+
+
+def run_queue(
+    config: Config,
+    *,
+    github: GitHub | None = None,
+    engine_factory: EngineFactory | None = None,
+    on_ready: Callable[[QueueService], None] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """`monitor queue`: serve only the queue until SIGTERM/SIGINT (or `stop` is set); no
+    libvirt and no monitor store. GitHub is asked only to check tokenless enqueues."""
+    from monitor.github import RestGitHub
+    from monitor.web import credentials_for
+
+    if config.queue is None:
+        log.critical("%s: [queue]: required table is missing (it is what is served)", config.path)
+        return EXIT_CONFIG
+    tune_interpreter()
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    if github is None:
+        github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
+    # Revocations are made on a monitor and kept in its store; a host running only the queue
+    # has neither, so its credentials are the configured ones.
+    queue = _start_queue(config, github, credentials_for(config, ()), engine_factory)
+    if queue is None:
+        return 1
+    stopping = stop or threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    notifier = systemd.Notifier()
+    notifier.send("READY=1", f"STATUS=serving the queue on {' '.join(queue.urls)}")
+    if on_ready is not None:
+        on_ready(queue)
+    try:
+        while not stopping.wait(READY_POLL_SECONDS):
+            pass
+    finally:
+        notifier.send("STOPPING=1", "STATUS=stopping")
+        queue.close()
+        log.info("stopped")
+    return 0
+
+
+def _start_queue(
+    config: Config,
+    github: GitHub,
+    credentials: Credentials,
+    engine_factory: EngineFactory | None,
+) -> QueueService | None:
+    """The queue's engine and servers (monitor/queue/service.py); None, logged, if its store
+    cannot be opened or a port cannot be listened on."""
+    from monitor.queue import service
+
+    assert config.queue is not None
+    factory = engine_factory or service.open_engine_for
+    try:
+        engine = factory(config)
+    except Exception as error:  # noqa: BLE001 - whatever the store's driver raises
+        log.critical("cannot open the queue's store %s: %s", config.queue.store_url, error)
+        return None
+    try:
+        return service.serve_queue(config, engine, github=github, credentials=credentials)
+    except OSError as error:
+        log.critical("cannot serve the queue on port %d: %s", config.queue.listen_port, error)
+        return None
 
 
 def _notify_when_ready(

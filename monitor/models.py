@@ -494,6 +494,16 @@ def _insert_rows(fields: tuple[Field, ...], rows: list[tuple], *, replace: bool 
     return cursor.execute("SELECT last_insert_rowid()").fetchone()[0]
 
 
+def forget_reservation(unique_id: str, kept: list[int]) -> None:
+    """A reservation (partly) released: it holds only the runners `kept`; none, it is gone."""
+    if kept:
+        Reservation.update(runner_ids=json.dumps(sorted(kept))).where(
+            Reservation.unique_id == unique_id
+        ).execute()
+    else:
+        Reservation.delete().where(Reservation.unique_id == unique_id).execute()
+
+
 def prune_reservations(before: datetime) -> int:
     """Forget reservations older than `before` (their runners are long gone)."""
     return Reservation.delete().where(  # type: ignore[misc, unused-ignore]

@@ -9,6 +9,9 @@ Threads:
 - `_reserve_worker` and `_finish_take` run on the reserve pool this module owns (the label
   calls, concurrently with other takes'); a take that fails half-way is rolled back there.
 - `_take_done` runs on the monitor thread again (through `post`) for the bookkeeping.
+- `release` (the queue giving back what it reserved for an entry it could not serve) is the
+  same in reverse: decided on the monitor thread, the label calls on the reserve pool
+  (`_release_worker`), the bookkeeping back on the monitor thread (`_release_done`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from monitor import policy
 from monitor import wire
 from monitor.config import Config
 from monitor.errors import MonitorError
+from monitor.errors import TransientError
 from monitor.github import GitHub
 from monitor.registrations import RegistrationCache
 
@@ -46,6 +50,10 @@ RESERVATION_MEMORY = timedelta(days=2)
 PRUNE_INTERVAL = timedelta(minutes=1)
 
 TakeAnswer = list[dict[str, Any]] | None
+# The reservation labels, removed in this order: `reserved-for` last, so a runner whose
+# release fails half-way still shows Reserved (and the reserve timeout ends it).
+_RELEASE_ORDER = (policy.RESERVED_BY, policy.RESERVED_SINCE, policy.RESERVED_FOR)
+_RELEASED_PREFIXES = tuple(f"{key}:" for key in _RELEASE_ORDER)
 
 
 @dataclass
@@ -315,7 +323,131 @@ class Takes:
         runners = [observed[i] for i in sorted(runner_ids) if i in observed]
         return wire.take_answer(runners, self.addresses())
 
+    def release(self, unique_id: str) -> Future[dict[str, Any]]:
+        """Un-reserve the runners Reserved for `unique_id` whose job has not started (monitor
+        thread): they go back to Idle. The Future resolves to {"unique_id", "released": ids,
+        "kept": ids of its runners left alone (busy, or being changed)}. 404 if nothing here
+        was ever reserved for it; 503 while its take is still under way (try again); 502 if
+        GitHub refused a label removal (that runner is kept from takes until GitHub is asked
+        again)."""
+        take = self._takes.get(unique_id)
+        if take is not None and not take.future.done():
+            raise TransientError(f"the take for {unique_id} is still under way", retry_after=1)
+        observation = self.observe()
+        if observation is None:
+            raise MonitorError("Monitor thread is still starting", status=503)
+        record = self._reservations.get(unique_id)
+        labelled: list[policy.Runner] = []
+        for runner in observation.runners:
+            registration = runner.registration and self.registrations.get(runner.registration.id)
+            if registration and registration.label_value(policy.RESERVED_FOR) == unique_id:
+                labelled.append(replace(runner, registration=registration))
+        if record is None and not labelled:
+            raise MonitorError(f"No reservation for {unique_id}", status=404)
+        chosen = [
+            runner
+            for runner in labelled
+            if runner.status is policy.Status.RESERVED
+            and runner.id not in self.reserving
+            and runner.id not in self.in_flight
+        ]
+        kept = sorted({*(record.runner_ids if record else ()), *(r.id for r in labelled)})
+        kept = [runner_id for runner_id in kept if runner_id not in {r.id for r in chosen}]
+        done: Future[dict[str, Any]] = Future()
+        if not chosen:
+            self._forget(unique_id, kept)
+            done.set_result({"unique_id": unique_id, "released": [], "kept": kept})
+            return done
+        self.reserving.update(runner.id for runner in chosen)
+        self._reservers.submit(self._release_worker, unique_id, chosen, kept, done)
+        return done
+
+    def _forget(self, unique_id: str, kept: list[int]) -> None:
+        """The reservation now holds only `kept` (none: it is forgotten, so the same
+        unique_id may take again)."""
+        record = self._reservations.get(unique_id)
+        if record is None:
+            return
+        if kept:
+            record = replace(record, runner_ids=kept)
+            self._reservations[unique_id] = record
+            if unique_id in self._unsaved:
+                self._unsaved[unique_id] = record
+        else:
+            del self._reservations[unique_id]
+            self._unsaved.pop(unique_id, None)
+        try:
+            models.forget_reservation(unique_id, kept)
+        except Exception:  # noqa: BLE001 - memory answers retries; a restart may resurrect it
+            log.exception("cannot write the release of %s to the store", unique_id)
+
     # Reserve pool --------------------------------------------------------------------------
+
+    def _release_worker(
+        self,
+        unique_id: str,
+        runners: list[policy.Runner],
+        kept: list[int],
+        done: Future[dict[str, Any]],
+    ) -> None:
+        """Remove the reservation labels from each runner; the bookkeeping follows on the
+        monitor thread, and then the answer."""
+        released: dict[int, policy.Registration] = {}
+        errors: list[str] = []
+        for runner in runners:
+            assert runner.registration is not None
+            registration = runner.registration
+            try:
+                for key in _RELEASE_ORDER:
+                    for label in registration.labels:
+                        if label.startswith(f"{key}:"):
+                            self.github.remove_label(registration.id, label)
+                labels = tuple(
+                    n for n in registration.labels if not n.startswith(_RELEASED_PREFIXES)
+                )
+                released[runner.id] = replace(registration, labels=labels)
+            except Exception as failure:  # noqa: BLE001 - reported in the answer
+                errors.append(f"runner {runner.id}: {failure}")
+        self.post(lambda: self._release_done(unique_id, runners, released, kept, errors, done))
+
+    def _release_done(
+        self,
+        unique_id: str,
+        runners: list[policy.Runner],
+        released: dict[int, policy.Registration],
+        kept: list[int],
+        errors: list[str],
+        done: Future[dict[str, Any]],
+    ) -> None:
+        """Monitor thread: the cache learns the labels are gone, the reservation forgets the
+        released runners, and the caller gets its answer."""
+        self.reserving.difference_update(runner.id for runner in runners)
+        for registration in released.values():
+            self.registrations.upsert(registration)
+        failed = [runner.id for runner in runners if runner.id not in released]
+        for runner_id in failed:
+            self.held[runner_id] = time.monotonic()  # labels unknown until GitHub is asked
+        if failed:
+            self.registrations.invalidate()
+        self._forget(unique_id, sorted([*kept, *failed]))
+        profile = runners[0].profile
+        for runner_id in sorted(released):
+            models.record_event(
+                "release",
+                f"released from {unique_id}",
+                runner_id=runner_id,
+                profile=profile,
+                at=self.clock(),
+            )
+        self.view_changed()
+        if errors:
+            message = "GitHub refused to remove the reservation: " + "; ".join(errors)
+            log.error("release of %s failed: %s", unique_id, message)
+            done.set_exception(MonitorError(message, status=502))
+        else:
+            log.info("released %s: runner(s) %s", unique_id, sorted(released))
+            answer = {"unique_id": unique_id, "released": sorted(released), "kept": kept}
+            done.set_result(answer)
 
     def _reserve_worker(self, take: _Take, runner: policy.Runner, labels: list[str]) -> None:
         """Add the reservation labels to one runner; the last of a take's workers answers."""

@@ -37,12 +37,15 @@ from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.github import Artifact
 from monitor.github import GitHub
+from monitor.ratelimit import FixedWindowLimiter
 from monitor.ratelimit import SlidingWindowBudget
 from monitor.ratelimit import key_digest
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_PREFIX = "servo-ci-runners_"
+# What an open upstream change renames `self_hosted_image_name` to; either is accepted.
+PROFILE_KEY_NEW_NAME = "self_hosted_profile"
 # A clock difference between GitHub and us that is tolerated for a created_at in the future.
 MAX_CLOCK_SKEW = timedelta(seconds=60)
 # The args file is five short lines; refuse to decompress anything much bigger.
@@ -59,6 +62,9 @@ FORBIDDEN = 403
 REFUSAL_TTL = timedelta(seconds=60)
 # ...and at most this many are remembered (about 2 MB), the oldest forgotten first.
 MAX_REMEMBERED = 10_000
+
+# The per-repository limit counts requests in windows of this long.
+REPO_WINDOW_SECONDS = 60.0
 
 # What GitHub allows in owner and repository names; anything else cannot have our artifact.
 _QUALIFIED_REPO_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
@@ -91,8 +97,10 @@ def check_args(
     """Check parsed args against the request; return `(profile_key, runner_count)`.
 
     `unique_id`, `qualified_repo` and `run_id` must equal the request's;
-    `self_hosted_image_name` (the profile key) must be present; `self_hosted_runner_count` is
-    optional (default 1) and must be a non-negative integer. Other keys are ignored. Raises
+    `self_hosted_image_name` (the profile key) must be present, or `self_hosted_profile`, its
+    new name in an open upstream change (both present: they must agree);
+    `self_hosted_runner_count` is optional (default 1) and must be a non-negative integer.
+    Other keys are ignored. Raises
     `MonitorError` with status 403 on the first failure.
     """
     if args.get("unique_id") != unique_id:
@@ -102,6 +110,14 @@ def check_args(
     if args.get("run_id") != run_id:
         raise MonitorError("Wrong run_id in artifact", status=FORBIDDEN)
     profile_key = args.get("self_hosted_image_name")
+    renamed = args.get(PROFILE_KEY_NEW_NAME)
+    if profile_key is None:
+        profile_key = renamed
+    elif renamed is not None and renamed != profile_key:
+        raise MonitorError(
+            f"self_hosted_image_name and {PROFILE_KEY_NEW_NAME} disagree in artifact",
+            status=FORBIDDEN,
+        )
     if profile_key is None:
         raise MonitorError("Missing self_hosted_image_name in artifact", status=FORBIDDEN)
     raw_count = args.get("self_hosted_runner_count")
@@ -222,6 +238,32 @@ def read_args(
         profile_key,
     )
     return profile_key, runner_count
+
+
+def repo_limiter(per_minute: int) -> FixedWindowLimiter | None:
+    """The per-repository limit of tokenless requests (`select_runner_rate_limit`; 0: none)."""
+    return FixedWindowLimiter(per_minute, REPO_WINDOW_SECONDS) if per_minute else None
+
+
+def count_repo_request(
+    limiter: FixedWindowLimiter | None, qualified_repo: str, now: float, what: str
+) -> dict[str, str]:
+    """Count one tokenless request (`what`, e.g. "selects") for `qualified_repo` (case-
+    insensitive); its `X-RateLimit-*` headers, or a `MonitorError` 429 with them and
+    `Retry-After` once the repository is past its limit this minute. Call after
+    `check_repo`, so only repositories under the prefix are counted."""
+    if limiter is None:
+        return {}
+    decision = limiter.hit(qualified_repo.lower(), now)
+    headers = decision.headers()
+    if not decision.allowed:
+        headers["Retry-After"] = str(decision.retry_after(now))
+        raise MonitorError(
+            f"too many tokenless {what} for {qualified_repo}: at most {decision.limit} a minute",
+            429,
+            headers,
+        )
+    return headers
 
 
 class TokenlessValidator:

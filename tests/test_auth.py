@@ -303,12 +303,14 @@ SCOPED_REQUESTS = {
     ("delete", "/host/pause"): "/host/pause",
     ("post", "/host/maintenance"): "/host/maintenance",
     ("delete", "/host/maintenance"): "/host/maintenance",
+    ("delete", "/reservation/{unique_id}"): "/reservation/x",
     ("post", "/revoke/{sha256}"): "/revoke/x",
     ("delete", "/revoke/{sha256}"): "/revoke/x",
 }
 EXPECTED_SCOPES = {
     "/profile/{profile_key}/take": "reserve",
     "/profile/{profile_key}/take/{count}": "reserve",
+    "/reservation/{unique_id}": "reserve",
     "/revoke/{sha256}": "admin",
 }
 

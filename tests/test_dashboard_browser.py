@@ -3,9 +3,8 @@
 waitress, the monitor thread and its APScheduler jobs, `RestGitHub` against the GitHub
 stand-in and `LibvirtHypervisor` on a private test-driver node.
 
-Skips without Playwright or Chromium (`/usr/bin/chromium`, or `MONITOR_CHROMIUM`), unless
-MONITOR_REQUIRE_BROWSER=1 makes that a failure. A full-page screenshot of every page a test
-opened is kept in `MONITOR_TEST_ARTIFACTS` (default `test-artifacts/browser/`), pass or fail.
+The browser and its fixtures are in tests/support/browser.py (skips without Playwright or
+Chromium unless MONITOR_REQUIRE_BROWSER=1; keeps a screenshot of every page).
 """
 
 from __future__ import annotations
@@ -15,25 +14,20 @@ import os
 import re
 import urllib.request
 import uuid
-from collections.abc import Callable
 from collections.abc import Iterator
 from dataclasses import dataclass
-from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REQUIRE_BROWSER = os.environ.get("MONITOR_REQUIRE_BROWSER") == "1"
-if not REQUIRE_BROWSER:
+if os.environ.get("MONITOR_REQUIRE_BROWSER") != "1":
     pytest.importorskip(
         "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
     )
 
-from playwright.sync_api import Browser  # noqa: E402
 from playwright.sync_api import Page  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
-from playwright.sync_api import sync_playwright  # noqa: E402
 
 from monitor import models  # noqa: E402
 from monitor import scheduler as scheduler_module  # noqa: E402
@@ -41,111 +35,20 @@ from monitor import web  # noqa: E402
 from monitor.serving import BackgroundServer  # noqa: E402
 from monitor.standin import GitHubStandIn  # noqa: E402
 from tests.support import served  # noqa: E402
+from tests.support.browser import browser_fixtures  # noqa: E402
 from tests.support.configs import config_for_test_driver  # noqa: E402
 from tests.support.constants import API_TOKEN  # noqa: E402
 from tests.support.constants import GITHUB_TOKEN  # noqa: E402
 from tests.support.constants import REPO  # noqa: E402
-from tests.support.constants import ROOT  # noqa: E402
 from tests.support.served import monitor_for  # noqa: E402
 from tests.support.under_pytest import standin_fixtures  # noqa: E402
 
-CHROMIUM = Path(os.environ.get("MONITOR_CHROMIUM", "/usr/bin/chromium"))
-ARTIFACTS = Path(os.environ.get("MONITOR_TEST_ARTIFACTS", ROOT / "test-artifacts" / "browser"))
-# real-components.md §4: what Debian's Chromium needs to run headless here, as root.
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TARGETS = {"linux": 2, "windows": 1}
 LIVE_DEADLINE_MS = 2_000  # the issue: a change shows within 2 s, without a reload
-WAIT_MS = 10_000  # anything else: generous, only proves that it happens
 PHONE = {"width": 390, "height": 844}
 
 server, standin = standin_fixtures(GITHUB_TOKEN)
-
-
-def _require_browser(reason: str) -> None:
-    message = f"{reason}; the browser tests drive Debian's Chromium (apt-get install chromium)"
-    if REQUIRE_BROWSER:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-# The browser ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        _require_browser(f"no Chromium at {CHROMIUM} (set MONITOR_CHROMIUM to use another)")
-    playwright = sync_playwright().start()
-    try:
-        launched = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
-        )
-    except Exception as error:  # noqa: BLE001 - any launch failure means "no usable browser"
-        playwright.stop()
-        _require_browser(f"cannot launch {CHROMIUM}: {error}")
-    yield launched
-    launched.close()
-    playwright.stop()
-
-
-@dataclass
-class Opened:
-    """A page and what it reported: dialogs (alert, confirm…) and uncaught script errors."""
-
-    page: Page
-    dialogs: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
-@pytest.fixture
-def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Callable[..., Opened]]:
-    """Opens pages in fresh browser contexts; at teardown saves a full-page screenshot of
-    each (named after the test), and reports an error if a page had an uncaught script
-    error or its Content-Security-Policy blocked something."""
-    opened: list[Opened] = []
-
-    def open_(url: str, **context_options: Any) -> Opened:
-        context_options.setdefault("viewport", {"width": 1280, "height": 900})
-        context = browser.new_context(**context_options)
-        context.set_default_timeout(WAIT_MS)
-        page = context.new_page()
-        result = Opened(page)
-
-        def on_dialog(dialog: Any) -> None:
-            result.dialogs.append(f"{dialog.type}: {dialog.message}")
-            dialog.dismiss()
-
-        page.on("dialog", on_dialog)
-        page.on("pageerror", lambda error: result.errors.append(str(error)))
-        # What the Content-Security-Policy blocked is only a console message.
-        page.on(
-            "console",
-            lambda message: result.errors.append(message.text)
-            if "Content Security Policy" in message.text
-            else None,
-        )
-        opened.append(result)
-        page.goto(url)
-        return result
-
-    yield open_
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    for number, result in enumerate(opened):
-        suffix = f"-{number + 1}" if len(opened) > 1 else ""
-        result.page.screenshot(path=str(ARTIFACTS / f"{name}{suffix}.png"), full_page=True)
-        result.page.context.close()
-    errors = [error for result in opened for error in result.errors]
-    assert not errors, f"uncaught script errors on the page: {errors}"
-
+browser, open_page = browser_fixtures()
 
 # The monitor ---------------------------------------------------------------------------------
 

@@ -156,6 +156,20 @@ def test_check_allows_any_image_name():
     assert check(good_args(self_hosted_image_name="")) == ("", 1)
 
 
+def test_check_accepts_self_hosted_profile_as_the_image_name():
+    args = good_args()
+    del args["self_hosted_image_name"]
+
+    assert check({**args, "self_hosted_profile": "servo-macos15"}) == ("servo-macos15", 1)
+    assert check(good_args(self_hosted_profile=IMAGE)) == (IMAGE, 1)
+
+
+def test_check_refuses_two_names_for_two_profiles():
+    with pytest.raises(MonitorError) as excinfo:
+        check(good_args(self_hosted_profile="servo-macos15"))
+    assert refused(excinfo) == "self_hosted_image_name and self_hosted_profile disagree in artifact"
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

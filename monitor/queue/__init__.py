@@ -9,5 +9,11 @@ Modules:
   engine.py     `QueueEngine`: enqueue, poll, snapshot; its dispatcher thread polls members,
                 plans, forwards takes, releases, expires
   members.py    the HTTP adapter to members (`dashboard.json`, take, release)
-  web.py        upstream's queue API and the queue page, over an engine
+  web.py        upstream's queue API, over an engine
+  views.py      what people and scrapers see, from a Snapshot (pure): upstream's dashboard.txt,
+                the JSON, Prometheus text, the page's view-model
+  pages.py      `install_view_routes`: the queue page and its live fragment, /queue.json,
+                /metrics (views/queue*.tpl, static/queue.*)
+  service.py    composition: the engine `[queue]` configures, served on its port on every
+                `listen_on` address (`monitor run` with `[queue]`, or `monitor queue` alone)
 """

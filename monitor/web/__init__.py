@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,13 @@ __all__ = [
     "NOT_READY",
     "OPENAPI",
     "ROOT",
+    "VIEWS",
+    "SecuredBottle",
     "asset_dir",
     "body_limit",
+    "credentials_for",
+    "error_plugin",
+    "error_response",
     "make_app",
     "openapi_document",
 ]
@@ -84,7 +90,7 @@ def body_limit(method: str, path: str) -> int:
     return MAX_BODY if method in _BODY_METHODS else 0
 
 
-class _SecuredBottle(bottle.Bottle):
+class SecuredBottle(bottle.Bottle):
     """A Bottle app whose every answer carries the security headers (`headers.py`); added
     where the status and headers go to the server, since Bottle's `after_request` hooks are
     lost on answers that are `HTTPResponse`s (most of ours, and every error page)."""
@@ -98,8 +104,24 @@ class _SecuredBottle(bottle.Bottle):
         return super().wsgi(environ, secured)
 
 
-def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
-    app = _SecuredBottle()
+def credentials_for(config: Any, revoked: Iterable[str]) -> auth.Credentials:
+    """The API credentials `config` configures, minus the `revoked` SHA-256s."""
+    return auth.Credentials(
+        upstream_token=config.api_token,
+        token_hashes=config.api_tokens,
+        hmac_secrets=config.hmac_secrets,
+        revoked=revoked,
+        token_scopes=config.api_token_scopes,
+        hmac_scopes=config.hmac_scopes,
+    )
+
+
+def make_app(
+    config: Any, monitor: Monitor, credentials: auth.Credentials | None = None
+) -> bottle.Bottle:
+    """The monitor's app. `credentials` (default: the config's, minus the store's
+    revocations) may be shared with the queue's app, so a revocation closes both."""
+    app = SecuredBottle()
     lookup = [str(VIEWS)]
 
     def render(name: str, **values: Any) -> str:
@@ -108,14 +130,7 @@ def make_app(config: Any, monitor: Monitor) -> bottle.Bottle:
     context = WebContext(
         config=config,
         monitor=monitor,
-        credentials=auth.Credentials(
-            upstream_token=config.api_token,
-            token_hashes=config.api_tokens,
-            hmac_secrets=config.hmac_secrets,
-            revoked=models.revoked_credentials(),
-            token_scopes=config.api_token_scopes,
-            hmac_scopes=config.hmac_scopes,
-        ),
+        credentials=credentials or credentials_for(config, models.revoked_credentials()),
         boot_logs=bootlog.BootLogStore(config.data_path),
         render=render,
         static_dir=STATIC,

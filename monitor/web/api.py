@@ -18,7 +18,6 @@ from monitor import models
 from monitor import tokenless
 from monitor import wire
 from monitor.errors import MonitorError
-from monitor.ratelimit import FixedWindowLimiter
 from monitor.web.context import EVENTS_SHOWN
 from monitor.web.context import JSON
 from monitor.web.context import NOT_READY
@@ -27,6 +26,7 @@ from monitor.web.context import json_response
 from monitor.web.params import bounded_param
 from monitor.web.params import parse_count
 from monitor.web.params import parse_runner_id
+from monitor.web.params import parse_unique_id
 from monitor.web.params import require_token
 from monitor.web.params import single_param
 from monitor.web.params import take_params
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 # More runners than any host holds; the override maths are linear in the counts.
 MAX_OVERRIDE_COUNT = 1000
-# The tokenless select's rate limit counts requests per repository in windows of this long.
-SELECT_WINDOW_SECONDS = 60.0
 # At most this many events at /events.
 EVENTS_MAX = 1000
 # Reservation history: rows per page by default and at most.
@@ -65,11 +63,7 @@ def run_take(
 
 def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
     config = context.config
-    select_limiter = (
-        FixedWindowLimiter(config.select_runner_rate_limit, SELECT_WINDOW_SECONDS)
-        if config.select_runner_rate_limit
-        else None
-    )
+    select_limiter = tokenless.repo_limiter(config.select_runner_rate_limit)
     validator = tokenless.TokenlessValidator(
         context.monitor.github,
         allowed_prefix=config.allowed_qualified_repo_prefix,
@@ -84,6 +78,17 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
         number = parse_count(count, config.take_max_count)
         return json_response(run_take(context, profile_key, number, take_params()))
 
+    @app.delete("/reservation/<unique_id>")
+    def release(unique_id: str) -> bottle.HTTPResponse:
+        """Give back the runners a take reserved for `unique_id` whose job has not started
+        (the global queue, when it cannot serve the entry they were for)."""
+        require_token(context.credentials, auth.RESERVE)
+        parse_unique_id(unique_id)
+        monitor = context.monitor
+        return json_response(
+            monitor.call(lambda: monitor.takes.release(unique_id), context.thread_timeout())
+        )
+
     @app.post("/select-runner")
     def select_runner() -> bottle.HTTPResponse:
         if config.queue_member:
@@ -94,19 +99,9 @@ def _add_take_routes(app: bottle.Bottle, context: WebContext) -> None:
         # many selects a minute before its artifact is fetched from GitHub, and all of them
         # together so many GitHub calls an hour (the validator's budget).
         validator.check_repo(qualified_repo)
-        limit_headers: dict[str, str] = {}
-        if select_limiter is not None:
-            now = time.time()
-            decision = select_limiter.hit(qualified_repo.lower(), now)
-            limit_headers = decision.headers()
-            if not decision.allowed:
-                limit_headers["Retry-After"] = str(decision.retry_after(now))
-                raise MonitorError(
-                    f"too many tokenless selects for {qualified_repo}: at most "
-                    f"{decision.limit} a minute",
-                    429,
-                    limit_headers,
-                )
+        limit_headers = tokenless.count_repo_request(
+            select_limiter, qualified_repo, time.time(), "selects"
+        )
         try:
             response = select_runner_checked(params)
         except MonitorError as error:

@@ -101,12 +101,7 @@ def take_params() -> tuple[str, str, str]:
     unique_id = required_param(query, "unique_id")
     qualified_repo = required_param(query, "qualified_repo")
     run_id = required_param(query, "run_id")
-    if not _UNIQUE_ID.fullmatch(unique_id):
-        raise MonitorError(
-            "unique_id must be a UUID as uuidgen prints it (8-4-4-4-12 hex digits), "
-            f"got {unique_id[:_SHOWN]!r}",
-            422,
-        )
+    parse_unique_id(unique_id)
     if not _QUALIFIED_REPO.fullmatch(qualified_repo):
         raise MonitorError(
             f"qualified_repo must be <owner>/<repo>, got {qualified_repo[:_SHOWN]!r}", 422
@@ -114,6 +109,17 @@ def take_params() -> tuple[str, str, str]:
     if not run_id.isdigit() or not run_id.isascii() or len(run_id) > _MAX_RUN_ID_DIGITS:
         raise MonitorError(f"run_id must be a number, got {run_id[:_SHOWN]!r}", 422)
     return unique_id, qualified_repo, run_id
+
+
+def parse_unique_id(text: str) -> str:
+    """A workflow job's `unique_id` (a UUID, as given) or a 422."""
+    if not _UNIQUE_ID.fullmatch(text):
+        raise MonitorError(
+            "unique_id must be a UUID as uuidgen prints it (8-4-4-4-12 hex digits), "
+            f"got {text[:_SHOWN]!r}",
+            422,
+        )
+    return text
 
 
 def parse_count(text: str, take_max_count: int) -> int:

@@ -185,7 +185,9 @@ def running_rig(
     guest and its boot-script `boot_scripts[key]`. `settings` replace (or add) top-level
     values of the config. Everything it started is gone after."""
     standin = GitHubStandIn(token=GITHUB_TOKEN)
-    standin.start(host=BRIDGE_IP)
+    # On every address: the guests' agents reach it on the bridge, the monitor on loopback
+    # (check-config allows GitHub over plain http only to a loopback address).
+    standin_port = standin.start(host="0.0.0.0").rsplit(":", 1)[1]
     standin.agent_job_seconds = JOB_SECONDS
     # Guest and volume names of this test only: libvirtd is shared with other tests.
     prefix = f"e2e{uuid.uuid4().hex[:6]}"
@@ -198,7 +200,7 @@ def running_rig(
     )
     path = write_config(
         tmp_path,
-        github_api_url=standin.base_url,
+        github_api_url=f"http://127.0.0.1:{standin_port}",
         targets=targets,
         libvirt_uri=URI,
         storage_pool=POOL,
@@ -211,7 +213,7 @@ def running_rig(
     _, hypervisor, monitor = served.monitor_for(config)
     http = BackgroundServer(web.make_app(config, monitor), host=BRIDGE_IP, name="monitor-e2e-vms")
     # Guests learn both ports from their kernel command line.
-    ports = f"monitor_port={http.port} standin_port={standin.base_url.rsplit(':', 1)[1]}"
+    ports = f"monitor_port={http.port} standin_port={standin_port}"
     for key, profile in config.profiles.items():
         profile.config_dir.mkdir(parents=True, exist_ok=True)
         profile.guest_xml.write_text(guest_xml(guest_image, ports))

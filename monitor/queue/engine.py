@@ -1,0 +1,562 @@
+"""`SqlQueueEngine`: the queue over a `QueueStore`, and the dispatcher that serves it.
+
+Threads:
+- The web edge's threads call `enqueue`, `poll`, `cancel` and `snapshot`: each is a few
+  small store transactions, nothing else (a poll never waits for a member).
+- The dispatcher thread (`Dispatcher.run`, started by `start`) does one cycle every
+  `poll_interval`, and only while this process holds the store's lease, so that of several
+  queue processes sharing PostgreSQL one dispatches at a time: poll every member
+  concurrently, expire entries nobody polls, plan (policy.plan) and claim the planned entries.
+- The dispatcher's pools run the member polls and the forwarded takes and releases; the last
+  take of an entry to finish records its outcome (served, or released and waiting again).
+
+Exactly once: an entry is served only when every member reserved its share; takes carry the
+entry's unique_id, so a retry (or a new leader finishing what a dead one started) gets the
+same runners; a late result of an older attempt is void (`attempt`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import replace
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+from pathlib import Path
+
+from monitor.errors import MonitorError
+from monitor.errors import TransientError
+from monitor.queue import policy
+from monitor.queue.contracts import ENTRY_EXPIRY_SECONDS
+from monitor.queue.contracts import Counts
+from monitor.queue.contracts import Members
+from monitor.queue.contracts import MemberView
+from monitor.queue.contracts import PollAnswer
+from monitor.queue.contracts import Snapshot
+from monitor.queue.store import Claimed
+from monitor.queue.store import QueueStore
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+# A member polled successfully within this long is fresh for enqueue (read from the store, so
+# every queue process agrees, and a dead dispatcher leaves no member fresh for long).
+MEMBER_FRESH_SECONDS = 10.0
+# How long a cycle waits for the answers of the polls it started: a member slower than
+# that is planned on with its last answer, and marked stale once its poll has run for
+# STALE_AFTER_SECONDS (the adapter gives up at 1.5 s).
+POLL_WAIT_SECONDS = 0.5
+STALE_AFTER_SECONDS = 2.0
+LEASE_SECONDS = 5.0
+RETRY_AFTER = 1.0
+# A poll writes last_poll_at only when the stored one is older: 500 clients polling each
+# second then cost ~100 writes a second, and expiry (30 s) is none the less exact enough.
+TOUCH_EVERY_SECONDS = 5.0
+# An entry whose takes failed this often ends "failed": its client falls back at once
+# instead of waiting out its retries.
+MAX_FAILURES = 10
+# A member whose take failed is not planned on for this long (its counts may still answer):
+# the entry waits in its place, or goes to other members, instead of failing again at once.
+TAKE_BACKOFF_SECONDS = 5.0
+RECENT = 50
+RETAIN = timedelta(days=1)
+PRUNE_EVERY_SECONDS = 600.0
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Outcomes:
+    """What this process did since it started (for /metrics): served and expired count where
+    the dispatcher did it, refused where the enqueue was refused. The waits come from the
+    served entries of `Snapshot.recent` (enqueued_at -> served_at), which every queue process
+    sharing the store sees (monitor/queue/views.py tallies them)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"served": 0, "expired": 0, "refused": 0, "failed": 0}
+    )
+
+    def add(self, outcome: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[outcome] += n
+
+
+@dataclass
+class InFlight:
+    """An entry's takes in flight: member url -> ids reserved, or the error."""
+
+    claim: Claimed
+    pending: int
+    results: dict[str, list[int] | str] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """The dispatcher thread and its pools (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        members: Members,
+        servers: Sequence[str],
+        outcomes: Outcomes,
+        *,
+        clock: Clock,
+        poll_interval: float,
+        lease_seconds: float,
+        holder: str,
+    ) -> None:
+        self.store = store
+        self.members = members
+        self.servers = list(servers)
+        self.outcomes = outcomes
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.holder = holder
+        self.leading = False
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()  # guards inflight, unseen, unrecorded
+        self.inflight: dict[str, InFlight] = {}
+        # Takes done but maybe not yet in the member's counts: (url, profile, runners, done
+        # at); dropped once a poll of that member started after the take was done.
+        self.unseen: list[tuple[str, str, int, float]] = []
+        self.unrecorded: list[InFlight] = []  # outcomes the store could not take yet
+        self.views: dict[str, MemberView] = {
+            url: MemberView(url, fresh=False, counts={}) for url in self.servers
+        }
+        self.polling: dict[str, Future[Mapping[str, Counts]]] = {}
+        self.poll_started: dict[str, float] = {}
+        self.take_backoff = TAKE_BACKOFF_SECONDS
+        self.take_failed_at: dict[str, float] = {}  # member url -> time.monotonic()
+        self.last_prune = 0.0
+        self.store_down = False
+        workers = max(4, 2 * len(self.servers))
+        self.poll_pool = ThreadPoolExecutor(workers, thread_name_prefix="queue-poll")
+        self.take_pool = ThreadPoolExecutor(max(8, workers), thread_name_prefix="queue-take")
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="queue-dispatcher", daemon=True)
+        self.thread.start()
+
+    def stop(self, release_lease: bool = True) -> None:
+        self.stopping.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.poll_pool.shutdown(wait=False, cancel_futures=True)
+        self.take_pool.shutdown(wait=True)
+        if release_lease and self.leading:
+            try:
+                self.store.release_lease(self.holder)
+            except TransientError as error:
+                log.warning("queue: could not release the dispatcher lease: %s", error)
+        self.leading = False
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                self.cycle()
+                if self.store_down:
+                    log.warning("queue: store %s reachable again", self.store.url)
+                self.store_down = False
+            except TransientError as error:
+                if not self.store_down:
+                    log.warning("queue: dispatcher paused: %s", error)
+                self.store_down = True
+                # Without the store the lease cannot be renewed: another process may take it.
+                self.leading = False
+            except Exception:
+                log.exception("queue: dispatcher cycle failed")
+            elapsed = time.monotonic() - started
+            self.wake.wait(max(0.0, self.poll_interval - elapsed))
+            self.wake.clear()
+
+    def cycle(self) -> None:
+        self.record_unrecorded()
+        now = self.clock()
+        leading = self.store.acquire_lease(self.holder, now, self.lease_seconds)
+        if leading and not self.leading:
+            log.info("queue: %s dispatches now", self.holder)
+            self.leading = True
+            self.resume_reserving()
+        elif not leading and self.leading:
+            log.warning("queue: %s lost the dispatcher lease", self.holder)
+        self.leading = leading
+        if not leading:
+            return
+        views = self.poll_members()
+        self.store.save_members(views)
+        self.expire(self.clock())
+        waiting = [r.waiting for r in self.store.active() if r.entry.state == "waiting"]
+        planned = policy.plan(waiting, self.plannable(views), self.reserving())
+        for claim in self.store.claim(planned):
+            self.forward(claim)
+        if time.monotonic() - self.last_prune > PRUNE_EVERY_SECONDS:
+            self.last_prune = time.monotonic()
+            self.store.prune(self.clock() - RETAIN)
+
+    # -- members -------------------------------------------------------------------------
+
+    def poll_members(self) -> list[MemberView]:
+        """Every member's counts, concurrently; one that fails or is slow is marked stale,
+        keeps its last counts, and holds up no one (a poll still running is not repeated)."""
+        now = self.clock()
+        submitted = []
+        for url in self.servers:
+            if url not in self.polling:
+                self.poll_started[url] = time.monotonic()
+                self.polling[url] = self.poll_pool.submit(self.members.counts, url)
+                submitted.append(self.polling[url])
+        wait(submitted, timeout=POLL_WAIT_SECONDS)
+        for url in self.servers:
+            future = self.polling[url]
+            last = self.views[url]
+            if not future.done():
+                if time.monotonic() - self.poll_started[url] > STALE_AFTER_SECONDS:
+                    error = f"no answer within {STALE_AFTER_SECONDS:g} s"
+                    self.views[url] = MemberView(url, False, last.counts, last.polled_at, error)
+                continue
+            del self.polling[url]
+            try:
+                counts = future.result()
+            except Exception as error:  # MonitorError from the adapter, or a bug in it
+                if last.fresh:
+                    log.warning("queue: member %s is stale: %s", url, error)
+                self.views[url] = MemberView(url, False, last.counts, last.polled_at, str(error))
+                continue
+            self.views[url] = MemberView(url, True, dict(counts), now, None)
+            with self.lock:
+                started = self.poll_started[url]
+                self.unseen = [u for u in self.unseen if u[0] != url or u[3] >= started]
+        return [self.views[url] for url in self.servers]
+
+    def plannable(self, views: list[MemberView]) -> list[MemberView]:
+        """The members as the plan sees them: one whose take failed lately is not fresh."""
+        now = time.monotonic()
+        with self.lock:
+            backed_off = {
+                url for url, at in self.take_failed_at.items() if now - at < self.take_backoff
+            }
+        return [replace(view, fresh=False) if view.url in backed_off else view for view in views]
+
+    def reserving(self) -> dict[str, dict[str, int]]:
+        """member url -> profile -> runners being reserved there, or reserved but not yet
+        seen in its counts: not idle, whatever its last answer said."""
+        totals: dict[str, dict[str, int]] = {}
+
+        def add(url: str, profile: str, n: int) -> None:
+            per_profile = totals.setdefault(url, {})
+            per_profile[profile] = per_profile.get(profile, 0) + n
+
+        with self.lock:
+            for flight in self.inflight.values():
+                for url, n in flight.claim.plan.items():
+                    add(url, flight.claim.profile, n)
+            for url, profile, n, _ in self.unseen:
+                add(url, profile, n)
+        return totals
+
+    # -- expiry --------------------------------------------------------------------------
+
+    def expire(self, now: datetime) -> None:
+        for record in self.store.expire(now, ENTRY_EXPIRY_SECONDS):
+            log.info("queue: entry %s expired (no poll for 30 s)", record.entry.unique_id)
+            self.outcomes.add("expired")
+            self.release(record.entry.unique_id, record.entry.reserved)
+
+    def release(self, unique_id: str, reserved: Mapping[str, object]) -> None:
+        for url in reserved:
+            try:
+                self.take_pool.submit(self.release_now, url, unique_id)
+            except RuntimeError:  # the pool is shut down (a cancel after stop): release here
+                self.release_now(url, unique_id)
+
+    def release_now(self, url: str, unique_id: str) -> None:
+        try:
+            if not self.members.release(url, unique_id):
+                log.warning(
+                    "queue: %s cannot release %s: its runners wait for its reserve timeout",
+                    url,
+                    unique_id,
+                )
+        except Exception as error:
+            log.warning("queue: releasing %s on %s failed: %s", unique_id, url, error)
+
+    # -- takes ---------------------------------------------------------------------------
+
+    def resume_reserving(self) -> None:
+        """Finish the takes a previous dispatcher left in flight (it died, or lost the lease):
+        the same plan with the same unique_id gets the same runners."""
+        for claim in self.store.reserving():
+            with self.lock:
+                known = claim.unique_id in self.inflight
+            if not known:
+                log.info("queue: resuming the takes of %s", claim.unique_id)
+                self.forward(claim)
+
+    def forward(self, claim: Claimed) -> None:
+        flight = InFlight(claim, pending=len(claim.plan))
+        if not claim.plan:  # an entry for 0 runners: nothing to take
+            self.finish(flight)
+            return
+        with self.lock:
+            self.inflight[claim.unique_id] = flight
+        for url, n in claim.plan.items():
+            self.take_pool.submit(self.take, flight, url, n)
+
+    def take(self, flight: InFlight, url: str, n: int) -> None:
+        claim = flight.claim
+        try:
+            ids = self.members.take(
+                url, claim.profile, n, claim.unique_id, claim.qualified_repo, claim.run_id
+            )
+            result: list[int] | str = (
+                list(ids) if len(ids) == n else f"{url} reserved {len(ids)} of {n} runners"
+            )
+        except Exception as error:  # MonitorError from the adapter, or a bug in it
+            result = f"{url}: {error}"
+            with self.lock:
+                self.take_failed_at[url] = time.monotonic()
+        with self.lock:
+            flight.results[url] = result
+            flight.pending -= 1
+            last = flight.pending == 0
+            if isinstance(result, list):
+                self.unseen.append((url, claim.profile, len(result), time.monotonic()))
+        if last:
+            self.finish(flight)
+
+    def finish(self, flight: InFlight) -> None:
+        try:
+            self.record(flight)
+        except TransientError as error:
+            log.warning("queue: outcome of %s kept for later: %s", flight.claim.unique_id, error)
+            with self.lock:
+                self.unrecorded.append(flight)
+            return
+        with self.lock:
+            self.inflight.pop(flight.claim.unique_id, None)
+        self.wake.set()
+
+    def record_unrecorded(self) -> None:
+        with self.lock:
+            flights, self.unrecorded = self.unrecorded, []
+        for flight in flights:
+            self.finish(flight)
+
+    def record(self, flight: InFlight) -> None:
+        """Served if every member reserved its share; else release what was reserved and
+        put the entry back in its place (or give up after MAX_FAILURES)."""
+        claim = flight.claim
+        reserved = {url: r for url, r in flight.results.items() if isinstance(r, list)}
+        errors = [r for r in flight.results.values() if isinstance(r, str)]
+        now = self.clock()
+        if not errors:
+            state = self.store.serve(claim.unique_id, claim.attempt, reserved, now)
+            if state is None:
+                self.outcomes.add("served")
+                log.info("queue: served %s: %s", claim.unique_id, reserved)
+                return
+            if state == "served":  # another dispatcher's result for the same runners
+                return
+            log.info("queue: %s is %s: releasing what its take got", claim.unique_id, state)
+            self.release(claim.unique_id, flight.results)
+            return
+        error = "; ".join(errors)
+        self.outcomes.add("failed")
+        # Every member that was asked is released, the failed ones too: a take that timed out
+        # may have reserved runners all the same.
+        self.release(claim.unique_id, flight.results)
+        record = self.store.get(claim.unique_id)
+        give_up = record is not None and record.failures + 1 >= MAX_FAILURES
+        log.warning(
+            "queue: take for %s failed (%s); %s",
+            claim.unique_id,
+            error,
+            "giving up" if give_up else "it waits again",
+        )
+        self.store.put_back(claim.unique_id, claim.attempt, error, give_up=give_up, now=now)
+
+
+class SqlQueueEngine:
+    """`contracts.QueueEngine` over a `QueueStore`; `start` runs its dispatcher."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        members: Members,
+        servers: Sequence[str],
+        *,
+        repository_priority: Mapping[str, int],
+        clock: Clock,
+        poll_interval: float = 0.5,
+        lease_seconds: float = LEASE_SECONDS,
+        holder: str | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.repository_priority = dict(repository_priority)
+        self.outcomes = Outcomes()
+        holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.dispatcher = Dispatcher(
+            store,
+            members,
+            servers,
+            self.outcomes,
+            clock=clock,
+            poll_interval=poll_interval,
+            lease_seconds=lease_seconds,
+            holder=holder,
+        )
+
+    def start(self) -> None:
+        self.dispatcher.start()
+
+    def stop(self, release_lease: bool = True) -> None:
+        """Stop dispatching; `release_lease=False` leaves the lease to expire, as a killed
+        process would."""
+        self.dispatcher.stop(release_lease)
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def leading(self) -> bool:
+        return self.dispatcher.leading
+
+    # -- contracts.QueueEngine -------------------------------------------------------------
+
+    def enqueue(
+        self,
+        *,
+        unique_id: str,
+        profile: str,
+        count: int,
+        qualified_repo: str,
+        run_id: str,
+        priority: int | None = None,
+    ) -> str:
+        if not unique_id or not profile or count < 0:
+            self.outcomes.add("refused")
+            raise MonitorError("unique_id and profile are required, count must be >= 0", 422)
+        now = self.clock()
+        if not policy.satisfiable(profile, self.store.members(now, MEMBER_FRESH_SECONDS)):
+            self.outcomes.add("refused")
+            raise MonitorError(
+                f'Request for profile not satisfiable: "{profile}" '
+                "(no member polled in the last seconds has a target for it)",
+                status=422,
+            )
+        if priority is None:
+            priority = self.repository_priority.get(qualified_repo, 0)
+        token = secrets.token_urlsafe(24)
+        try:
+            self.store.add(
+                unique_id=unique_id,
+                token_sha256=token_hash(token),
+                profile=profile,
+                count=count,
+                qualified_repo=qualified_repo,
+                run_id=run_id,
+                priority=priority,
+                now=now,
+            )
+        except MonitorError as error:
+            if error.status == 409:
+                self.outcomes.add("refused")
+            raise
+        self.dispatcher.wake.set()
+        return token
+
+    def poll(self, unique_id: str, token: str) -> PollAnswer:
+        record = self.store.get(unique_id)
+        if record is None:
+            raise MonitorError(f'Not found: UniqueId("{unique_id}")', status=404)
+        if not hmac.compare_digest(record.token_sha256, token_hash(token)):
+            raise MonitorError(f'Bad token: UniqueId("{unique_id}")', status=403)
+        entry = record.entry
+        now = self.clock()
+        if entry.state == "served" and self.store.answer(unique_id, now):
+            return PollAnswer(served=True, count=entry.count)
+        if entry.state in ("waiting", "reserving"):
+            last = entry.last_poll_at
+            if last is None or (now - last).total_seconds() >= TOUCH_EVERY_SECONDS:
+                self.store.touch(unique_id, now)
+            return PollAnswer(served=False, retry_after=RETRY_AFTER)
+        # Ended (or ended between the read and the answer): the client falls back at once
+        # (410 is not one of the statuses it retries).
+        state = self.store.get(unique_id)
+        ended = state.entry.state if state else "cancelled"
+        raise MonitorError(f'Gone: UniqueId("{unique_id}") {ended}', status=410)
+
+    def cancel(self, unique_id: str) -> None:
+        record = self.store.cancel(unique_id, self.clock())
+        if record is None:
+            raise MonitorError(f'Not found: UniqueId("{unique_id}")', status=404)
+        # A reserving entry's takes release on their own when they see it cancelled.
+        if record.entry.state == "served":
+            self.dispatcher.release(unique_id, record.entry.reserved)
+
+    def snapshot(self) -> Snapshot:
+        now = self.clock()
+        with self.outcomes.lock:
+            outcomes = dict(self.outcomes.counts)
+        return Snapshot(
+            entries=[record.entry for record in self.store.active()],
+            members=self.store.members(now, MEMBER_FRESH_SECONDS),
+            recent=self.store.recent(RECENT),
+            outcomes=outcomes,
+            taken_at=now,
+        )
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def open_engine(
+    store_url: str,
+    members: Members,
+    servers: Sequence[str],
+    *,
+    repository_priority: Mapping[str, int],
+    clock: Clock = utc_now,
+    poll_interval: float = 0.5,
+    data_path: Path | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+) -> SqlQueueEngine:
+    """An engine on the store at `store_url` (`sqlite:////abs/path`, `postgresql://...`, or "" for
+    `<data_path>/queue.sqlite3`), its dispatcher not started yet."""
+    return SqlQueueEngine(
+        QueueStore(store_url, data_path),
+        members,
+        servers,
+        repository_priority=repository_priority,
+        clock=clock,
+        poll_interval=poll_interval,
+        lease_seconds=lease_seconds,
+    )

@@ -1,0 +1,104 @@
+// The queue page's live part: poll queue.html (relative: behind nginx the page is at
+// /queue/) with its ETag, swap it in without a reload (keeping scroll), count waiting times
+// up locally, and say when the queue stops answering. The page is rendered by the server;
+// this only keeps it current.
+"use strict";
+
+(() => {
+  const POLL_MS = 1000; // while the tab is visible
+  const HIDDEN_POLL_MS = 10000; // while it is hidden
+  const TIMEOUT_MS = 3000;
+
+  const live = document.getElementById("live");
+  const notice = document.getElementById("notice");
+
+  let etag = live.dataset.etag || null;
+  let lastAnswer = new Date();
+  let skewMs = 0; // the server's clock minus ours, from the Date header
+  let timer = null;
+
+  const clock = (date) => date.toTimeString().slice(0, 8);
+
+  function formatAge(seconds) {
+    seconds = Math.max(0, Math.floor(seconds));
+    if (seconds < 120) return `${seconds}s`;
+    if (seconds < 7200) return `${Math.floor(seconds / 60)}m${String(seconds % 60).padStart(2, "0")}s`;
+    return `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, "0")}m`;
+  }
+
+  function updateAges() {
+    const now = (Date.now() + skewMs) / 1000;
+    for (const element of live.querySelectorAll("[data-since]")) {
+      element.textContent = formatAge(now - Number(element.dataset.since));
+    }
+  }
+
+  function showNotice(kind, text) {
+    notice.className = `notice ${kind}`;
+    notice.textContent = text;
+    notice.hidden = false;
+  }
+
+  function clearNotice() {
+    notice.hidden = true;
+    notice.className = "notice";
+    notice.textContent = "";
+  }
+
+  function swapIn(html) {
+    const scrolls = [...live.querySelectorAll(".table-wrap")].map((w) => w.scrollLeft);
+    const { scrollX, scrollY } = window;
+    live.innerHTML = html;
+    live.querySelectorAll(".table-wrap").forEach((w, i) => { w.scrollLeft = scrolls[i] || 0; });
+    window.scrollTo(scrollX, scrollY);
+    updateAges();
+  }
+
+  function answered(response) {
+    const date = Date.parse(response.headers.get("Date") || "");
+    if (!Number.isNaN(date) && Math.abs(date - Date.now()) > 2000) skewMs = date - Date.now();
+    lastAnswer = new Date();
+    document.body.dataset.updated = String(Date.now());
+    clearNotice();
+  }
+
+  async function poll() {
+    const controller = new AbortController();
+    const timeout = setTimeout(() => controller.abort(), TIMEOUT_MS);
+    try {
+      const headers = etag ? { "If-None-Match": etag } : {};
+      const response = await fetch("queue.html", { headers, cache: "no-store", signal: controller.signal });
+      if (response.status === 304) {
+        answered(response);
+      } else if (response.ok) {
+        const html = await response.text();
+        etag = response.headers.get("ETag");
+        swapIn(html);
+        answered(response);
+      } else if (response.status === 503) {
+        showNotice("stale", `The queue cannot read its store (HTTP 503); showing what it said at ${clock(lastAnswer)}.`);
+      } else {
+        showNotice("error", `[${clock(new Date())}] HTTP ${response.status} from the queue; showing what it said at ${clock(lastAnswer)}.`);
+      }
+    } catch (error) {
+      const why = error.name === "AbortError" ? "no answer in 3 s" : error.message;
+      showNotice("stale", `The queue is not answering (${why}); showing what it said at ${clock(lastAnswer)}.`);
+    } finally {
+      clearTimeout(timeout);
+      schedule();
+    }
+  }
+
+  function schedule(delay) {
+    clearTimeout(timer);
+    timer = setTimeout(poll, delay ?? (document.hidden ? HIDDEN_POLL_MS : POLL_MS));
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) schedule(0);
+  });
+
+  updateAges();
+  setInterval(updateAges, 1000);
+  schedule();
+})();
