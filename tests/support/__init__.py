@@ -9,6 +9,7 @@
 - `served`: a running monitor served over real sockets, and stdlib HTTP clients for it
 - `daemons`: `python -m monitor` and the GitHub stand-in as processes of their own
 - `libvirtd`: names and helpers for the real libvirtd the e2e tests share
+- `fleet`: a stand-in and N `monitor run` processes on loopback, for the global queue
 - `vms`: the real-VM rig (`monitor run` on the libvirt bridge with tiny guests)
 - `under_pytest`: the parts that need pytest (skips, fixture factories)
 
