@@ -5,11 +5,11 @@
 rate limit, and answers the way api.github.com does (shapes from GitHub's OpenAPI
 description, `Link` pagination, `ETag`/304, `x-ratelimit-*` headers, JSON errors). Tests and
 `monitor demo` drive it through Python methods or the equivalent `/_standin/...` HTTP
-endpoints: change runner state, add artifacts, inject faults, and let it play the runner agent
-and the jobs. A real agent (the end-to-end tests' guests run one, `tests/guest/agent.sh`) uses
-the `/_standin/agent/*` endpoints instead, identified by its JIT config as GitHub knows a
-runner by its credentials. It is a test and demo peer: production code never imports it, and
-it imports no other monitor module but `serving`.
+endpoints: change runner state, add and delete artifacts, inject faults, and let it play the
+runner agent and the jobs. A real agent (the end-to-end tests' guests run one,
+`tests/guest/agent.sh`) uses the `/_standin/agent/*` endpoints instead, identified by its JIT
+config as GitHub knows a runner by its credentials. It is a test and demo peer: production
+code never imports it, and it imports no other monitor module but `serving`.
 
     state.py     runners, artifacts, workflow runs, faults, the rate limit; the control API
     shapes.py    GitHub's JSON documents and the JIT config
