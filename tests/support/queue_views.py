@@ -129,7 +129,7 @@ class FakeEngine:
 def view_app(engine: FakeEngine) -> tuple[bottle.Bottle, QueueFragment]:
     """A bottle app with the queue's view routes over `engine`, secured and with errors
     mapped as the monitor's apps are."""
-    app = web._SecuredBottle()
+    app = web.SecuredBottle()
     lookup = [str(web.VIEWS)]
 
     def render(name: str, **values: Any) -> str:
