@@ -1,5 +1,6 @@
-"""The shipped systemd unit (valid for systemd, restarts on failure, runs `monitor run`) and
-the daemon's sd_notify side: READY=1, a watchdog fed only while the monitor thread answers."""
+"""The shipped systemd units (valid for systemd, restart on failure, hardened: `monitor run` in
+monitor.service, `monitor queue` without libvirt in monitor-queue.service) and the daemon's
+sd_notify side: READY=1, a watchdog fed only while the monitor thread answers."""
 
 from __future__ import annotations
 
@@ -31,13 +32,22 @@ from tests.support.daemons import Daemon
 from tests.support.daemons import free_port
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "monitor.service"
+QUEUE_UNIT = UNIT.with_name("monitor-queue.service")
+UNITS = [UNIT, QUEUE_UNIT]
 
 
-def unit() -> configparser.ConfigParser:
+def unit(path: Path = UNIT) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # systemd keys are case-sensitive
-    parser.read(UNIT)
+    parser.read(path)
     return parser
+
+
+def testable_copy(path: Path, directory: Path) -> Path:
+    """The unit with ExecStart pointing at an executable that exists (verify checks it)."""
+    copy = directory / path.name
+    copy.write_text(path.read_text().replace("/opt/monitor/.venv/bin/monitor", "/bin/true"))
+    return copy
 
 
 def test_unit_runs_the_monitor_and_restarts_on_failure():
@@ -53,16 +63,32 @@ def test_unit_runs_the_monitor_and_restarts_on_failure():
     assert "InaccessiblePaths" not in service
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path):
+def test_queue_unit_runs_the_queue_alone_without_libvirt():
+    service = unit(QUEUE_UNIT)["Service"]
+    assert service["ExecStart"].split()[1:] == ["queue", "--config", "/etc/monitor/monitor.toml"]
+    assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    # Not a hypervisor: not in the libvirt group, libvirt's sockets and state hidden, its own
+    # user and state directory (the SQLite store) rather than the monitor's.
+    assert "SupplementaryGroups" not in service
+    assert service["User"] == "monitor-queue" and service["User"] != unit()["Service"]["User"]
+    hidden = {path.lstrip("-") for path in service["InaccessiblePaths"].split()}
+    assert {"/run/libvirt", "/var/lib/libvirt"} <= hidden
+    assert service["ReadWritePaths"] == "/var/lib/monitor-queue"
+    assert "libvirt" not in unit(QUEUE_UNIT)["Unit"]["After"]
+    assert "SERVO_CI_MONITOR_DATA_PATH=/var/lib/monitor-queue" in service["Environment"]
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda path: path.name)
+def test_unit_passes_systemd_analyze_verify(tmp_path, path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
-    # verify checks that ExecStart exists: point it at a stand-in executable.
-    text = UNIT.read_text().replace("/opt/monitor/.venv/bin/monitor", "/bin/true")
-    copy = tmp_path / "monitor.service"
-    copy.write_text(text)
+    copy = testable_copy(path, tmp_path)
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
-    problems = [line for line in result.stderr.splitlines() if "monitor.service" in line]
+    problems = [line for line in result.stderr.splitlines() if path.name in line]
     assert result.returncode == 0 and not problems, result.stderr
 
 
@@ -70,16 +96,16 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
 MAX_EXPOSURE = 3.0
 
 
-def test_unit_is_hardened_and_bounded(tmp_path):
+@pytest.mark.parametrize("path", UNITS, ids=lambda path: path.name)
+def test_unit_is_hardened_and_bounded(tmp_path, path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         message = "systemd-analyze is not installed (apt-get install systemd)"
         if os.environ.get("MONITOR_REQUIRE_SYSTEMD") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    assert unit()["Service"]["MemoryMax"]
-    copy = tmp_path / "monitor.service"
-    copy.write_text(UNIT.read_text().replace("/opt/monitor/.venv/bin/monitor", "/bin/true"))
+    assert unit(path)["Service"]["MemoryMax"]
+    copy = testable_copy(path, tmp_path)
     result = subprocess.run(
         [analyze, "security", "--offline=true", "--no-pager", str(copy)],
         capture_output=True,
@@ -88,7 +114,7 @@ def test_unit_is_hardened_and_bounded(tmp_path):
     found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
     assert found, result.stdout + result.stderr
     exposure = float(found[1])
-    print(f"\nsystemd-analyze security: exposure {exposure}")
+    print(f"\nsystemd-analyze security {path.name}: exposure {exposure}")
     assert exposure <= MAX_EXPOSURE, result.stdout
 
 
