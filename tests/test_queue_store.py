@@ -59,6 +59,36 @@ def test_entries_keep_order_and_refuse_duplicates(store):
     assert store.get("nobody") is None
 
 
+def test_get_and_touch_read_and_write_what_the_rows_hold(store):
+    """`get` and `touch` run SQL made once (every client poll runs them): they must agree with
+    Peewee's own reading of the row in every state, timestamps and JSON included."""
+    clock = Clock()
+    waiting, reserving, served = (add(store, uid, clock(), count=2) for uid in "wrs")
+    store.claim([(reserving.waiting, {"m1": 2}), (served.waiting, {"m1": 1, "m2": 1})])
+    clock.advance(1.5)
+    assert store.serve("s", 1, {"m1": [4], "m2": [9]}, clock()) is None
+    assert store.answer("s", clock())
+    clock.advance(0.25)
+    store.touch("w", clock())
+    for uid in "wrs":
+        by_peewee = store._record(store.E.get(store.E.unique_id == uid))
+        assert store.get(uid) == by_peewee
+    record = store.get("w")
+    assert record is not None and record.entry.last_poll_at == clock()
+    assert record.entry.state == "waiting" and record.plan == {} and record.answered_at is None
+    assert store.get("r").plan == {"m1": 2}
+    served_record = store.get("s")
+    assert served_record.entry.reserved == {"m1": [4], "m2": [9]}
+    assert (
+        served_record.entry.served_at
+        == served_record.answered_at
+        == clock() - timedelta(seconds=0.25)
+    )
+    assert waiting.entry.last_poll_at != record.entry.last_poll_at
+    store.touch("nobody", clock())  # no such row: nothing happens
+    assert store.get("nobody") is None
+
+
 def test_claim_serve_and_attempts(store):
     clock = Clock()
     first, second = add(store, "a", clock(), count=2), add(store, "b", clock())
