@@ -271,10 +271,10 @@ def measure_availability(fleet: Fleet, root: Path, args: argparse.Namespace) -> 
     clients = Clients(fleet, root)
     watches = [MemberWatch(member.url) for member in fleet.members]
     try:
-        for _ in range(args.waiting):
+        for _ in range(args.waiting):  # one after the other: their enqueue order is known
             clients.start()
-        clients.wait_enqueued()
-        order = [c for c in clients.started]  # the enqueue order: each waited for in turn
+            clients.wait_enqueued()
+        order = list(clients.started)
         for number in range(args.samples):
             index = number % len(fleet.members)
             member, watch = fleet.members[index], watches[index]
