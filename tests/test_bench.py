@@ -4,11 +4,14 @@ running them in full, see docs/benchmarks.md, never by a timed assertion here)."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted(path.stem for path in (ROOT / "bench").glob("*.py") if path.stem != "__init__")
@@ -108,6 +111,31 @@ def test_benchmark_runs_without_pytest(name):
     )
     assert result.returncode == 0, result.stderr
     assert name == "rig" or "usage:" in result.stdout
+
+
+def test_queue_benchmark_runs_and_checks_every_client(tmp_path):
+    """`bench/queue.py` small: a three-member fleet, 3 runners freed one at a time with one
+    client waiting, 20 pollers for 2 s (PostgreSQL too when it answers; CI starts it)."""
+    if shutil.which("curl") is None or shutil.which("jq") is None:
+        pytest.skip("runner-select.sh needs curl and jq (CI installs them)")
+    results_path = tmp_path / "queue.json"
+    output = run(
+        "queue.py",
+        *("--samples", "3", "--waiting", "1", "--pollers", "20"),
+        *("--duration", "2", "--warmup", "1", "--json", str(results_path)),
+    )
+    assert "PASS: every client got the runner seen Idle, in enqueue order, none fell back" in output
+    assert "FIFO inversions: 0" in output
+    results = json.loads(results_path.read_text())
+    assert len(results["availability"]["samples"]) == 3
+    assert all(sample["seconds"] > 0 for sample in results["availability"]["samples"])
+    stores = [answers["store"] for answers in results["answers"]]
+    assert stores[0].startswith("SQLite")
+    if postgres.unavailable() is None:
+        assert stores[1:] and stores[1].startswith("PostgreSQL")
+    for answers in results["answers"]:
+        assert answers["unexpected"] == {} and answers["polls"] >= 20
+    assert output.count("PASS: every answer 503, empty, Retry-After: 1") == len(stores)
 
 
 def test_tokenless_benchmark_runs():
