@@ -56,6 +56,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
+from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ ANSWER_P99_LIMIT = 0.050
 # test-driver guest created at once); this only stops a broken run.
 SAMPLE_TIMEOUT = 60.0
 HTTP_TIMEOUT = 10.0
+# Monotonic -> wall clock (the queue's served_at is wall clock), taken once.
+WALL_OFFSET = time.time() - time.monotonic()
 
 
 def parse_args() -> argparse.Namespace:
@@ -240,6 +243,10 @@ class TakeSample:
     seconds: float
     seen_reserved: bool
     client: int
+    # The two parts of `seconds`, split at the entry's served_at in the queue's /queue.json
+    # (wall clock, this machine's): Idle -> the queue reserved it; -> the client's next poll.
+    dispatch: float | None = None
+    client_poll: float | None = None
 
 
 @dataclass
@@ -290,18 +297,26 @@ def measure_availability(fleet: Fleet, root: Path, args: argparse.Namespace) -> 
             except queue_module.Empty:
                 raise SystemExit(f"no client was served within {SAMPLE_TIMEOUT:.0f} s") from None
             assert client.success_at is not None
-            result.samples.append(
-                TakeSample(member.suffix, client.success_at - idle_at, seen_reserved, client.number)
+            sample = TakeSample(
+                member.suffix, client.success_at - idle_at, seen_reserved, client.number
             )
+            served_at = queue_served_at(fleet.queue_url, client.unique_id or "")
+            if served_at is not None:
+                sample.dispatch = served_at - (idle_at + WALL_OFFSET)
+                sample.client_poll = client.success_at + WALL_OFFSET - served_at
+            result.samples.append(sample)
             if client is not order[0]:
                 result.inversions += 1
             order.remove(client)
             check_served(fleet, client, runner, result)
             order.append(clients.start())
             clients.wait_enqueued()
+            parts = ""
+            if sample.dispatch is not None and sample.client_poll is not None:
+                parts = f" = {sample.dispatch:.3f} + {sample.client_poll:.3f}"
             print(
-                f"  {number + 1:3d}/{args.samples} {member.suffix}: "
-                f"{client.success_at - idle_at:6.3f} s (client {client.number}"
+                f"  {number + 1:3d}/{args.samples} {member.suffix}: {sample.seconds:6.3f} s"
+                f"{parts} (client {client.number}"
                 f"{', seen Reserved first' if seen_reserved else ''})",
                 flush=True,
             )
@@ -310,6 +325,23 @@ def measure_availability(fleet: Fleet, root: Path, args: argparse.Namespace) -> 
         for watch in watches:
             watch.close()
     return result
+
+
+def queue_served_at(queue_url: str, unique_id: str) -> float | None:
+    """The entry's served_at (epoch seconds) as the queue's /queue.json lists it."""
+    parts = urlsplit(queue_url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=HTTP_TIMEOUT)
+    try:
+        connection.request("GET", "/queue.json")
+        document = json.loads(connection.getresponse().read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    for entry in document.get("recent", []):
+        if entry["unique_id"] == unique_id and entry.get("served_at"):
+            return datetime.fromisoformat(entry["served_at"]).timestamp()
+    return None
 
 
 def check_served(
@@ -511,6 +543,15 @@ def report(availability: Availability, answers: list[Answers], args: argparse.Na
         f"  mean: {statistics.fmean(seconds):.3f} s"
     )
     print(f"  seen Reserved before Idle by the {args.watch * 1000:.0f} ms watch: {reserved_first}")
+    split = [s for s in availability.samples if s.dispatch is not None]
+    if split:
+        dispatch = [s.dispatch for s in split if s.dispatch is not None]
+        polls = [s.client_poll for s in split if s.client_poll is not None]
+        print(
+            f"  of which Idle -> reserved by the queue: p50 {percentile(dispatch, 0.5):.3f} s,"
+            f" max {max(dispatch):.3f} s; reserved -> the client's next poll:"
+            f" p50 {percentile(polls, 0.5):.3f} s, max {max(polls):.3f} s"
+        )
     print(f"  FIFO inversions: {availability.inversions}")
     correct = (
         not availability.wrong_runner and not availability.fell_back and not availability.inversions
