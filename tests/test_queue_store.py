@@ -60,8 +60,9 @@ def test_entries_keep_order_and_refuse_duplicates(store):
 
 
 def test_get_and_touch_read_and_write_what_the_rows_hold(store):
-    """`get` and `touch` run SQL made once (every client poll runs them): they must agree with
-    Peewee's own reading of the row in every state, timestamps and JSON included."""
+    """`get`, `touch` and `active` run SQL made once (every client poll runs the first two, the
+    dispatcher the third twice a second): they must agree with Peewee's own reading of the
+    rows in every state, timestamps and JSON included."""
     clock = Clock()
     waiting, reserving, served = (add(store, uid, clock(), count=2) for uid in "wrs")
     store.claim([(reserving.waiting, {"m1": 2}), (served.waiting, {"m1": 1, "m2": 1})])
@@ -73,6 +74,12 @@ def test_get_and_touch_read_and_write_what_the_rows_hold(store):
     for uid in "wrs":
         by_peewee = store._record(store.E.get(store.E.unique_id == uid))
         assert store.get(uid) == by_peewee
+    E = store.E
+    rows = (
+        E.select().where(E.state.in_(["waiting", "reserving"])).order_by(E.priority.desc(), E.seq)
+    )
+    assert store.active() == [store._record(row) for row in rows]
+    assert [record.entry.unique_id for record in store.active()] == ["w", "r"]
     record = store.get("w")
     assert record is not None and record.entry.last_poll_at == clock()
     assert record.entry.state == "waiting" and record.plan == {} and record.answered_at is None
