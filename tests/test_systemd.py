@@ -43,7 +43,7 @@ def unit(path: Path = UNIT) -> configparser.ConfigParser:
     return parser
 
 
-def testable_copy(path: Path, directory: Path) -> Path:
+def copy_for_analyze(path: Path, directory: Path) -> Path:
     """The unit with ExecStart pointing at an executable that exists (verify checks it)."""
     copy = directory / path.name
     copy.write_text(path.read_text().replace("/opt/monitor/.venv/bin/monitor", "/bin/true"))
@@ -86,7 +86,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path, path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
-    copy = testable_copy(path, tmp_path)
+    copy = copy_for_analyze(path, tmp_path)
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
     problems = [line for line in result.stderr.splitlines() if path.name in line]
     assert result.returncode == 0 and not problems, result.stderr
@@ -105,7 +105,7 @@ def test_unit_is_hardened_and_bounded(tmp_path, path):
             pytest.fail(message)
         pytest.skip(message)
     assert unit(path)["Service"]["MemoryMax"]
-    copy = testable_copy(path, tmp_path)
+    copy = copy_for_analyze(path, tmp_path)
     result = subprocess.run(
         [analyze, "security", "--offline=true", "--no-pager", str(copy)],
         capture_output=True,
