@@ -35,6 +35,10 @@
 #   TAKE_TOKEN             poll the take with this token instead (a wrong token)
 #   ENQUEUED_FILE          once enqueued, the unique id is written to this file (a test
 #                          that enqueues clients in a known order waits for it)
+#   TAKE_WHEN_FILE         once enqueued, wait until this file exists before the first take
+#                          (a test kills and restarts the queue in between: curl does not
+#                          retry a refused connection, so a take during the outage would end
+#                          in the fallback)
 #
 # Output lines go to stdout (and $GITHUB_OUTPUT); everything else goes to stderr. On success:
 #   unique_id=<uuid>
@@ -168,6 +172,11 @@ fi
 echo "Enqueued $unique_id" >&2
 if [ -n "${ENQUEUED_FILE:-}" ]; then
   echo "$unique_id" > "$ENQUEUED_FILE"
+fi
+if [ -n "${TAKE_WHEN_FILE:-}" ]; then
+  while [ ! -e "$TAKE_WHEN_FILE" ]; do
+    sleep 0.1
+  done
 fi
 
 # Take: curl retries timeouts and 408/429/500/502/503/504 for up to $max_retry_time seconds,

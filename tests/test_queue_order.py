@@ -1,0 +1,233 @@
+"""The global queue's order and durability on a fleet (issue 14, "Must show": FIFO, priority,
+restart), with real processes: three `monitor run` members on one GitHub stand-in, the queue
+in the first member's `monitor run` (or, for the restart, in a `monitor queue` process of its
+own), and Servo's `actions/runner-select` re-created in bash (tests/scripts/runner-select.sh).
+
+How the order is observed: every linux runner of the fleet is busy (a job runs on it), the
+clients wait in a known order, then one runner's job ends at a time: its member replaces it,
+the new runner shows Idle, the queue reserves it, and the stand-in shows which client's
+`reserved-for:<uuid>` label it got. That runner's job then starts (busy), so exactly one runner
+is ever free, and the sequence of labels is the serving order.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.constants import API_TOKEN
+from tests.support.constants import REPO
+from tests.support.fleet import RESERVED_FOR
+from tests.support.fleet import Fleet
+from tests.support.fleet import client_outputs
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("jq") is None,
+    reason="runner-select.sh needs curl and jq (CI installs them)",
+)
+
+URGENT_REPO = "test/urgent"  # [queue] repository_priority gives it 10
+# Long enough for every client to outlast the whole test: a client that gave up would fall
+# back (and show as a missing reservation), not pass.
+CLIENT_RETRY = 600
+FIFO_CLIENTS = 20
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+def inversions(order: list[str], expected: list[str]) -> int:
+    """Pairs served in the opposite order of `expected` (0: the same order)."""
+    place = {unique_id: i for i, unique_id in enumerate(expected)}
+    ranks = [place[unique_id] for unique_id in order]
+    return sum(ranks[i] > ranks[j] for i in range(len(ranks)) for j in range(i + 1, len(ranks)))
+
+
+class Watch:
+    """The runners' `reserved-for:` labels as they appear on the stand-in."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.seen: dict[int, str] = {}  # runner id -> the unique_id it is reserved for
+        self.new()
+
+    def new(self) -> list[tuple[int, str]]:
+        """(runner id, unique_id) of the reservations that appeared since the last call."""
+        found = []
+        for runner in self.fleet.reserved():
+            if runner["id"] in self.seen:
+                continue
+            labels = [x[len(RESERVED_FOR) :] for x in runner["labels"] if x.startswith(RESERVED_FOR)]
+            assert len(labels) == 1, f"runner {runner['name']} carries {labels}"
+            self.seen[runner["id"]] = labels[0]
+            found.append((runner["id"], labels[0]))
+        return found
+
+
+class Busy:
+    """The fleet's linux runners that run a job, oldest first: `free_one` ends one job and
+    returns who the replacement runner went to (that runner's job then starts)."""
+
+    def __init__(self, fleet: Fleet, runner_ids: list[int]) -> None:
+        self.fleet = fleet
+        self.ids = deque(runner_ids)
+        self.watch = Watch(fleet)
+        self.latencies: list[float] = []  # job ended -> the new runner reserved
+
+    def free_one(self) -> str:
+        runner_id = self.ids.popleft()
+        started = time.monotonic()
+        self.fleet.finish_job(runner_id)
+        new = wait_until(self.watch.new, f"the runner replacing {runner_id} to be reserved", 60)
+        self.latencies.append(time.monotonic() - started)
+        assert len(new) == 1, f"one runner was freed, {len(new)} were reserved: {new}"
+        reserved_id, unique_id = new[0]
+        self.fleet.set_busy(reserved_id)  # the client's job starts on it
+        self.ids.append(reserved_id)
+        return unique_id
+
+    def report(self, name: str) -> str:
+        lat = sorted(self.latencies)
+        return (
+            f"{name}: {len(lat)} runners freed one at a time; job end -> reserved:"
+            f" median {statistics.median(lat):.2f} s, max {lat[-1]:.2f} s"
+        )
+
+
+def start_in_order(
+    fleet: Fleet, tmp: Path, n: int, repo: str = REPO, **hooks: str
+) -> list[tuple[str, subprocess.Popen[str]]]:
+    """`n` clients of linux, each started once the one before it is enqueued (the script's
+    ENQUEUED_FILE hook): their enqueue order is the order of the list."""
+    clients = []
+    for _ in range(n):
+        marker = tmp / f"enqueued-{uuid.uuid4()}"
+        process = fleet.start_client(
+            "linux",
+            max_retry_time=CLIENT_RETRY,
+            QUALIFIED_REPO=repo,
+            ENQUEUED_FILE=str(marker),
+            **hooks,
+        )
+
+        def enqueued(marker: Path = marker, process: subprocess.Popen[str] = process) -> str:
+            text = marker.read_text() if marker.exists() else ""
+            if not text.endswith("\n") and process.poll() is not None:
+                _, stderr = process.communicate()
+                raise AssertionError(f"a client ended before it was enqueued:\n{stderr}")
+            return text.strip() if text.endswith("\n") else ""
+
+        clients.append((wait_until(enqueued, "a client to be enqueued", 30), process))
+    return clients
+
+
+def assert_served(busy: Busy, clients: list[tuple[str, subprocess.Popen[str]]]) -> None:
+    """Every client ended with self-hosted runners, and exactly one runner was reserved for
+    it (seen by `busy.watch`: the runner may be gone since, its job done)."""
+    reserved = list(busy.watch.seen.values())
+    for unique_id, process in clients:
+        outputs = client_outputs(process, timeout=CLIENT_RETRY + 60)
+        assert outputs["is_self_hosted"] == "true", outputs["stderr"]
+        assert outputs["unique_id"] == unique_id
+        assert reserved.count(unique_id) == 1
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("queue-order")
+    with Fleet(
+        root,
+        queue=True,
+        queue_extra=f'repository_priority = {{ "{URGENT_REPO}" = 10 }}\n',
+        # 20 enqueues within a minute from one repository: above Servo's bursts, and not what
+        # this test is about (the per-repository limit has its own tests).
+        # A runner whose job ended is seen gone, and its replacement Idle, within a second.
+        settings={"select_runner_rate_limit": "100", "api_cache_timeout": "1"},
+    ) as running:
+        running.wait_idle()
+        running.wait_queue_ready()
+        yield running
+    for member in running.members:
+        assert member.process is not None and member.process.returncode == 0, member.log()
+        assert "Traceback" not in member.log()
+
+
+@pytest.fixture(scope="module")
+def busy(fleet: Fleet) -> Busy:
+    """Every linux runner of the fleet runs a job; nothing is Idle for a linux client."""
+    ids = fleet.busy_all("linux")
+    assert len(ids) == 3 * fleet.targets["linux"]
+
+    def none_idle() -> bool:
+        return all((m.counts() or {}).get("linux", {}).get("idle") == 0 for m in fleet.members)
+
+    wait_until(none_idle, "every member to show its linux runners busy", 30)
+    return Busy(fleet, ids)
+
+
+def test_runners_freed_one_at_a_time_go_to_the_clients_in_enqueue_order(
+    fleet: Fleet, busy: Busy, tmp_path: Path
+):
+    started = time.monotonic()
+    clients = start_in_order(fleet, tmp_path, FIFO_CLIENTS)
+    enqueued = [unique_id for unique_id, _ in clients]
+    waiting = [e["unique_id"] for e in fleet.queue_state()["entries"]]
+    assert waiting == enqueued  # the queue's own view: all waiting, in that order
+
+    served = [busy.free_one() for _ in enqueued]
+
+    assert inversions(served, enqueued) == 0, (served, enqueued)
+    assert served == enqueued
+    assert_served(busy, clients)
+    # The queue's record agrees: served_at in the enqueue order.
+    recent = [e for e in fleet.queue_state()["recent"] if e["unique_id"] in set(enqueued)]
+    assert all(e["state"] == "served" for e in recent)
+    by_served_at = [e["unique_id"] for e in sorted(recent, key=lambda e: e["served_at"])]
+    assert by_served_at == enqueued
+    print(busy.report("FIFO"), f"; test {time.monotonic() - started:.1f} s")
+
+
+def test_a_higher_priority_entry_enqueued_last_is_served_first(
+    fleet: Fleet, busy: Busy, tmp_path: Path
+):
+    started = time.monotonic()
+    busy.latencies.clear()
+    plain = start_in_order(fleet, tmp_path, 2)
+    # The authenticated enqueue's own priority (5), between the plain ones (0) and the
+    # repository the config ranks 10; its client polls the take as runner-select.sh does.
+    chosen = str(uuid.uuid4())
+    query = f"unique_id={chosen}&qualified_repo={REPO}&run_id={fleet.new_run_id()}&priority=5"
+    status, token = fleet.queue_request("POST", f"/profile/linux/enqueue?{query}", AUTH)
+    assert status == 200, token
+    take = subprocess.Popen(
+        ["curl", "-sS", "--fail-with-body", "--retry", str(CLIENT_RETRY), "--retry-delay", "1"]
+        + ["--retry-max-time", str(CLIENT_RETRY), "--max-time", "30", "-X", "POST"]
+        + [f"{fleet.queue_url}/take/{chosen}?token={token}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    urgent = start_in_order(fleet, tmp_path, 1, repo=URGENT_REPO)
+    entries = fleet.queue_state()["entries"]
+    assert [(e["unique_id"], e["priority"]) for e in entries] == [
+        (urgent[0][0], 10),
+        (chosen, 5),
+        (plain[0][0], 0),
+        (plain[1][0], 0),
+    ]
+
+    served = [busy.free_one() for _ in range(4)]
+
+    assert served == [urgent[0][0], chosen, plain[0][0], plain[1][0]]
+    stdout, stderr = take.communicate(timeout=CLIENT_RETRY + 60)
+    assert (take.returncode, stdout) == (0, "1"), stderr
+    assert list(busy.watch.seen.values()).count(chosen) == 1
+    assert_served(busy, plain + urgent)
+    print(busy.report("priority"), f"; test {time.monotonic() - started:.1f} s")
