@@ -64,7 +64,9 @@ class Watch:
         for runner in self.fleet.reserved():
             if runner["id"] in self.seen:
                 continue
-            labels = [x[len(RESERVED_FOR) :] for x in runner["labels"] if x.startswith(RESERVED_FOR)]
+            labels = [
+                x[len(RESERVED_FOR) :] for x in runner["labels"] if x.startswith(RESERVED_FOR)
+            ]
             assert len(labels) == 1, f"runner {runner['name']} carries {labels}"
             self.seen[runner["id"]] = labels[0]
             found.append((runner["id"], labels[0]))
@@ -159,17 +161,22 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
         assert "Traceback" not in member.log()
 
 
-@pytest.fixture(scope="module")
-def busy(fleet: Fleet) -> Busy:
-    """Every linux runner of the fleet runs a job; nothing is Idle for a linux client."""
+def busy_everything(fleet: Fleet) -> Busy:
+    """Every linux runner of the fleet runs a job; once every member shows none Idle, no
+    linux client can be served until a job ends."""
     ids = fleet.busy_all("linux")
-    assert len(ids) == 3 * fleet.targets["linux"]
+    assert len(ids) == len(fleet.members) * fleet.targets["linux"]
 
     def none_idle() -> bool:
         return all((m.counts() or {}).get("linux", {}).get("idle") == 0 for m in fleet.members)
 
     wait_until(none_idle, "every member to show its linux runners busy", 30)
     return Busy(fleet, ids)
+
+
+@pytest.fixture(scope="module")
+def busy(fleet: Fleet) -> Busy:
+    return busy_everything(fleet)
 
 
 def test_runners_freed_one_at_a_time_go_to_the_clients_in_enqueue_order(
@@ -231,3 +238,102 @@ def test_a_higher_priority_entry_enqueued_last_is_served_first(
     assert list(busy.watch.seen.values()).count(chosen) == 1
     assert_served(busy, plain + urgent)
     print(busy.report("priority"), f"; test {time.monotonic() - started:.1f} s")
+
+
+# Restart ------------------------------------------------------------------------------------
+#
+# Servo's client takes with `curl --retry`, which retries timeouts and 408/429/5xx but not a
+# refused connection: a client polling while the queue process is down falls back to a
+# GitHub-hosted runner at once (behind nginx the outage is a 502 instead, retried, but its
+# HTML body ends up in the client's output and fails the final `jq`). So the realistic case in
+# which a restart must lose nothing is the one that every client survives: the queue is
+# killed and restarted between the clients' enqueues and their first take (the script's
+# TAKE_WHEN_FILE hook holds them there), within the 30 s after which an unpolled entry expires.
+RESTART_COUNTS = [1, 2, 1, 1, 2, 1]
+
+
+def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once(
+    tmp_path: Path,
+):
+    started = time.monotonic()
+    with Fleet(
+        tmp_path / "fleet",
+        queue="alone",
+        targets={"linux": 3},  # 9 busy runners: enough for every entry's without reuse
+        settings={"api_cache_timeout": "1"},
+    ) as fleet:
+        fleet.wait_idle()
+        fleet.wait_queue_ready()
+        queue = fleet.queue_process
+        assert queue is not None
+        busy = busy_everything(fleet)
+        go = tmp_path / "go"
+        clients = []
+        for count in RESTART_COUNTS:  # one at a time: the enqueue order is this list's
+            marker = tmp_path / f"enqueued-{len(clients)}"
+            process = fleet.start_client(
+                "linux",
+                count,
+                max_retry_time=CLIENT_RETRY,
+                ENQUEUED_FILE=str(marker),
+                TAKE_WHEN_FILE=str(go),
+            )
+            unique_id = wait_until(lambda m=marker: m.exists() and m.read_text().strip(), "enqueue")
+            clients.append((unique_id, count, process))
+        enqueued_at = time.monotonic()
+        ids = [unique_id for unique_id, _, _ in clients]
+        assert [e["unique_id"] for e in fleet.queue_state()["entries"]] == ids
+
+        def reserved(n: int) -> bool:
+            """`n` runners reserved so far (Watch fails on a runner with two labels)."""
+            busy.watch.new()
+            return len(busy.watch.seen) == n
+
+        # Three runners free: the first two entries (1 + 2 runners) are served, not yet
+        # answered (their clients have not polled), when the queue is killed.
+        for _ in range(3):
+            fleet.finish_job(busy.ids.popleft())
+
+        wait_until(lambda: reserved(3), "the first two entries' runners to be reserved")
+        assert sorted(busy.watch.seen.values()) == sorted([ids[0], ids[1], ids[1]])
+        states = {e["unique_id"]: e["state"] for e in fleet.queue_state()["recent"]}
+        assert states == {ids[0]: "served", ids[1]: "served"}
+        assert [e["unique_id"] for e in fleet.queue_state()["entries"]] == ids[2:]
+        killed_at = time.monotonic()
+        assert queue.kill() == -9
+
+        # While it is down two runners free up; they wait Idle for the queue.
+        for _ in range(2):
+            fleet.finish_job(busy.ids.popleft())
+        queue.start()
+        fleet.wait_queue_ready()
+        outage = time.monotonic() - killed_at
+        restarted_after = time.monotonic() - enqueued_at
+        go.touch()  # the clients' first take, on the restarted queue, with their tokens
+
+        wait_until(lambda: reserved(5), "the two runners Idle at the restart to be reserved")
+        assert list(busy.watch.seen.values())[3:] == [ids[2], ids[3]]  # still in order
+        for _ in range(3):  # the last two entries' runners
+            fleet.finish_job(busy.ids.popleft())
+
+        outcomes = [client_outputs(p, timeout=CLIENT_RETRY + 60) for _, _, p in clients]
+        assert reserved(sum(RESTART_COUNTS))
+        for (unique_id, count, _), outputs in zip(clients, outcomes, strict=True):
+            assert outputs["is_self_hosted"] == "true", outputs["stderr"]
+            assert outputs["selected_runner_count"] == str(count)
+            # Exactly `count` runners carry its label (no runner has two: Watch checks).
+            assert len(fleet.reserved_for(unique_id)) == count, unique_id
+        assert len(fleet.reserved()) == sum(RESTART_COUNTS)
+        assert sorted(busy.watch.seen.values()) == sorted(
+            unique_id for unique_id, count, _ in clients for _ in range(count)
+        )
+        recent = fleet.queue_state()["recent"]
+        assert sorted(e["unique_id"] for e in recent) == sorted(ids)
+        assert all(e["state"] == "served" for e in recent)
+        log = queue.log()
+    assert "Traceback" not in log
+    print(
+        f"restart: the queue down for {outage:.1f} s (kill to serving with every member"
+        f" fresh), serving again {restarted_after:.1f} s after the last enqueue;"
+        f" test {time.monotonic() - started:.1f} s"
+    )
