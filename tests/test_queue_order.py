@@ -20,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,9 @@ URGENT_REPO = "test/urgent"  # [queue] repository_priority gives it 10
 # Long enough for every client to outlast the whole test: a client that gave up would fall
 # back (and show as a missing reservation), not pass.
 CLIENT_RETRY = 600
+# How long a test waits for a client it expects to be served by now (a failure must not wait
+# out CLIENT_RETRY).
+CLIENT_DEADLINE = 120
 FIFO_CLIENTS = 20
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
@@ -103,6 +107,32 @@ class Busy:
         )
 
 
+CHILDREN: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap() -> Iterator[None]:
+    """A test that failed leaves no client polling for CLIENT_RETRY seconds."""
+    yield
+    while CHILDREN:
+        process = CHILDREN.pop()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def start_client(fleet: Fleet, *args: Any, **kwargs: Any) -> subprocess.Popen[str]:
+    process = fleet.start_client(*args, **kwargs)
+    CHILDREN.append(process)
+    return process
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    process = subprocess.Popen(args, **kwargs)
+    CHILDREN.append(process)
+    return process
+
+
 def start_in_order(
     fleet: Fleet, tmp: Path, n: int, repo: str = REPO, **hooks: str
 ) -> list[tuple[str, subprocess.Popen[str]]]:
@@ -111,7 +141,8 @@ def start_in_order(
     clients = []
     for _ in range(n):
         marker = tmp / f"enqueued-{uuid.uuid4()}"
-        process = fleet.start_client(
+        process = start_client(
+            fleet,
             "linux",
             max_retry_time=CLIENT_RETRY,
             QUALIFIED_REPO=repo,
@@ -135,7 +166,7 @@ def assert_served(busy: Busy, clients: list[tuple[str, subprocess.Popen[str]]]) 
     it (seen by `busy.watch`: the runner may be gone since, its job done)."""
     reserved = list(busy.watch.seen.values())
     for unique_id, process in clients:
-        outputs = client_outputs(process, timeout=CLIENT_RETRY + 60)
+        outputs = client_outputs(process, timeout=CLIENT_DEADLINE)
         assert outputs["is_self_hosted"] == "true", outputs["stderr"]
         assert outputs["unique_id"] == unique_id
         assert reserved.count(unique_id) == 1
@@ -213,7 +244,7 @@ def test_a_higher_priority_entry_enqueued_last_is_served_first(
     query = f"unique_id={chosen}&qualified_repo={REPO}&run_id={fleet.new_run_id()}&priority=5"
     status, token = fleet.queue_request("POST", f"/profile/linux/enqueue?{query}", AUTH)
     assert status == 200, token
-    take = subprocess.Popen(
+    take = spawn(
         ["curl", "-sS", "--fail-with-body", "--retry", str(CLIENT_RETRY), "--retry-delay", "1"]
         + ["--retry-max-time", str(CLIENT_RETRY), "--max-time", "30", "-X", "POST"]
         + [f"{fleet.queue_url}/take/{chosen}?token={token}"],
@@ -233,7 +264,7 @@ def test_a_higher_priority_entry_enqueued_last_is_served_first(
     served = [busy.free_one() for _ in range(4)]
 
     assert served == [urgent[0][0], chosen, plain[0][0], plain[1][0]]
-    stdout, stderr = take.communicate(timeout=CLIENT_RETRY + 60)
+    stdout, stderr = take.communicate(timeout=CLIENT_DEADLINE)
     assert (take.returncode, stdout) == (0, "1"), stderr
     assert list(busy.watch.seen.values()).count(chosen) == 1
     assert_served(busy, plain + urgent)
@@ -271,7 +302,8 @@ def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once
         clients = []
         for count in RESTART_COUNTS:  # one at a time: the enqueue order is this list's
             marker = tmp_path / f"enqueued-{len(clients)}"
-            process = fleet.start_client(
+            process = start_client(
+                fleet,
                 "linux",
                 count,
                 max_retry_time=CLIENT_RETRY,
@@ -316,7 +348,7 @@ def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once
         for _ in range(3):  # the last two entries' runners
             fleet.finish_job(busy.ids.popleft())
 
-        outcomes = [client_outputs(p, timeout=CLIENT_RETRY + 60) for _, _, p in clients]
+        outcomes = [client_outputs(p, timeout=CLIENT_DEADLINE) for _, _, p in clients]
         assert reserved(sum(RESTART_COUNTS))
         for (unique_id, count, _), outputs in zip(clients, outcomes, strict=True):
             assert outputs["is_self_hosted"] == "true", outputs["stderr"]
@@ -333,7 +365,69 @@ def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once
         log = queue.log()
     assert "Traceback" not in log
     print(
-        f"restart: the queue down for {outage:.1f} s (kill to serving with every member"
+        f"restart: the queue down for {outage:.1f} s (kill to answering again with every member"
         f" fresh), serving again {restarted_after:.1f} s after the last enqueue;"
+        f" test {time.monotonic() - started:.1f} s"
+    )
+
+
+def test_a_queue_killed_while_its_take_is_in_flight_finishes_it_after_the_restart(
+    tmp_path: Path,
+):
+    """The queue dies after forwarding a take and before learning its result (the entry is
+    `reserving`; upstream's queue had already deleted its entry then, stranding the runner).
+    The restarted queue forwards the same take again, with the same unique_id: the member
+    answers with the runners it reserved (or is reserving) for it, never more."""
+    started = time.monotonic()
+    with Fleet(tmp_path / "fleet", queue="alone", settings={"api_cache_timeout": "1"}) as fleet:
+        fleet.wait_idle()
+        fleet.wait_queue_ready()
+        queue = fleet.queue_process
+        assert queue is not None
+        busy = busy_everything(fleet)
+        go = tmp_path / "go"
+        marker = tmp_path / "enqueued"
+        process = start_client(
+            fleet,
+            "linux",
+            2,
+            max_retry_time=CLIENT_RETRY,
+            ENQUEUED_FILE=str(marker),
+            TAKE_WHEN_FILE=str(go),
+        )
+        unique_id = wait_until(lambda: marker.exists() and marker.read_text().strip(), "enqueue")
+        # GitHub is slow to label the runners: the members' takes stay under way for 4 s.
+        fleet.standin.inject_fault(None, count=2, method="POST", path_contains="/labels", delay=4)
+        for _ in range(2):
+            fleet.finish_job(busy.ids.popleft())
+
+        def reserving() -> bool:
+            entries = fleet.queue_state()["entries"]
+            return [(e["unique_id"], e["state"]) for e in entries] == [(unique_id, "reserving")]
+
+        wait_until(reserving, "the queue to forward the entry's takes", 30, interval=0.02)
+        assert busy.watch.new() == []  # not labelled yet
+        killed_at = time.monotonic()
+        assert queue.kill() == -9
+        queue.start()
+        fleet.wait_queue_ready()
+        outage = time.monotonic() - killed_at
+        go.touch()
+
+        outputs = client_outputs(process, timeout=CLIENT_DEADLINE)
+        assert outputs["is_self_hosted"] == "true", outputs["stderr"]
+        busy.watch.new()
+        assert list(busy.watch.seen.values()) == [unique_id, unique_id]
+        assert len(fleet.reserved_for(unique_id)) == 2
+        assert len(fleet.reserved()) == 2
+        [entry] = [e for e in fleet.queue_state()["recent"] if e["unique_id"] == unique_id]
+        assert entry["state"] == "served"
+        # (the members' own runner ids, not GitHub's)
+        assert sum(len(ids) for ids in entry["reserved"].values()) == 2
+        log = queue.log()
+    assert f"resuming the takes of {unique_id}" in log
+    assert "Traceback" not in log
+    print(
+        f"take in flight: the queue down for {outage:.1f} s;"
         f" test {time.monotonic() - started:.1f} s"
     )
