@@ -455,13 +455,22 @@ class QueueStore:
 
     @_guarded
     def put_back(
-        self, unique_id: str, attempt: int, error: str, *, give_up: bool, now: datetime
+        self,
+        unique_id: str,
+        attempt: int,
+        error: str,
+        *,
+        give_up: bool,
+        now: datetime,
+        failed: bool = True,
     ) -> bool:
-        """Reserving -> waiting (same seq: it keeps its place) after a failed take, or ->
-        failed when it has failed too often."""
+        """Reserving -> waiting (same seq: it keeps its place) after a take that did not get
+        every runner, or -> failed when it has failed too often. `failed=False`: the members
+        only had fewer runners than they said, which does not count as a failure."""
         E = self.E
         values: dict[str, Any] = {"plan": "{}", "reserved": "{}", "error": error}
-        values["failures"] = E.failures + 1
+        if failed:
+            values["failures"] = E.failures + 1
         if give_up:
             values.update(state="failed", finished_at=now)
         else:
