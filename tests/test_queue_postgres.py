@@ -53,8 +53,9 @@ CLIENTS = 50
 # Linux runners per member: 18 in all for about 60 wanted, so most entries wait in the
 # database for runners freed over time (each served client's job runs and ends at once).
 TARGET = 6
-# The dispatching process is killed once this many clients are served: entries are waiting,
-# others being reserved, and clients are still starting.
+# The dispatching process is killed once this many clients are served (and entries it took
+# in wait, polled at the other): entries are waiting, others being reserved, and clients are
+# still starting.
 KILL_AFTER_SERVED = 12
 START_EVERY = 0.1  # seconds between two clients' starts: the burst lasts 5 s
 MAX_RETRY_TIME = 120  # the clients' take retries (Servo's production pin: 3600)
@@ -344,12 +345,23 @@ def burst(
                 for runner_id in client.runners:  # its job runs and ends
                     fleet.set_busy(runner_id)
                     fleet.finish_job(runner_id)
-        if not killed_at and sum(c.served for c in clients) >= KILL_AFTER_SERVED:
+        if not killed_at and ready_to_kill(clients, doomed.name):
             doomed.kill()
             killed_at = time.monotonic()
         time.sleep(0.05)
     assert killed_at, "the burst ended before the kill"
     return clients, killed_at
+
+
+def ready_to_kill(clients: list[Client], doomed: str) -> bool:
+    """KILL_AFTER_SERVED clients served, and entries that the doomed process took in wait
+    for runners while their clients poll the other one (the survivor must serve them)."""
+    handed_over = [
+        c
+        for c in clients
+        if c.enqueue_at == doomed != c.take_at and c.enqueued and not c.outputs and c.process
+    ]
+    return sum(c.served for c in clients) >= KILL_AFTER_SERVED and len(handed_over) >= 2
 
 
 def check_clients(clients: list[Client], doomed: str, survivor: str, killed_at: float) -> None:
@@ -402,6 +414,7 @@ def test_postgresql_unreachable_is_a_503_with_an_empty_body_then_recovers(
 
     def netloc(port: int) -> str:
         return f"{urlsplit(database_url).username}@127.0.0.1:{port}"
+
     with Fleet(tmp_path / "fleet", members=1, targets={"linux": 1}) as fleet:
         through_proxy = urlunsplit(urlsplit(database_url)._replace(netloc=netloc(proxy.port)))
         queue = QueueProcess("a", tmp_path / "a", fleet, through_proxy, password)
@@ -427,8 +440,8 @@ def test_postgresql_unreachable_is_a_503_with_an_empty_body_then_recovers(
             run_id = fleet.new_run_id()
             fleet.upload_args(unique_id, run_id, "linux")
             status, _, token = post(
-                queue.url, f"/enqueue?unique_id={unique_id}&qualified_repo=test/servo"
-                f"&run_id={run_id}"
+                queue.url,
+                f"/enqueue?unique_id={unique_id}&qualified_repo=test/servo&run_id={run_id}",
             )
             assert status == 200, token
             take = f"/take/{unique_id}?token={token}"
