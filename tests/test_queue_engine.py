@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
 
@@ -327,6 +328,33 @@ def test_a_new_dispatcher_finishes_takes_left_in_flight(store_url, fleet, make_e
     second = make_engine(store_url)
     wait_until(lambda: served(second, "u", token), "served by the next dispatcher")
     assert len(fleet.takes) == 1 and len(fleet.all_reserved()) == 2
+
+
+def test_counts_lagging_takes_are_no_failure(store_url, fleet, make_engine):
+    """A member whose counts say a runner is idle that its take cannot get (its counts are
+    of its last look, seconds old): the entry waits in its place instead of failing after
+    MAX_FAILURES takes within a second, and the member is not asked again at once."""
+    fleet.add(M1, "p", busy=1)
+    fleet.lagging[(M1, "p")] = 1
+    engine = make_engine(store_url)
+    ready(engine, M1)
+    token = enqueue(engine, "u")
+    wait_until(lambda: len(fleet.take_calls) >= 1, "a take on the lagging counts")
+    # Far longer than MAX_FAILURES dispatcher cycles (50 ms each): it still waits, and the
+    # member was asked about once per backoff (0.3 s), not every cycle.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert not served(engine, "u", token)
+        time.sleep(0.05)
+    assert len(fleet.take_calls) <= 7, fleet.take_calls
+    record = engine.store.get("u")
+    assert record is not None and record.entry.state in ("waiting", "reserving")
+    assert record.failures == 0
+    fleet.lagging.clear()
+    fleet.free(M1, "p")
+    wait_until(lambda: served(engine, "u", token), "served once a runner is idle")
+    assert fleet.reserved_for("u") == {M1: [1]}
+    assert engine.snapshot().outcomes["failed"] == 0
 
 
 def test_store_unreachable_answers_503_and_recovers(postgres_url, fleet, make_engine):

@@ -73,6 +73,9 @@ TOUCH_EVERY_SECONDS = 5.0
 MAX_FAILURES = 10
 # A member whose take failed is not planned on for this long (its counts may still answer):
 # the entry waits in its place, or goes to other members, instead of failing again at once.
+# A member that reserved fewer runners than asked (its counts said more were idle: a
+# monitor's counts are of its last look, up to `monitor_poll_interval` old) is not planned
+# on for that profile for as long; that is no failure of the entry, which waits again.
 TAKE_BACKOFF_SECONDS = 5.0
 RECENT = 50
 RETAIN = timedelta(days=1)
@@ -107,6 +110,7 @@ class InFlight:
     claim: Claimed
     pending: int
     results: dict[str, list[int] | str] = field(default_factory=dict)
+    short: set[str] = field(default_factory=set)  # members that reserved fewer than asked
 
 
 class Dispatcher:
@@ -149,6 +153,7 @@ class Dispatcher:
         self.poll_started: dict[str, float] = {}
         self.take_backoff = TAKE_BACKOFF_SECONDS
         self.take_failed_at: dict[str, float] = {}  # member url -> time.monotonic()
+        self.take_short_at: dict[tuple[str, str], float] = {}  # (url, profile) -> monotonic
         self.last_prune = 0.0
         self.store_down = False
         workers = max(4, 2 * len(self.servers))
@@ -255,13 +260,26 @@ class Dispatcher:
         return [self.views[url] for url in self.servers]
 
     def plannable(self, views: list[MemberView]) -> list[MemberView]:
-        """The members as the plan sees them: one whose take failed lately is not fresh."""
+        """The members as the plan sees them: one whose take failed lately is not fresh, and
+        one that lately reserved fewer runners of a profile than asked has none idle."""
         now = time.monotonic()
         with self.lock:
             backed_off = {
                 url for url, at in self.take_failed_at.items() if now - at < self.take_backoff
             }
-        return [replace(view, fresh=False) if view.url in backed_off else view for view in views]
+            short = {key for key, at in self.take_short_at.items() if now - at < self.take_backoff}
+        plannable = []
+        for view in views:
+            if view.url in backed_off:
+                view = replace(view, fresh=False)
+            elif any(url == view.url for url, _ in short):
+                counts = {
+                    profile: Counts(0, c.healthy, c.target) if (view.url, profile) in short else c
+                    for profile, c in view.counts.items()
+                }
+                view = replace(view, counts=counts)
+            plannable.append(view)
+        return plannable
 
     def reserving(self) -> dict[str, dict[str, int]]:
         """member url -> profile -> runners being reserved there, or reserved but not yet
@@ -330,18 +348,23 @@ class Dispatcher:
 
     def take(self, flight: InFlight, url: str, n: int) -> None:
         claim = flight.claim
+        short = False
         try:
             ids = self.members.take(
                 url, claim.profile, n, claim.unique_id, claim.qualified_repo, claim.run_id
             )
+            short = len(ids) != n
             result: list[int] | str = (
-                list(ids) if len(ids) == n else f"{url} reserved {len(ids)} of {n} runners"
+                f"{url} reserved {len(ids)} of {n} runners" if short else list(ids)
             )
         except Exception as error:  # MonitorError from the adapter, or a bug in it
             result = f"{url}: {error}"
             with self.lock:
                 self.take_failed_at[url] = time.monotonic()
         with self.lock:
+            if short:
+                flight.short.add(url)
+                self.take_short_at[(url, claim.profile)] = time.monotonic()
             flight.results[url] = result
             flight.pending -= 1
             last = flight.pending == 0
@@ -387,10 +410,22 @@ class Dispatcher:
             self.release(claim.unique_id, flight.results)
             return
         error = "; ".join(errors)
-        self.outcomes.add("failed")
+        # Members that only had fewer idle runners than their counts said are no failure:
+        # the entry waits again without coming closer to MAX_FAILURES (a burst of takes on
+        # counts a few seconds old would otherwise fail entries whose clients wait on).
+        failed = any(
+            isinstance(r, str) and url not in flight.short for url, r in flight.results.items()
+        )
         # Every member that was asked is released, the failed ones too: a take that timed out
         # may have reserved runners all the same.
         self.release(claim.unique_id, flight.results)
+        if not failed:
+            log.info("queue: %s: %s; it waits again", claim.unique_id, error)
+            self.store.put_back(
+                claim.unique_id, claim.attempt, error, give_up=False, now=now, failed=False
+            )
+            return
+        self.outcomes.add("failed")
         record = self.store.get(claim.unique_id)
         give_up = record is not None and record.failures + 1 >= MAX_FAILURES
         log.warning(
