@@ -422,3 +422,45 @@ def test_two_engines_on_one_database(postgres_url, fleet, make_engine):
     assert all(per_uid.count(uid) == len(fleet.reserved_for(uid)) for uid in tokens), (
         "a unique_id reserved twice on one member"
     )
+
+
+def test_a_failed_release_is_tried_again(store_url, fleet, make_engine):
+    clock = Clock()
+    fleet.add(M1, "p", idle=1)
+    engine = make_engine(store_url, clock=clock)
+    ready(engine, M1)
+    enqueue(engine, "u")  # served, but its client never hears of it: expires, is released
+    wait_until(lambda: engine.store.get("u").entry.state == "served", "served")
+    fleet.down.add(M1)
+    clock.advance(31)
+    wait_until(lambda: (M1, "u") in engine.dispatcher.failed_releases, "a failed release")
+    assert fleet.reserved_for("u")
+    fleet.down.discard(M1)
+    clock.advance(3)  # past the first retry's 2 s
+    wait_until(lambda: not fleet.reserved_for("u"), "the runner released on a retry")
+    assert (M1, "u") in fleet.releases and not engine.dispatcher.failed_releases
+
+
+def test_entries_outlive_an_outage_of_the_store_longer_than_the_expiry(
+    postgres_url, fleet, make_engine
+):
+    # While the store is unreachable a client's polls cannot be recorded: when it is back,
+    # the entry's old last poll must not expire it.
+    clock = Clock()
+    proxy = postgres.Proxy(postgres_url)
+    fleet.add(M1, "p", busy=1)
+    engine = make_engine(proxy.url, clock=clock)
+    ready(engine, M1)
+    token = enqueue(engine, "u")
+    proxy.cut()
+    wait_until(lambda: not engine.dispatcher.leading, "the dispatcher paused")
+    clock.advance(40)
+    with pytest.raises(TransientError):
+        engine.poll("u", token)
+    proxy.restore()
+    wait_until(lambda: engine.dispatcher.leading, "the dispatcher leading again")
+    time.sleep(0.5)  # cycles (every 0.05 s) that would expire it
+    assert engine_poll_waits(engine, "u", token)
+    fleet.free(M1, "p")
+    wait_until(lambda: served(engine, "u", token), "served after the outage")
+    proxy.cut()

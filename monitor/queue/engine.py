@@ -12,7 +12,9 @@ Threads:
 
 Exactly once: an entry is served only when every member reserved its share; takes carry the
 entry's unique_id, so a retry (or a new leader finishing what a dead one started) gets the
-same runners; a late result of an older attempt is void (`attempt`).
+same runners; a late result of an older attempt is void (`attempt`). Nothing stranded: a
+release that fails is tried again with back-off, and no entry expires until the dispatcher has
+led for the expiry time (polls made while the store was unreachable could not be recorded).
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ MAX_FAILURES = 10
 # monitor's counts are of its last look, up to `monitor_poll_interval` old) is not planned
 # on for that profile for as long; that is no failure of the entry, which waits again.
 TAKE_BACKOFF_SECONDS = 5.0
+# A release a member could not do (down, or its take still running) is tried again after
+# 2, 4, 8 … s (at most RELEASE_RETRY_CAP_SECONDS), RELEASE_ATTEMPTS times in all; after that
+# the runners wait for the member's own reserve timeout.
+RELEASE_ATTEMPTS = 8
+RELEASE_RETRY_CAP_SECONDS = 60.0
 RECENT = 50
 RETAIN = timedelta(days=1)
 PRUNE_EVERY_SECONDS = 600.0
@@ -156,6 +163,12 @@ class Dispatcher:
         self.take_short_at: dict[tuple[str, str], float] = {}  # (url, profile) -> monotonic
         self.last_prune = 0.0
         self.store_down = False
+        # No entry expires before this: polls could not be recorded while this process did
+        # not dispatch (the store unreachable, another process leading, or not started), so
+        # a last poll older than the expiry says nothing about a client until then.
+        self.expire_from: datetime | None = None
+        # (member url, unique_id) -> (failed attempts, next try by the clock)
+        self.failed_releases: dict[tuple[str, str], tuple[int, datetime]] = {}
         workers = max(4, 2 * len(self.servers))
         self.poll_pool = ThreadPoolExecutor(workers, thread_name_prefix="queue-poll")
         self.take_pool = ThreadPoolExecutor(max(8, workers), thread_name_prefix="queue-take")
@@ -207,6 +220,7 @@ class Dispatcher:
         if leading and not self.leading:
             log.info("queue: %s dispatches now", self.holder)
             self.leading = True
+            self.expire_from = now + timedelta(seconds=ENTRY_EXPIRY_SECONDS)
             self.resume_reserving()
         elif not leading and self.leading:
             log.warning("queue: %s lost the dispatcher lease", self.holder)
@@ -216,6 +230,7 @@ class Dispatcher:
         views = self.poll_members()
         self.store.save_members(views)
         self.expire(self.clock())
+        self.retry_releases(self.clock())
         waiting = [r.waiting for r in self.store.active() if r.entry.state == "waiting"]
         planned = policy.plan(waiting, self.plannable(views), self.reserving())
         for claim in self.store.claim(planned):
@@ -301,6 +316,8 @@ class Dispatcher:
     # -- expiry --------------------------------------------------------------------------
 
     def expire(self, now: datetime) -> None:
+        if self.expire_from is not None and now < self.expire_from:
+            return
         for record in self.store.expire(now, ENTRY_EXPIRY_SECONDS):
             log.info("queue: entry %s expired (no poll for 30 s)", record.entry.unique_id)
             self.outcomes.add("expired")
@@ -322,7 +339,43 @@ class Dispatcher:
                     unique_id,
                 )
         except Exception as error:
-            log.warning("queue: releasing %s on %s failed: %s", unique_id, url, error)
+            with self.lock:
+                attempts = self.failed_releases.get((url, unique_id), (0, self.clock()))[0] + 1
+                if attempts < RELEASE_ATTEMPTS:
+                    delay = min(2.0**attempts, RELEASE_RETRY_CAP_SECONDS)
+                    retry_at = self.clock() + timedelta(seconds=delay)
+                    self.failed_releases[(url, unique_id)] = (attempts, retry_at)
+                else:
+                    self.failed_releases.pop((url, unique_id), None)
+            if attempts < RELEASE_ATTEMPTS:
+                log.warning(
+                    "queue: releasing %s on %s failed (retry in %.0f s): %s",
+                    unique_id,
+                    url,
+                    delay,
+                    error,
+                )
+            else:
+                log.error(
+                    "queue: releasing %s on %s failed %d times, giving up (its runners wait "
+                    "for the member's reserve timeout): %s",
+                    unique_id,
+                    url,
+                    attempts,
+                    error,
+                )
+        else:
+            with self.lock:
+                self.failed_releases.pop((url, unique_id), None)
+
+    def retry_releases(self, now: datetime) -> None:
+        with self.lock:
+            due = [key for key, (_, at) in self.failed_releases.items() if at <= now]
+            for key in due:  # not due again until this try has failed
+                attempts, _ = self.failed_releases[key]
+                self.failed_releases[key] = (attempts, datetime.max.replace(tzinfo=UTC))
+        for url, unique_id in due:
+            self.take_pool.submit(self.release_now, url, unique_id)
 
     # -- takes ---------------------------------------------------------------------------
 
