@@ -379,10 +379,11 @@ class Fleet:
     ) -> dict[str, str]:
         """The environment for tests/scripts/runner-select.sh against this fleet's queue and
         stand-in, for a new run; `extra` adds or overrides variables (e.g. the test hooks
-        TAKE_TOKEN, ARGS_ARTIFACT, ENQUEUED_FILE)."""
+        TAKE_TOKEN, ARGS_ARTIFACT, ENQUEUED_FILE); with QUEUE_URL given, the fleet needs no
+        queue of its own (queue processes run beside it)."""
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "QUEUE_URL": self.queue_url,
+            "QUEUE_URL": extra["QUEUE_URL"] if "QUEUE_URL" in extra else self.queue_url,
             "QUALIFIED_REPO": REPO,
             "RUN_ID": self.new_run_id(),
             "SELF_HOSTED_PROFILE": profile,
