@@ -12,9 +12,13 @@ is ever free, and the sequence of labels is the serving order.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import statistics
 import subprocess
+import textwrap
 import time
 import uuid
 from collections import deque
@@ -26,9 +30,11 @@ import pytest
 
 from tests.support.constants import API_TOKEN
 from tests.support.constants import REPO
+from tests.support.daemons import free_port
 from tests.support.fleet import RESERVED_FOR
 from tests.support.fleet import Fleet
 from tests.support.fleet import client_outputs
+from tests.support.fleet import http_request as fleet_http
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -117,8 +123,10 @@ def _reap() -> Iterator[None]:
     while CHILDREN:
         process = CHILDREN.pop()
         if process.poll() is None:
-            process.kill()
-            process.communicate()
+            # The whole group: a client's curl, nginx's workers.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
 
 
 def start_client(fleet: Fleet, *args: Any, **kwargs: Any) -> subprocess.Popen[str]:
@@ -128,7 +136,7 @@ def start_client(fleet: Fleet, *args: Any, **kwargs: Any) -> subprocess.Popen[st
 
 
 def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
-    process = subprocess.Popen(args, **kwargs)
+    process = subprocess.Popen(args, start_new_session=True, **kwargs)
     CHILDREN.append(process)
     return process
 
@@ -431,3 +439,133 @@ def test_a_queue_killed_while_its_take_is_in_flight_finishes_it_after_the_restar
         f"take in flight: the queue down for {outage:.1f} s;"
         f" test {time.monotonic() - started:.1f} s"
     )
+
+
+# Behind nginx, as in production (`https://ci0.servo.org/queue`): while the queue is down,
+# nginx answers the clients' polls itself. Its own 502 page has a body, which curl --retry
+# appends to the client's output: the final `jq -e .` then fails after a success, and the
+# client falls back while its runners stay reserved. An `error_page` that turns nginx's 502
+# and 504 into an empty 503 with Retry-After makes an outage one more retried poll.
+NGINX_QUEUE_LOCATION = """
+    location /queue/ {
+        proxy_pass http://127.0.0.1:%(queue_port)d/;
+        error_page 502 504 =503 @queue_down;
+    }
+    location @queue_down {
+        add_header Retry-After 1 always;
+        return 200 "";  # the status is error_page's 503; the body stays empty
+    }
+"""
+
+
+def start_nginx(root: Path, queue_port: int) -> tuple[subprocess.Popen[str], str]:
+    """nginx in the foreground on a free port, proxying `/queue/` to the queue; returns the
+    process and the queue's URL through it."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = root / "nginx.conf"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            daemon off;
+            pid {root}/nginx.pid;
+            error_log {root}/error.log;
+            events {{}}
+            http {{
+                access_log off;
+                client_body_temp_path {root}/body;
+                proxy_temp_path {root}/proxy;
+                server {{
+                    listen 127.0.0.1:{port};
+            """
+        )
+        + NGINX_QUEUE_LOCATION % {"queue_port": queue_port}
+        + "        }\n}\n"
+    )
+    with open(root / "stderr.log", "w") as output:  # a file: nginx's workers inherit it
+        process = spawn(
+            ["nginx", "-p", str(root), "-c", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    url = f"http://127.0.0.1:{port}/queue"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"nginx exited: {(root / 'stderr.log').read_text()}")
+        try:
+            return fleet_http("GET", url + "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(answers, "nginx to proxy the queue", 30)
+    return process, url
+
+
+@pytest.mark.skipif(
+    shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx-light)"
+)
+def test_behind_nginx_clients_polling_through_a_queue_restart_are_all_served(tmp_path: Path):
+    """The realistic case: the clients poll (through nginx) all along, the queue is killed
+    and down for a few seconds, then restarted on its store."""
+    started = time.monotonic()
+    with Fleet(
+        tmp_path / "fleet",
+        queue="alone",
+        targets={"linux": 3},
+        settings={"api_cache_timeout": "1"},
+    ) as fleet:
+        fleet.wait_idle()
+        fleet.wait_queue_ready()
+        queue = fleet.queue_process
+        assert queue is not None and fleet.queue_port is not None
+        nginx, url = start_nginx(tmp_path / "nginx", fleet.queue_port)
+        busy = busy_everything(fleet)
+        clients = []
+        for count in RESTART_COUNTS:
+            marker = tmp_path / f"enqueued-{len(clients)}"
+            process = start_client(
+                fleet,
+                "linux",
+                count,
+                max_retry_time=CLIENT_RETRY,
+                QUEUE_URL=url,
+                ENQUEUED_FILE=str(marker),
+            )
+            unique_id = wait_until(lambda m=marker: m.exists() and m.read_text().strip(), "enqueue")
+            clients.append((unique_id, count, process))
+
+        def reserved(n: int) -> bool:
+            busy.watch.new()
+            return len(busy.watch.seen) == n
+
+        for _ in range(3):  # the first two entries (1 + 2 runners) are served and answered
+            fleet.finish_job(busy.ids.popleft())
+        wait_until(lambda: reserved(3), "the first two entries' runners to be reserved")
+        for _, _, process in clients[:2]:
+            assert client_outputs(process, CLIENT_DEADLINE)["is_self_hosted"] == "true"
+
+        assert queue.kill() == -9
+        for _ in range(2):  # freed while it is down
+            fleet.finish_job(busy.ids.popleft())
+        time.sleep(3)  # three polls of every waiting client meet nginx's empty 503
+        assert all(process.poll() is None for _, _, process in clients[2:])
+        queue.start()
+        wait_until(lambda: reserved(5), "the two runners Idle at the restart to be reserved")
+        for _ in range(3):
+            fleet.finish_job(busy.ids.popleft())
+
+        outcomes = [client_outputs(p, timeout=CLIENT_DEADLINE) for _, _, p in clients]
+        assert reserved(sum(RESTART_COUNTS))
+        for (unique_id, count, _), outputs in zip(clients, outcomes, strict=True):
+            assert outputs["is_self_hosted"] == "true", outputs["stderr"]
+            assert len(fleet.reserved_for(unique_id)) == count, unique_id
+        assert sorted(busy.watch.seen.values()) == sorted(
+            unique_id for unique_id, count, _ in clients for _ in range(count)
+        )
+        nginx.terminate()  # its master stops its workers
+        nginx.wait()
+        log = queue.log()
+    assert "Traceback" not in log
+    print(f"behind nginx: test {time.monotonic() - started:.1f} s")

@@ -177,7 +177,9 @@ if [ -n "${ENQUEUED_FILE:-}" ]; then
   echo "$unique_id" > "$ENQUEUED_FILE"
 fi
 if [ -n "${TAKE_WHEN_FILE:-}" ]; then
-  while [ ! -e "$TAKE_WHEN_FILE" ]; do
+  # At most MAX_RETRY_TIME: a test that failed must not leave the client waiting forever.
+  for ((tenths = 0; tenths < max_retry_time * 10; tenths++)); do
+    [ -e "$TAKE_WHEN_FILE" ] && break
     sleep 0.1
   done
 fi

@@ -398,13 +398,15 @@ class Fleet:
     def start_client(
         self, profile: str, count: int = 1, *, max_retry_time: int = 60, **extra: str
     ) -> subprocess.Popen[str]:
-        """runner-select.sh in the background; `client_outputs(process)` waits for it."""
+        """runner-select.sh in the background; `client_outputs(process)` waits for it. It
+        leads a process group of its own: `os.killpg(process.pid, ...)` ends its curl too."""
         return subprocess.Popen(
             ["bash", str(CLIENT)],
             env=self.client_env(profile, count, max_retry_time=max_retry_time, **extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
 
     def run_client(
