@@ -352,7 +352,9 @@ def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once
         go.touch()  # the clients' first take, on the restarted queue, with their tokens
 
         wait_until(lambda: reserved(5), "the two runners Idle at the restart to be reserved")
-        assert list(busy.watch.seen.values())[3:] == [ids[2], ids[3]]  # still in order
+        # The next two in order (both in one dispatcher cycle: which runner each got, and
+        # which take ended first, is not an order).
+        assert sorted(list(busy.watch.seen.values())[3:]) == sorted([ids[2], ids[3]])
         for _ in range(3):  # the last two entries' runners
             fleet.finish_job(busy.ids.popleft())
 
