@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable
 from collections.abc import Iterator
 
@@ -329,6 +330,33 @@ def test_a_new_dispatcher_finishes_takes_left_in_flight(store_url, fleet, make_e
     assert len(fleet.takes) == 1 and len(fleet.all_reserved()) == 2
 
 
+def test_counts_lagging_takes_are_no_failure(store_url, fleet, make_engine):
+    """A member whose counts say a runner is idle that its take cannot get (its counts are
+    of its last look, seconds old): the entry waits in its place instead of failing after
+    MAX_FAILURES takes within a second, and the member is not asked again at once."""
+    fleet.add(M1, "p", busy=1)
+    fleet.lagging[(M1, "p")] = 1
+    engine = make_engine(store_url)
+    ready(engine, M1)
+    token = enqueue(engine, "u")
+    wait_until(lambda: len(fleet.take_calls) >= 1, "a take on the lagging counts")
+    # Far longer than MAX_FAILURES dispatcher cycles (50 ms each): it still waits, and the
+    # member was asked about once per backoff (0.3 s), not every cycle.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert not served(engine, "u", token)
+        time.sleep(0.05)
+    assert len(fleet.take_calls) <= 7, fleet.take_calls
+    record = engine.store.get("u")
+    assert record is not None and record.entry.state in ("waiting", "reserving")
+    assert record.failures == 0
+    fleet.lagging.clear()
+    fleet.free(M1, "p")
+    wait_until(lambda: served(engine, "u", token), "served once a runner is idle")
+    assert fleet.reserved_for("u") == {M1: [1]}
+    assert engine.snapshot().outcomes["failed"] == 0
+
+
 def test_store_unreachable_answers_503_and_recovers(postgres_url, fleet, make_engine):
     proxy = postgres.Proxy(postgres_url)
     fleet.add(M1, "p", busy=1)
@@ -394,3 +422,45 @@ def test_two_engines_on_one_database(postgres_url, fleet, make_engine):
     assert all(per_uid.count(uid) == len(fleet.reserved_for(uid)) for uid in tokens), (
         "a unique_id reserved twice on one member"
     )
+
+
+def test_a_failed_release_is_tried_again(store_url, fleet, make_engine):
+    clock = Clock()
+    fleet.add(M1, "p", idle=1)
+    engine = make_engine(store_url, clock=clock)
+    ready(engine, M1)
+    enqueue(engine, "u")  # served, but its client never hears of it: expires, is released
+    wait_until(lambda: engine.store.get("u").entry.state == "served", "served")
+    fleet.down.add(M1)
+    clock.advance(31)
+    wait_until(lambda: (M1, "u") in engine.dispatcher.failed_releases, "a failed release")
+    assert fleet.reserved_for("u")
+    fleet.down.discard(M1)
+    clock.advance(3)  # past the first retry's 2 s
+    wait_until(lambda: not fleet.reserved_for("u"), "the runner released on a retry")
+    assert (M1, "u") in fleet.releases and not engine.dispatcher.failed_releases
+
+
+def test_entries_outlive_an_outage_of_the_store_longer_than_the_expiry(
+    postgres_url, fleet, make_engine
+):
+    # While the store is unreachable a client's polls cannot be recorded: when it is back,
+    # the entry's old last poll must not expire it.
+    clock = Clock()
+    proxy = postgres.Proxy(postgres_url)
+    fleet.add(M1, "p", busy=1)
+    engine = make_engine(proxy.url, clock=clock)
+    ready(engine, M1)
+    token = enqueue(engine, "u")
+    proxy.cut()
+    wait_until(lambda: not engine.dispatcher.leading, "the dispatcher paused")
+    clock.advance(40)
+    with pytest.raises(TransientError):
+        engine.poll("u", token)
+    proxy.restore()
+    wait_until(lambda: engine.dispatcher.leading, "the dispatcher leading again")
+    time.sleep(0.5)  # cycles (every 0.05 s) that would expire it
+    assert engine_poll_waits(engine, "u", token)
+    fleet.free(M1, "p")
+    wait_until(lambda: served(engine, "u", token), "served after the outage")
+    proxy.cut()

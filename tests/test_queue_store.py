@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -15,6 +16,7 @@ from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.queue.contracts import Counts
 from monitor.queue.contracts import MemberView
+from monitor.queue.store import POOL_CONNECTIONS
 from monitor.queue.store import QueueStore
 from monitor.queue.store import redact
 from tests.support import postgres
@@ -273,3 +275,49 @@ def test_a_closed_port_then_a_live_one(postgres_url):
     assert store.get("a") is None  # reconnected by itself
     store.close()
     proxy.cut()
+
+
+def test_postgresql_connections_are_pooled(postgres_url):
+    """Dozens of web threads share POOL_CONNECTIONS connections (PostgreSQL has 100 for every
+    queue process), and none is held between calls (waitress' threads live on)."""
+    import psycopg2
+
+    store = QueueStore(postgres_url)
+    database = urlsplit(postgres_url).path.lstrip("/")
+    add(store, "u", Clock()())
+    threads_n = 40
+    start, done, leave = (threading.Barrier(threads_n + 1) for _ in range(3))
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            start.wait()
+            for _ in range(20):
+                assert store.get("u") is not None
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+        done.wait()
+        leave.wait()  # alive, as a web thread between requests
+
+    threads = [threading.Thread(target=poll) for _ in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    done.wait()
+    try:
+        connection = psycopg2.connect(postgres.admin_url(), connect_timeout=3)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)
+                )
+                (open_connections,) = cursor.fetchone()
+        finally:
+            connection.close()
+    finally:
+        leave.wait()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert 1 <= open_connections <= POOL_CONNECTIONS
+    store.close()

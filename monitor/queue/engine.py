@@ -12,7 +12,9 @@ Threads:
 
 Exactly once: an entry is served only when every member reserved its share; takes carry the
 entry's unique_id, so a retry (or a new leader finishing what a dead one started) gets the
-same runners; a late result of an older attempt is void (`attempt`).
+same runners; a late result of an older attempt is void (`attempt`). Nothing stranded: a
+release that fails is tried again with back-off, and no entry expires until the dispatcher has
+led for the expiry time (polls made while the store was unreachable could not be recorded).
 """
 
 from __future__ import annotations
@@ -73,7 +75,15 @@ TOUCH_EVERY_SECONDS = 5.0
 MAX_FAILURES = 10
 # A member whose take failed is not planned on for this long (its counts may still answer):
 # the entry waits in its place, or goes to other members, instead of failing again at once.
+# A member that reserved fewer runners than asked (its counts said more were idle: a
+# monitor's counts are of its last look, up to `monitor_poll_interval` old) is not planned
+# on for that profile for as long; that is no failure of the entry, which waits again.
 TAKE_BACKOFF_SECONDS = 5.0
+# A release a member could not do (down, or its take still running) is tried again after
+# 2, 4, 8 … s (at most RELEASE_RETRY_CAP_SECONDS), RELEASE_ATTEMPTS times in all; after that
+# the runners wait for the member's own reserve timeout.
+RELEASE_ATTEMPTS = 8
+RELEASE_RETRY_CAP_SECONDS = 60.0
 RECENT = 50
 RETAIN = timedelta(days=1)
 PRUNE_EVERY_SECONDS = 600.0
@@ -107,6 +117,7 @@ class InFlight:
     claim: Claimed
     pending: int
     results: dict[str, list[int] | str] = field(default_factory=dict)
+    short: set[str] = field(default_factory=set)  # members that reserved fewer than asked
 
 
 class Dispatcher:
@@ -149,8 +160,15 @@ class Dispatcher:
         self.poll_started: dict[str, float] = {}
         self.take_backoff = TAKE_BACKOFF_SECONDS
         self.take_failed_at: dict[str, float] = {}  # member url -> time.monotonic()
+        self.take_short_at: dict[tuple[str, str], float] = {}  # (url, profile) -> monotonic
         self.last_prune = 0.0
         self.store_down = False
+        # No entry expires before this: polls could not be recorded while this process did
+        # not dispatch (the store unreachable, another process leading, or not started), so
+        # a last poll older than the expiry says nothing about a client until then.
+        self.expire_from: datetime | None = None
+        # (member url, unique_id) -> (failed attempts, next try by the clock)
+        self.failed_releases: dict[tuple[str, str], tuple[int, datetime]] = {}
         workers = max(4, 2 * len(self.servers))
         self.poll_pool = ThreadPoolExecutor(workers, thread_name_prefix="queue-poll")
         self.take_pool = ThreadPoolExecutor(max(8, workers), thread_name_prefix="queue-take")
@@ -202,6 +220,7 @@ class Dispatcher:
         if leading and not self.leading:
             log.info("queue: %s dispatches now", self.holder)
             self.leading = True
+            self.expire_from = now + timedelta(seconds=ENTRY_EXPIRY_SECONDS)
             self.resume_reserving()
         elif not leading and self.leading:
             log.warning("queue: %s lost the dispatcher lease", self.holder)
@@ -211,6 +230,7 @@ class Dispatcher:
         views = self.poll_members()
         self.store.save_members(views)
         self.expire(self.clock())
+        self.retry_releases(self.clock())
         waiting = [r.waiting for r in self.store.active() if r.entry.state == "waiting"]
         planned = policy.plan(waiting, self.plannable(views), self.reserving())
         for claim in self.store.claim(planned):
@@ -255,13 +275,26 @@ class Dispatcher:
         return [self.views[url] for url in self.servers]
 
     def plannable(self, views: list[MemberView]) -> list[MemberView]:
-        """The members as the plan sees them: one whose take failed lately is not fresh."""
+        """The members as the plan sees them: one whose take failed lately is not fresh, and
+        one that lately reserved fewer runners of a profile than asked has none idle."""
         now = time.monotonic()
         with self.lock:
             backed_off = {
                 url for url, at in self.take_failed_at.items() if now - at < self.take_backoff
             }
-        return [replace(view, fresh=False) if view.url in backed_off else view for view in views]
+            short = {key for key, at in self.take_short_at.items() if now - at < self.take_backoff}
+        plannable = []
+        for view in views:
+            if view.url in backed_off:
+                view = replace(view, fresh=False)
+            elif any(url == view.url for url, _ in short):
+                counts = {
+                    profile: Counts(0, c.healthy, c.target) if (view.url, profile) in short else c
+                    for profile, c in view.counts.items()
+                }
+                view = replace(view, counts=counts)
+            plannable.append(view)
+        return plannable
 
     def reserving(self) -> dict[str, dict[str, int]]:
         """member url -> profile -> runners being reserved there, or reserved but not yet
@@ -283,6 +316,8 @@ class Dispatcher:
     # -- expiry --------------------------------------------------------------------------
 
     def expire(self, now: datetime) -> None:
+        if self.expire_from is not None and now < self.expire_from:
+            return
         for record in self.store.expire(now, ENTRY_EXPIRY_SECONDS):
             log.info("queue: entry %s expired (no poll for 30 s)", record.entry.unique_id)
             self.outcomes.add("expired")
@@ -304,7 +339,43 @@ class Dispatcher:
                     unique_id,
                 )
         except Exception as error:
-            log.warning("queue: releasing %s on %s failed: %s", unique_id, url, error)
+            with self.lock:
+                attempts = self.failed_releases.get((url, unique_id), (0, self.clock()))[0] + 1
+                if attempts < RELEASE_ATTEMPTS:
+                    delay = min(2.0**attempts, RELEASE_RETRY_CAP_SECONDS)
+                    retry_at = self.clock() + timedelta(seconds=delay)
+                    self.failed_releases[(url, unique_id)] = (attempts, retry_at)
+                else:
+                    self.failed_releases.pop((url, unique_id), None)
+            if attempts < RELEASE_ATTEMPTS:
+                log.warning(
+                    "queue: releasing %s on %s failed (retry in %.0f s): %s",
+                    unique_id,
+                    url,
+                    delay,
+                    error,
+                )
+            else:
+                log.error(
+                    "queue: releasing %s on %s failed %d times, giving up (its runners wait "
+                    "for the member's reserve timeout): %s",
+                    unique_id,
+                    url,
+                    attempts,
+                    error,
+                )
+        else:
+            with self.lock:
+                self.failed_releases.pop((url, unique_id), None)
+
+    def retry_releases(self, now: datetime) -> None:
+        with self.lock:
+            due = [key for key, (_, at) in self.failed_releases.items() if at <= now]
+            for key in due:  # not due again until this try has failed
+                attempts, _ = self.failed_releases[key]
+                self.failed_releases[key] = (attempts, datetime.max.replace(tzinfo=UTC))
+        for url, unique_id in due:
+            self.take_pool.submit(self.release_now, url, unique_id)
 
     # -- takes ---------------------------------------------------------------------------
 
@@ -330,18 +401,23 @@ class Dispatcher:
 
     def take(self, flight: InFlight, url: str, n: int) -> None:
         claim = flight.claim
+        short = False
         try:
             ids = self.members.take(
                 url, claim.profile, n, claim.unique_id, claim.qualified_repo, claim.run_id
             )
+            short = len(ids) != n
             result: list[int] | str = (
-                list(ids) if len(ids) == n else f"{url} reserved {len(ids)} of {n} runners"
+                f"{url} reserved {len(ids)} of {n} runners" if short else list(ids)
             )
         except Exception as error:  # MonitorError from the adapter, or a bug in it
             result = f"{url}: {error}"
             with self.lock:
                 self.take_failed_at[url] = time.monotonic()
         with self.lock:
+            if short:
+                flight.short.add(url)
+                self.take_short_at[(url, claim.profile)] = time.monotonic()
             flight.results[url] = result
             flight.pending -= 1
             last = flight.pending == 0
@@ -387,10 +463,22 @@ class Dispatcher:
             self.release(claim.unique_id, flight.results)
             return
         error = "; ".join(errors)
-        self.outcomes.add("failed")
+        # Members that only had fewer idle runners than their counts said are no failure:
+        # the entry waits again without coming closer to MAX_FAILURES (a burst of takes on
+        # counts a few seconds old would otherwise fail entries whose clients wait on).
+        failed = any(
+            isinstance(r, str) and url not in flight.short for url, r in flight.results.items()
+        )
         # Every member that was asked is released, the failed ones too: a take that timed out
         # may have reserved runners all the same.
         self.release(claim.unique_id, flight.results)
+        if not failed:
+            log.info("queue: %s: %s; it waits again", claim.unique_id, error)
+            self.store.put_back(
+                claim.unique_id, claim.attempt, error, give_up=False, now=now, failed=False
+            )
+            return
+        self.outcomes.add("failed")
         record = self.store.get(claim.unique_id)
         give_up = record is not None and record.failures + 1 >= MAX_FAILURES
         log.warning(

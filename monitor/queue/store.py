@@ -5,11 +5,14 @@ Its own Peewee database, not the monitor's (`monitor.models`): a queue may run o
 is no hypervisor, and several may share PostgreSQL. Every model class is bound per store
 (`_bind`), so one process can open several stores (the tests run two engines side by side).
 
-Any thread may call a store: Peewee keeps one connection per thread. A database that cannot
-be reached raises `TransientError` (503), and the connection of the thread that saw it is
-dropped, so the next call connects again: the store recovers by itself once the server is
-back. Transitions of an entry's state are conditional updates (`WHERE state = ...`), so two
-processes never both move one entry; on PostgreSQL the dispatcher claims entries with
+Any thread may call a store: Peewee keeps one connection per thread. On PostgreSQL a call
+borrows one from a pool of POOL_CONNECTIONS and gives it back when it returns: a queue
+process has dozens of web threads per address, and PostgreSQL's 100 connections are shared
+by every queue process (and whatever else runs there). A database that cannot be reached (or
+a pool that stays exhausted) raises `TransientError` (503), and the connection of the thread
+that saw it is dropped, so the next call connects again: the store recovers by itself once
+the server is back. Transitions of an entry's state are conditional updates (`WHERE state =
+...`), so two processes never both move one entry; on PostgreSQL the dispatcher claims entries with
 `SELECT ... FOR UPDATE SKIP LOCKED`, never waiting behind a client's poll.
 """
 
@@ -44,10 +47,11 @@ from peewee import IntegrityError
 from peewee import InterfaceError
 from peewee import Model
 from peewee import OperationalError
-from peewee import PostgresqlDatabase
 from peewee import SqliteDatabase
 from peewee import TextField
 from peewee import fn
+from playhouse.pool import MaxConnectionsExceeded
+from playhouse.pool import PooledPostgresqlDatabase
 
 from monitor.errors import ConfigError
 from monitor.errors import MonitorError
@@ -69,6 +73,11 @@ FINISHED: tuple[EntryState, ...] = ("expired", "cancelled", "failed")
 # client's request gets its 503 well inside its 30 s.
 CONNECT_TIMEOUT = 3
 STATEMENT_TIMEOUT_MS = 10_000
+# Connections a queue process holds at most on PostgreSQL; a call waits up to CONNECT_TIMEOUT
+# for one (each call is a few milliseconds), then answers 503. An idle one is closed after
+# POOL_STALE_SECONDS.
+POOL_CONNECTIONS = 8
+POOL_STALE_SECONDS = 300
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -203,8 +212,11 @@ def database_for(url: str, data_path: Path | None = None) -> Database:
     if parts.scheme in ("postgresql", "postgres"):
         if not parts.path.strip("/"):
             raise ConfigError(f"queue store: {redact(url)} names no database")
-        return PostgresqlDatabase(
+        return PooledPostgresqlDatabase(
             parts.path.lstrip("/"),
+            max_connections=POOL_CONNECTIONS,
+            stale_timeout=POOL_STALE_SECONDS,
+            timeout=CONNECT_TIMEOUT,
             user=parts.username,
             password=parts.password,
             host=parts.hostname,
@@ -233,16 +245,21 @@ def redact(url: str) -> str:
 
 
 def _guarded(method: Callable[P, R]) -> Callable[P, R]:
-    """Turn a lost or unreachable database into `TransientError` and drop the connection."""
+    """Turn a lost or unreachable database into `TransientError` and drop the connection; on
+    PostgreSQL, give the connection back to the pool after the outermost call."""
 
     @functools.wraps(method)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
         store = cast("QueueStore", args[0])
+        borrowed = store.postgres and store.db.is_closed()
         try:
             return method(*args, **kwargs)
-        except (OperationalError, InterfaceError) as error:
+        except (OperationalError, InterfaceError, MaxConnectionsExceeded) as error:
             store.drop_connection()
             raise TransientError(f"queue store unreachable: {str(error).strip()}") from error
+        finally:
+            if borrowed and not store.db.is_closed() and not store.db.in_transaction():
+                store.db.close()  # back to the pool
 
     return guarded
 
@@ -257,7 +274,7 @@ class QueueStore:
     def __init__(self, url: str = "", data_path: Path | None = None) -> None:
         self.url = redact(url) if url else f"sqlite:///{data_path}/{DEFAULT_FILENAME}"
         self.db = database_for(url, data_path)
-        self.postgres = isinstance(self.db, PostgresqlDatabase)
+        self.postgres = isinstance(self.db, PooledPostgresqlDatabase)
         self.E, self.M, self.L, self.S = _bind(self.db)
         self.migrate()
 
@@ -265,12 +282,17 @@ class QueueStore:
 
     def drop_connection(self) -> None:
         try:
-            self.db.close()
+            if isinstance(self.db, PooledPostgresqlDatabase):
+                self.db.manual_close()  # closed, not back to the pool: it may be broken
+            else:
+                self.db.close()
         except Exception:  # the connection is broken anyway: forget it
             self.db.dispose()
 
     def close(self) -> None:
         self.drop_connection()
+        if isinstance(self.db, PooledPostgresqlDatabase):
+            self.db.close_all()
 
     @_guarded
     def migrate(self) -> None:
@@ -486,13 +508,22 @@ class QueueStore:
 
     @_guarded
     def put_back(
-        self, unique_id: str, attempt: int, error: str, *, give_up: bool, now: datetime
+        self,
+        unique_id: str,
+        attempt: int,
+        error: str,
+        *,
+        give_up: bool,
+        now: datetime,
+        failed: bool = True,
     ) -> bool:
-        """Reserving -> waiting (same seq: it keeps its place) after a failed take, or ->
-        failed when it has failed too often."""
+        """Reserving -> waiting (same seq: it keeps its place) after a take that did not get
+        every runner, or -> failed when it has failed too often. `failed=False`: the members
+        only had fewer runners than they said, which does not count as a failure."""
         E = self.E
         values: dict[str, Any] = {"plan": "{}", "reserved": "{}", "error": error}
-        values["failures"] = E.failures + 1
+        if failed:
+            values["failures"] = E.failures + 1
         if give_up:
             values.update(state="failed", finished_at=now)
         else:

@@ -33,8 +33,15 @@
 #   ARGS_CREATED_AT        the artifact's created_at (RFC 3339): a stale artifact
 #   TAKE_UNIQUE_ID         poll the take for this id instead (an unknown id)
 #   TAKE_TOKEN             poll the take with this token instead (a wrong token)
+#   TAKE_QUEUE_URL         poll the take at this queue instead of QUEUE_URL (several queue
+#                          processes sharing one PostgreSQL database: enqueue at one, poll
+#                          another)
 #   ENQUEUED_FILE          once enqueued, the unique id is written to this file (a test
 #                          that enqueues clients in a known order waits for it)
+#   TAKE_WHEN_FILE         once enqueued, wait until this file exists before the first take
+#                          (a test kills and restarts the queue in between: curl does not
+#                          retry a refused connection, so a take during the outage would end
+#                          in the fallback)
 #
 # Output lines go to stdout (and $GITHUB_OUTPUT); everything else goes to stderr. On success:
 #   unique_id=<uuid>
@@ -169,12 +176,20 @@ echo "Enqueued $unique_id" >&2
 if [ -n "${ENQUEUED_FILE:-}" ]; then
   echo "$unique_id" > "$ENQUEUED_FILE"
 fi
+if [ -n "${TAKE_WHEN_FILE:-}" ]; then
+  # At most MAX_RETRY_TIME: a test that failed must not leave the client waiting forever.
+  for ((tenths = 0; tenths < max_retry_time * 10; tenths++)); do
+    [ -e "$TAKE_WHEN_FILE" ] && break
+    sleep 0.1
+  done
+fi
 
 # Take: curl retries timeouts and 408/429/500/502/503/504 for up to $max_retry_time seconds,
 # waiting Retry-After when the answer has one, else 1 s; 403, 404 and a refused connection are
 # final. Each failed attempt's body is appended to $result (stdout is not rewound), so the
 # final `jq -e .` fails after a success if any retried answer had a body.
-take_url="$queue_url/take/${TAKE_UNIQUE_ID:-$unique_id}?token=${TAKE_TOKEN:-$token}"
+take_queue_url=${TAKE_QUEUE_URL:-$queue_url}
+take_url="${take_queue_url%/}/take/${TAKE_UNIQUE_ID:-$unique_id}?token=${TAKE_TOKEN:-$token}"
 echo "POST $take_url" >&2
 if curl -sS --fail-with-body --retry "$max_retry_time" --retry-delay 1 \
     --retry-max-time "$max_retry_time" --max-time 30 -X POST "$take_url" > "$result" \

@@ -1,5 +1,5 @@
 """Debian's headless Chromium driven by Playwright (`executable_path`: no browser is
-downloaded), for the browser tests: the `browser` (one per session) and `open_page` fixtures
+downloaded), for the browser tests: the `browser` (one per module) and `open_page` fixtures
 of `browser_fixtures()`. Import this module only after
 `pytest.importorskip("playwright.sync_api")`, unless MONITOR_REQUIRE_BROWSER=1.
 
@@ -60,10 +60,12 @@ class Opened:
 
 
 def browser_fixtures() -> tuple[Any, Any]:
-    """The `browser` (one per session) and `open_page` fixtures, for a test module to bind:
+    """The `browser` (one per module) and `open_page` fixtures, for a test module to bind:
     `browser, open_page = browser_fixtures()`."""
 
-    @pytest.fixture(scope="session")
+    # Per module: Playwright's sync API allows one running instance per thread, and each
+    # module binding these fixtures gets fixtures of its own.
+    @pytest.fixture(scope="module")
     def browser() -> Iterator[Browser]:
         if not os.access(CHROMIUM, os.X_OK):
             require_browser(f"no Chromium at {CHROMIUM} (set MONITOR_CHROMIUM to use another)")

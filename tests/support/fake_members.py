@@ -1,6 +1,6 @@
 """A hand-written fake of `monitor.queue.contracts.Members`: monitors that keep real state
 (runner ids, idle or reserved for a unique_id), idempotent takes, releases, and faults a test
-switches on (a member down, slow, or failing its takes)."""
+switches on (a member down, slow, failing its takes, or with counts lagging its takes)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class FakeMembers:
         self.down: set[str] = set()
         self.slow: dict[str, float] = {}
         self.failing_takes: set[str] = set()
+        # (url, profile) -> idle runners its counts report that a take cannot get (a
+        # monitor's counts are of its last look: runners taken since still show idle).
+        self.lagging: dict[tuple[str, str], int] = {}
         self.counts_calls = 0
 
     def add(self, url: str, profile: str, *, idle: int = 0, busy: int = 0, target: int = 0) -> None:
@@ -83,7 +86,8 @@ class FakeMembers:
             for profile, idle in host.idle.items():
                 reserved = sum(len(ids) for p, ids in host.reserved.values() if p == profile)
                 healthy = len(idle) + reserved + host.busy[profile]
-                counts[profile] = Counts(len(idle), healthy, host.target[profile])
+                lag = self.lagging.get((url, profile), 0)
+                counts[profile] = Counts(len(idle) + lag, healthy + lag, host.target[profile])
             return counts
 
     def take(

@@ -6,7 +6,9 @@ data directory, port and `github_api_suffix` (`host1`, `host2`, ...; the registr
 `<guest>@hostN` tell whose runner is whose on the one stand-in), the profiles `linux` and
 `windows` (targets 2 and 1 by default) and `queue_member = true`. With `queue=True`, the
 first member's monitor.toml also gets a `[queue]` table listing every member, so its
-`monitor run` serves the queue (`queue_url`).
+`monitor run` serves the queue (`queue_url`). With `queue="alone"`, the queue is a process of
+its own instead (`monitor queue --config queue/monitor.toml`, its SQLite store under its own
+data_path; `fleet.queue_process`), which a test may kill and start again on the same store.
 
 The stand-in runs in this process (a waitress thread pool): the tests drive it through its
 Python methods, the members reach it over HTTP. Every simulated runner agent connects at
@@ -54,10 +56,12 @@ DEFAULT_TARGETS = {"linux": 2, "windows": 1}
 
 
 class Member:
-    """One `monitor run` process: its directory, config, port and log."""
+    """One `monitor run` process (or, `command="queue"`, the queue alone: `monitor queue`):
+    its directory, config, port and log."""
 
-    def __init__(self, index: int, root: Path, port: int) -> None:
+    def __init__(self, index: int, root: Path, port: int, command: str = "run") -> None:
         self.index = index
+        self.command = command
         self.suffix = f"host{index + 1}"
         self.root = root
         self.port = port
@@ -77,13 +81,13 @@ class Member:
         return self.process is not None and self.process.poll() is None
 
     def start(self, env: Mapping[str, str] | None = None) -> None:
-        """`python -m monitor run --config monitor.toml`, its output appended to `log_path`
-        (a file, not a pipe: nobody has to read it for the monitor to go on)."""
+        """`python -m monitor run --config monitor.toml` (or `queue`), its output appended to
+        `log_path` (a file, not a pipe: nobody has to read it for the monitor to go on)."""
         if self.alive:
             raise RuntimeError(f"member {self.suffix} is already running")
         self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "monitor", self.command, "--config", str(self.config_path)],
             cwd=self.root,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -139,19 +143,7 @@ class Member:
         self, method: str, path: str, headers: Mapping[str, str] | None = None, timeout: float = 5
     ) -> tuple[int, Any]:
         """One request to the member: (status, parsed JSON body or the text)."""
-        request = urllib.request.Request(
-            self.url + path, method=method, headers=dict(headers or {})
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as error:
-            status, raw = error.code, error.read()
-        text = raw.decode(errors="replace")
-        try:
-            return status, json.loads(text)
-        except ValueError:
-            return status, text
+        return http_request(method, self.url + path, headers, timeout)
 
     def counts(self) -> dict[str, dict[str, int]] | None:
         """`profile_runner_counts` of its `/dashboard.json`, or None while it has none (not
@@ -172,8 +164,10 @@ class Fleet:
     (servers = every member) into the first member's config. `queue_listen_port`: also write
     `[queue] listen_port = <a free port>` (without it the queue would take upstream's 8002).
     `settings`: more top-level keys for every member (TOML text values, e.g. `{"x": "1"}`);
-    `queue_extra`: more lines for the `[queue]` table. The monitors look at GitHub every
-    `api_cache_timeout` = 2 s and tick every second, so a freed runner is replaced quickly.
+    `queue_extra`: more lines for the `[queue]` table; `queue="alone"`: the queue in a
+    `monitor queue` process of its own (`queue_process`, started with the members). The
+    monitors look at GitHub every `api_cache_timeout` = 2 s and tick every second, so a freed
+    runner is replaced quickly.
     """
 
     def __init__(
@@ -182,7 +176,7 @@ class Fleet:
         members: int = 3,
         *,
         targets: Mapping[str, int] | None = None,
-        queue: bool = False,
+        queue: bool | str = False,
         queue_listen_port: bool = True,
         queue_extra: str = "",
         settings: Mapping[str, str] | None = None,
@@ -194,6 +188,8 @@ class Fleet:
         self.standin = GitHubStandIn(token=GITHUB_TOKEN)
         self.standin.agent_online_after = 0.0
         self.standin.start(threads=standin_threads)
+        if queue not in (False, True, "alone"):
+            raise ValueError(f"queue must be False, True or 'alone', not {queue!r}")
         self.members = [Member(i, root / f"host{i + 1}", free_port()) for i in range(members)]
         self.queue_port: int | None = None
         if queue and queue_listen_port:
@@ -201,11 +197,19 @@ class Fleet:
         elif queue:
             self.queue_port = 8002  # upstream's and the monitor's default
         for member in self.members:
-            self._write_config(member, queue and member.index == 0, queue_extra, settings or {})
+            in_member = queue is True and member.index == 0
+            self._write_config(member, in_member, queue_extra, settings or {})
+        self.queue_process: Member | None = None
+        if queue == "alone":
+            self.queue_process = Member(-1, root / "queue", free_port(), command="queue")
+            self.queue_process.suffix = "queue"
+            self._write_config(self.queue_process, True, queue_extra, settings or {})
         self._run_ids = iter(range(15_000_000_001, 16_000_000_000))
         if start:
             for member in self.members:
                 member.start()
+            if self.queue_process is not None:
+                self.queue_process.start()
 
     def _write_config(
         self, member: Member, with_queue: bool, queue_extra: str, settings: Mapping[str, str]
@@ -238,10 +242,38 @@ class Fleet:
 
     @property
     def queue_url(self) -> str:
-        """The queue's base URL (in the first member's `monitor run`)."""
+        """The queue's base URL (in the first member's `monitor run`, or `queue_process`)."""
         if self.queue_port is None:
             raise RuntimeError("this fleet has no [queue] table (Fleet(queue=True))")
         return f"http://127.0.0.1:{self.queue_port}"
+
+    def queue_request(
+        self, method: str, path: str, headers: Mapping[str, str] | None = None, timeout: float = 5
+    ) -> tuple[int, Any]:
+        """One request to the queue: (status, parsed JSON body or the text)."""
+        return http_request(method, self.queue_url + path, headers, timeout)
+
+    def queue_state(self) -> dict[str, Any]:
+        """The queue's `/queue.json` (entries in serving order, members, recent outcomes)."""
+        status, body = self.queue_request("GET", "/queue.json")
+        if status != 200 or not isinstance(body, dict):
+            raise AssertionError(f"GET /queue.json: {status} {body!r}")
+        return body
+
+    def wait_queue_ready(self, timeout: float = 60) -> None:
+        """Wait until the queue answers and sees every member fresh (before that, an enqueue
+        is refused: no fresh member has a target for its profile)."""
+
+        def ready() -> bool:
+            if self.queue_process is not None and not self.queue_process.alive:
+                raise AssertionError(f"the queue exited:\n{self.queue_process.log()}")
+            try:
+                status, body = self.queue_request("GET", "/healthz")
+            except OSError:
+                return False
+            return status == 200 and body.get("fresh_members") == len(self.members)
+
+        wait_until(ready, "the queue to see every member fresh", timeout, interval=0.1)
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -347,10 +379,11 @@ class Fleet:
     ) -> dict[str, str]:
         """The environment for tests/scripts/runner-select.sh against this fleet's queue and
         stand-in, for a new run; `extra` adds or overrides variables (e.g. the test hooks
-        TAKE_TOKEN, ARGS_ARTIFACT, ENQUEUED_FILE)."""
+        TAKE_TOKEN, ARGS_ARTIFACT, ENQUEUED_FILE); with QUEUE_URL given, the fleet needs no
+        queue of its own (queue processes run beside it)."""
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "QUEUE_URL": self.queue_url,
+            "QUEUE_URL": extra["QUEUE_URL"] if "QUEUE_URL" in extra else self.queue_url,
             "QUALIFIED_REPO": REPO,
             "RUN_ID": self.new_run_id(),
             "SELF_HOSTED_PROFILE": profile,
@@ -365,13 +398,15 @@ class Fleet:
     def start_client(
         self, profile: str, count: int = 1, *, max_retry_time: int = 60, **extra: str
     ) -> subprocess.Popen[str]:
-        """runner-select.sh in the background; `client_outputs(process)` waits for it."""
+        """runner-select.sh in the background; `client_outputs(process)` waits for it. It
+        leads a process group of its own: `os.killpg(process.pid, ...)` ends its curl too."""
         return subprocess.Popen(
             ["bash", str(CLIENT)],
             env=self.client_env(profile, count, max_retry_time=max_retry_time, **extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
 
     def run_client(
@@ -386,9 +421,10 @@ class Fleet:
     def close(self) -> dict[str, tuple[int | None, str]]:
         """Stop every member and the stand-in; returns suffix -> (exit code, log)."""
         results = {}
-        for member in self.members:  # all at once: they shut down side by side
+        processes = self.members + ([self.queue_process] if self.queue_process else [])
+        for member in processes:  # all at once: they shut down side by side
             member.terminate()
-        for member in self.members:
+        for member in processes:
             results[member.suffix] = (member.stop(), member.log())
         self.standin.stop()
         return results
@@ -398,6 +434,23 @@ class Fleet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def http_request(
+    method: str, url: str, headers: Mapping[str, str] | None = None, timeout: float = 5
+) -> tuple[int, Any]:
+    """One request: (status, parsed JSON body or the text); OSError if nobody answers."""
+    request = urllib.request.Request(url, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    text = raw.decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
 
 
 def client_outputs(process: subprocess.Popen[str], timeout: float = 120) -> dict[str, str]:
