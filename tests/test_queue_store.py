@@ -277,6 +277,26 @@ def test_a_closed_port_then_a_live_one(postgres_url):
     proxy.cut()
 
 
+def test_a_pooled_connection_is_lent_without_a_round_trip(postgres_url):
+    """Peewee's pool sends `SELECT 1` on each connection it lends, holding its lock: every
+    client poll queued behind one round trip at a time. Ours lends on the connection's local
+    state, so one that broke while idle is found on use: that call is a 503 (the client
+    retries it), the connection is dropped, and the next call connects anew."""
+    proxy = postgres.Proxy(postgres_url)
+    store = QueueStore(proxy.url)
+    assert store.get("a") is None  # one connection, back in the pool
+    proxy.cut()  # it breaks while idle; the server is reachable again at once
+    proxy.restore()
+    with pytest.raises(TransientError) as broken:
+        store.get("a")  # Peewee's check would have seen it broken and connected anew
+    assert broken.value.status == 503
+    assert store.get("a") is None  # a new connection
+    add(store, "b", Clock()())
+    assert store.get("b") is not None
+    store.close()
+    proxy.cut()
+
+
 def test_postgresql_connections_are_pooled(postgres_url):
     """Dozens of web threads share POOL_CONNECTIONS connections (PostgreSQL has 100 for every
     queue process), and none is held between calls (waitress' threads live on)."""
