@@ -16,20 +16,18 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from pathlib import Path
-from typing import IO
 from typing import Any
 from urllib.parse import urlsplit
 from urllib.parse import urlunsplit
@@ -38,9 +36,9 @@ import pytest
 
 from tests.support import postgres
 from tests.support.configs import write_config
-from tests.support.daemons import clean_env
 from tests.support.daemons import free_port
 from tests.support.fleet import Fleet
+from tests.support.fleet import Member
 from tests.support.fleet import client_outputs
 from tests.support.waiting import wait_until
 
@@ -75,15 +73,14 @@ def database() -> Iterator[tuple[str, str]]:
         yield urlunsplit(parts._replace(netloc=netloc)), parts.password or ""
 
 
-class QueueProcess:
-    """`python -m monitor queue --config …` with its own config, port and log."""
+class QueueProcess(Member):
+    """`python -m monitor queue --config …` with its own config, port and log, the database
+    password in its environment."""
 
     def __init__(self, name: str, root: Path, fleet: Fleet, database_url: str, password: str):
+        super().__init__(-1, root, free_port(), command="queue")
         self.name = name
-        self.root = root
-        self.port = free_port()
         self.password = password
-        self.log_path = root / "queue.log"
         servers = ", ".join(json.dumps(member.url) for member in fleet.members)
         # Every client is of one repository: upstream's 30 tokenless requests a minute per
         # repository and process would refuse most of a 50-job burst.
@@ -95,23 +92,9 @@ class QueueProcess:
         self.config_path = write_config(
             root, github_api_url=fleet.standin.base_url, targets=fleet.targets, extra=extra
         )
-        self.process: subprocess.Popen[str] | None = None
-        self._log: IO[str] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in wait()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "queue", "--config", str(self.config_path)],
-            cwd=self.root,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**clean_env(), "PGPASSWORD": self.password},
-        )
+    def start(self, env: Mapping[str, str] | None = None) -> None:
+        super().start({"PGPASSWORD": self.password, **(env or {})})
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -149,33 +132,6 @@ class QueueProcess:
     def dispatching(self) -> bool:
         """Whether its engine ever took the dispatcher's lease (it logs it)."""
         return "dispatches now" in self.log()
-
-    def kill(self) -> int | None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        return self.wait()
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.wait()
-
-    def wait(self) -> int | None:
-        assert self.process is not None
-        code = self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
 
 
 @dataclass
