@@ -133,6 +133,11 @@ class Config:
     github_api_url: str = "https://api.github.com"
     libvirt_uri: str | None = None
     libvirt_storage_pool: str = "default"
+    # Whether the key was given: without it a missing `default` pool is made (virt-manager's).
+    libvirt_storage_pool_set: bool = False
+    # How often a profile that cannot create runners (no pool, no qemu-img, a guest.xml this
+    # libvirt refuses) is looked at again.
+    profile_check_interval: timedelta = timedelta(seconds=60)
     data_path: Path
     profiles_path: Path
     image_deps_dir: Path | None = None
@@ -472,6 +477,7 @@ _TOP_LEVEL: dict[str, tuple[_Converter, bool]] = {
     "github_api_url": (_github_api_url, _OPTIONAL),
     "libvirt_uri": (_nonempty, _OPTIONAL),  # derived from LIBVIRT_DEFAULT_URI
     "libvirt_storage_pool": (_nonempty, _OPTIONAL),
+    "profile_check_interval": (_positive_seconds, _OPTIONAL),
     "data_path": (_path, _OPTIONAL),  # derived from SERVO_CI_MONITOR_DATA_PATH
     "profiles_path": (_path, _OPTIONAL),  # derived from LIB_MONITOR_DIR
     "trusted_proxies": (_networks, _OPTIONAL),
@@ -526,6 +532,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None, cwd: Path | None 
 
     values.setdefault("external_base_url", f"http://127.0.0.1:{values.get('listen_port', 8000)}/")
     values.setdefault("dont_create_runners", values.get("destroy_all_non_busy_runners", False))
+    values["libvirt_storage_pool_set"] = "libvirt_storage_pool" in values
     if "libvirt_uri" not in values and env.get("LIBVIRT_DEFAULT_URI"):
         values["libvirt_uri"] = env["LIBVIRT_DEFAULT_URI"]
     if "data_path" not in values:

@@ -282,7 +282,7 @@ class Monitor:
             try:
                 item = self.next_request(timeout=0.02)
             except queue.Empty:
-                if until is None and not self.workers.in_flight:
+                if until is None and self.workers.idle():
                     return
                 continue
             if item is RECONCILE:

@@ -6,6 +6,12 @@ what to start (honouring each profile's and runner's back-off) and mark it in fl
 `_…_worker` methods run on the pool (the slow GitHub and libvirt calls); each always reports
 back through `post`, and the `_…_done` methods then run on the monitor thread again, so
 `in_flight` and the back-offs are only ever changed there.
+
+Before a profile's first create, and again after one fails, a worker asks the hypervisor
+whether creating a runner of that profile is possible at all (`creation_blocker`: the storage
+pool, `qemu-img`, the profile's guest.xml, its networks and base image). A profile that is
+not is reported once (log, event log, dashboard notice via `blocked`) and looked at again
+every `profile_check_interval`, without allocating runner ids meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import threading
 from collections.abc import Callable
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from monitor.config import Profile
 from monitor.errors import MonitorError
 from monitor.github import GitHub
 from monitor.hypervisor import Hypervisor
+from monitor.preflight import Check
 from monitor.ratelimit import Backoff
 from monitor.rebuilds import image_volume
 from monitor.registrations import RegistrationCache
@@ -43,6 +51,14 @@ class Work(enum.StrEnum):
     CREATE = "create"
     DESTROY = "destroy"
     CLEANUP = "cleanup"  # removing a volume whose guest is gone
+
+
+@dataclass(frozen=True)
+class ProfileCheck:
+    """The last answer to "can this profile create runners?": `blocker` None means yes."""
+
+    blocker: Check | None
+    at: datetime
 
 
 class Workers:
@@ -74,6 +90,14 @@ class Workers:
         self.stopping = stopping
         self.clock = clock
         self.in_flight: dict[int, Work] = {}
+        # Profiles whose creation check is running, and each profile's last answer (absent:
+        # to be checked before its next create).
+        self.checking: set[str] = set()
+        self.checked: dict[str, ProfileCheck] = {}
+        self._creates_after_checks: dict[str, int] = {}
+        # The profiles that cannot create runners, with why and the fix: replaced whole when
+        # it changes, so web threads read it without a lock (the dashboard's notices).
+        self.blocked: dict[str, Check] = {}
         self.create_backoff = Backoff()
         self.destroy_backoff = Backoff()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="monitor-worker")
@@ -81,6 +105,10 @@ class Workers:
     @property
     def runner_prefix(self) -> str:
         return self.config.libvirt_runner_guest_prefix
+
+    def idle(self) -> bool:
+        """Nothing in flight: no create, destroy, cleanup or creation check."""
+        return not self.in_flight and not self.checking
 
     def destroying(self) -> set[int]:
         return {i for i, work in self.in_flight.items() if work is Work.DESTROY}
@@ -123,10 +151,22 @@ class Workers:
         if changes.destroy or Work.DESTROY in self.in_flight.values():
             return
         for profile_key, count in sorted(changes.create.items()):
-            if not self.create_backoff.ready(profile_key, now):
+            waiting = profile_key in self.checking or profile_key in self._creates_after_checks
+            if waiting or not self.create_backoff.ready(profile_key, now):
                 continue
-            for _ in range(count):
-                self._start_create(profile_key, now)
+            checked = self.checked.get(profile_key)
+            due = self.config.profile_check_interval
+            if checked is None or (checked.blocker is not None and now - checked.at >= due):
+                self._start_check(profile_key, count)
+            elif checked.blocker is None:
+                for _ in range(count):
+                    self._start_create(profile_key, now)
+
+    def _start_check(self, profile_key: str, count: int) -> None:
+        """Ask, on the pool, whether `profile_key` can create runners; `count` creates follow
+        if it can (`_check_done`)."""
+        self.checking.add(profile_key)
+        self._pool.submit(self._check_worker, profile_key, count)
 
     def _start_create(self, profile_key: str, now: datetime) -> None:
         profile = self.config.profiles[profile_key]
@@ -170,6 +210,41 @@ class Workers:
             self._pool.submit(self._cleanup_worker, runner_id, name, volume)
 
     # Worker pool ----------------------------------------------------------------------------
+
+    def _check_worker(self, profile_key: str, count: int) -> None:
+        """Whether a runner of the profile can be created now; always reports back."""
+        profile = self.config.profiles[profile_key]
+        blocker: Check | None = None
+        error: Exception | None = None
+        try:
+            try:
+                template = profile.guest_xml.read_text()
+            except OSError as failure:
+                blocker = Check.fail(
+                    "profile",
+                    f"cannot read {profile.guest_xml}: {failure.strerror or failure}",
+                    f"put the profile's libvirt domain XML at {profile.guest_xml}",
+                )
+            else:
+                blocker = self.hypervisor.creation_blocker(template, self._checked_image(profile))
+        except Exception as failure:  # noqa: BLE001 - a worker must report, not vanish
+            if not isinstance(failure, MonitorError):
+                log.exception("creation check for %s crashed", profile_key)
+            error = failure
+        finally:
+            self.post(lambda: self._check_done(profile_key, count, blocker, error))
+
+    def _checked_image(self, profile: Profile) -> Path | None:
+        """The base image a profile's runners would get now, if it has one yet."""
+        if profile.base_image is not None:
+            return profile.base_image
+        snapshot = self.snapshots.get(profile.profile_name)
+        if snapshot is None:
+            return None
+        volume = image_volume(
+            self.config.libvirt_template_guest_prefix, profile.profile_name, snapshot
+        )
+        return self.hypervisor.volume_path(volume)
 
     def _base_image(self, profile: Profile, image: str | None) -> Path:
         """The disk a runner's overlay goes on: the prebuilt `base_image`, or the rebuilt
@@ -304,6 +379,46 @@ class Workers:
 
     # Outcomes, back on the monitor thread --------------------------------------------------
 
+    def _check_done(
+        self, key: str, count: int, blocker: Check | None, error: Exception | None
+    ) -> None:
+        self.checking.discard(key)
+        now = self.clock()
+        if error is not None:
+            # libvirt out of reach says nothing about the profile: ask again after a pause.
+            delay = self.create_backoff.failed(key, now, retry_after(error))
+            log.warning(
+                "cannot check whether %s can create runners (retry in %s): %s", key, delay, error
+            )
+            return
+        previous = self.checked.get(key)
+        self.checked[key] = ProfileCheck(blocker, now)
+        was = previous.blocker if previous is not None else None
+        if blocker is not None:
+            if was != blocker:
+                message = f"{blocker.subject}: {blocker.detail}. Fix: {blocker.fix}"
+                log.error("profile %s cannot create runners: %s", key, message)
+                models.record_event(
+                    "profile-failed", f"cannot create runners: {message}", profile=key, at=now
+                )
+                self.blocked = {**self.blocked, key: blocker}
+            return
+        if was is not None:
+            log.info("profile %s can create runners again", key)
+            models.record_event("profile-ok", "can create runners again", profile=key, at=now)
+            self.blocked = {k: v for k, v in self.blocked.items() if k != key}
+        # Creates wait for every check under way, then go in profile order, so that runner
+        # ids follow the profiles as they do without checks.
+        self._creates_after_checks[key] = count
+        if self.checking:
+            return
+        ready, self._creates_after_checks = self._creates_after_checks, {}
+        if self.stopping.is_set() or Work.DESTROY in self.in_flight.values():
+            return
+        for profile_key, creates in sorted(ready.items()):
+            for _ in range(creates):
+                self._start_create(profile_key, now)
+
     def _create_done(
         self,
         runner_id: int,
@@ -326,7 +441,9 @@ class Workers:
             self.request_reconcile()
         else:
             # No immediate retry: the profile waits out its back-off, and a later periodic
-            # pass tries again (a broken profile must not hammer GitHub or libvirt).
+            # pass tries again (a broken profile must not hammer GitHub or libvirt), after
+            # checking first that the profile can create runners at all.
+            self.checked.pop(key, None)
             delay = self.create_backoff.failed(key, self.clock(), retry_after(error))
             log.error(
                 "creating runner %d (%s) failed, next try for %s in %s: %s",

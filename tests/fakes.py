@@ -19,6 +19,7 @@ from monitor.github import JitConfig
 from monitor.github import RateLimit
 from monitor.hypervisor import Guest
 from monitor.policy import Registration
+from monitor.preflight import Check
 
 
 class Armable:
@@ -172,6 +173,9 @@ class FakeHypervisor(Armable):
         # The token each guest was given (None: created without one).
         self.guest_tokens: dict[str, str | None] = {}
         self.errors = 0  # failed hypervisor calls, as /metrics reads them
+        # What `creation_blocker` answers, by the domain XML asked about (absent: nothing
+        # blocks); a test sets an entry to make a profile impossible and removes it to mend it.
+        self.blockers: dict[str, Check] = {}
 
     def list_guests(self, prefix: str) -> list[Guest]:
         self._call("list_guests", prefix)
@@ -296,6 +300,11 @@ class FakeHypervisor(Armable):
             self.image_volumes.pop(volume, None)
             self.volumes.discard(volume)
             self.backing.pop(volume, None)
+
+    def creation_blocker(self, template_xml: str, base_image: Path | None) -> Check | None:
+        self._call("creation_blocker", template_xml)
+        with self._lock:
+            return self.blockers.get(template_xml)
 
     def close(self) -> None:
         pass

@@ -169,7 +169,7 @@ def test_threads_and_scheduler_bring_the_pool_online(rig):
 
 def test_libvirt_faults_do_not_stop_the_monitor_and_leak_nothing(rig):
     config, standin, hypervisor, clock, monitor = rig
-    # Take the storage pool away: every create fails inside libvirt.
+    # Take the storage pool away: creating runners is impossible.
     conn = hypervisor._connection()
     pool = conn.storagePoolLookupByName(config.libvirt_storage_pool)
     pool.destroy()
@@ -177,20 +177,27 @@ def test_libvirt_faults_do_not_stop_the_monitor_and_leak_nothing(rig):
         step(monitor, clock)
         clock.advance(1)
     assert guests(hypervisor) == []
-    # Backing off (5 s, 10 s, …): at most a retry or two in 10 s, not 3 registrations a pass.
-    assert 3 <= len(standin.jit_names) <= 6
-    assert standin.runners() == []  # registrations of failed creates were deleted again
-    failures = [e for e in models.recent_events(100) if e.kind == "create-failed"]
-    assert failures and "storage pool" in failures[0].message
+    # Found before any create: nothing registered, no runner id spent, said once a profile.
+    assert standin.jit_names == []
+    assert models.last_runner_id() is None
+    failures = [e for e in models.recent_events(100) if e.kind == "profile-failed"]
+    assert sorted(e.profile for e in failures) == ["linux", "windows"]
+    assert "storage pool default-pool: defined (target /default-pool) but not running" in (
+        failures[0].message
+    )
+    assert "virsh pool-start default-pool" in failures[0].message
+    assert set(monitor.workers.blocked) == {"linux", "windows"}
     # The pool comes back: the monitor recovers by itself, with fresh ids.
     pool.create()
-    clock.advance(60)  # past the back-off
+    clock.advance(60)  # the next look at an impossible profile
     step(monitor, clock)
     step(monitor, clock)
     names = guests(hypervisor)
     assert len(names) == 3
     assert sorted(r["name"] for r in standin.runners()) == sorted(f"{n}@host" for n in names)
     assert hypervisor.volume_names() == sorted(f"{n}.qcow2" for n in names)
+    assert monitor.workers.blocked == {}
+    assert [e.kind for e in models.recent_events(100)].count("profile-ok") == 2
 
 
 def test_a_job_whose_busy_flag_lags_past_the_reserve_timeout_runs_to_its_end(

@@ -53,7 +53,7 @@ def make_env(make_config, store, tmp_path, monkeypatch):
 def tick(monitor: loop.Monitor, clock: Clock):
     monitor.registrations.refresh(force=True)
     observation = monitor.tick(clock())
-    settle(monitor, lambda: not monitor.in_flight, "creates and destroys")
+    settle(monitor, monitor.workers.idle, "creates and destroys")
     return observation
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from monitor.preflight import Check
+
 # How a guest finds its token (see `domain_xml.runner_domain_xml`): an SMBIOS OEM string, and,
 # for a guest whose kernel libvirt loads directly, a kernel command line word.
 GUEST_TOKEN_OEM_PREFIX = "monitor-guest-token="
@@ -128,6 +130,13 @@ class Hypervisor(Protocol):
 
     def ipv4_address(self, name: str) -> str | None:
         """Return the guest's IPv4 address, or None while it has none."""
+        ...
+
+    def creation_blocker(self, template_xml: str, base_image: Path | None) -> Check | None:
+        """What makes creating a runner from this domain XML and base image impossible now
+        (no storage pool, no `qemu-img`, XML this libvirt refuses, a missing network or base
+        image), as a FAIL `Check` with its fix; None when nothing does. `TransientError`
+        when libvirt cannot be reached (that says nothing about the profile)."""
         ...
 
     def close(self) -> None:

@@ -251,3 +251,25 @@ def _fresh_mac(taken: set[str]) -> str:
         if mac not in taken:
             taken.add(mac)
             return mac
+
+
+def template_networks(template_xml: str) -> list[str]:
+    """The libvirt networks a profile's domain XML plugs its interfaces into
+    (`<interface type='network'><source network='…'/>`), in order, each once."""
+    try:
+        root = ET.fromstring(template_xml)
+    except ET.ParseError as e:
+        raise MonitorError(f"guest template is not valid XML: {e}") from e
+    names: list[str] = []
+    for interface in root.findall("devices/interface[@type='network']"):
+        source = interface.find("source")
+        network = None if source is None else source.get("network")
+        if network and network not in names:
+            names.append(network)
+    return names
+
+
+def probe_volume_xml(name: str) -> str:
+    """A 1 MiB qcow2 volume: made and deleted again to show that libvirt can write runner
+    overlays into a pool (the directory is writable and `qemu-img` is there)."""
+    return image_volume_xml(name, 1 << 20)

@@ -16,7 +16,10 @@ from monitor.hypervisor import Guest
 from monitor.hypervisor.connection import OPEN_TIMEOUT
 from monitor.hypervisor.connection import Connection
 from monitor.hypervisor.guests import Guests
+from monitor.hypervisor.preflight import DEFAULT_POOL_NAME
+from monitor.hypervisor.preflight import HostPreflight
 from monitor.hypervisor.storage import StoragePool
+from monitor.preflight import Check
 
 
 class LibvirtHypervisor:
@@ -25,13 +28,25 @@ class LibvirtHypervisor:
     most `open_timeout` seconds for one (`TransientError` after that)."""
 
     def __init__(
-        self, uri: str | None, storage_pool: str = "default", *, open_timeout: float = OPEN_TIMEOUT
+        self,
+        uri: str | None,
+        storage_pool: str = DEFAULT_POOL_NAME,
+        *,
+        create_default_pool: bool = False,
+        open_timeout: float = OPEN_TIMEOUT,
     ) -> None:
         self.connection = Connection(uri, open_timeout)
         # Every call of the parts goes through `_connection`, so a subclass can wrap the
         # connection they use (the fault-injection tests make its methods fail).
         self.storage = StoragePool(self.connection, self._connection, storage_pool)
         self.guests = Guests(self.connection, self._connection, self.storage)
+        # `create_default_pool`: the config names no pool, so a missing `default` is made.
+        self.preflight = HostPreflight(
+            self.connection,
+            self._connection,
+            self.storage,
+            create_default_pool=create_default_pool and storage_pool == DEFAULT_POOL_NAME,
+        )
 
     @property
     def errors(self) -> int:
@@ -111,6 +126,10 @@ class LibvirtHypervisor:
     def ipv4_address(self, name: str) -> str | None:
         """Return the guest's IPv4 address, or None while it has none."""
         return self.guests.ipv4_address(name)
+
+    def creation_blocker(self, template_xml: str, base_image: Path | None) -> Check | None:
+        """What makes creating a runner of this profile impossible now (`HostPreflight`)."""
+        return self.preflight.creation_blocker(template_xml, base_image)
 
     def close(self) -> None:
         """Close the connection (and give up an open in progress); the next call opens a new

@@ -33,7 +33,7 @@ class Rig:
         for _ in range(passes):
             self.monitor.registrations.refresh(force=True)
             self.monitor.call(lambda: self.monitor.tick(self.clock()), 10)
-            wait_until(lambda: not self.monitor.in_flight, "nothing in flight", 10, 0.01)
+            wait_until(self.monitor.workers.idle, "nothing in flight", 10, 0.01)
 
     def all_online(self) -> None:
         for registration in list(self.github.runners.values()):

@@ -192,7 +192,7 @@ def bring_online(rig: Rig, count: int) -> None:
 
     def registered() -> bool:
         one_pass(rig.monitor)
-        return len(rig.standin.runners()) >= count and not rig.monitor.in_flight
+        return len(rig.standin.runners()) >= count and rig.monitor.workers.idle()
 
     wait_until(registered, f"{count} registrations")
     for registration in rig.standin.runners():
