@@ -283,7 +283,7 @@ def _github_api_url(value: Any) -> str:
     GitHub stand-in of tests and the demo)."""
     url = _http_url(value)
     parts = urlsplit(url)
-    if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
         raise ValueError(
             f"plain http:// would send the GitHub token in the clear: use https://, or http://"
             f" only to a loopback address (127.0.0.1, ::1, localhost), got {value!r}"
@@ -291,7 +291,8 @@ def _github_api_url(value: Any) -> str:
     return url
 
 
-def _loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (a URL's host name or address) is this host's loopback."""
     if host.lower() == "localhost":
         return True
     try:
@@ -617,8 +618,8 @@ def summary(config: Config) -> str:
         lines.append(
             f"  {profile.profile_name}: label {profile.github_runner_label}, target"
             f" {profile.target_count}, per runner {profile.requires_1g_hugepages} 1G hugepages"
-            f" ({_human_size(profile.requires_1g_hugepages * 2**30)}) and"
-            f" {_human_size(profile.requires_normal_memory)} normal memory, {image}"
+            f" ({human_size(profile.requires_1g_hugepages * 2**30)}) and"
+            f" {human_size(profile.requires_normal_memory)} normal memory, {image}"
         )
     hugepages = sum(p.target_count * p.requires_1g_hugepages for p in config.profiles.values())
     memory = sum(p.target_count * p.requires_normal_memory for p in config.profiles.values())
@@ -626,7 +627,7 @@ def summary(config: Config) -> str:
         "budget for the targets:",
         f"  1G hugepages: {hugepages} of {config.available_1g_hugepages}"
         f" ({_fits(hugepages, config.available_1g_hugepages)})",
-        f"  normal memory: {_human_size(memory)} of {_human_size(config.available_normal_memory)}"
+        f"  normal memory: {human_size(memory)} of {human_size(config.available_normal_memory)}"
         f" ({_fits(memory, config.available_normal_memory)})",
     ]
     if config.queue is not None:
@@ -936,7 +937,7 @@ def _fits(needed: int, available: int) -> str:
     return "fits" if needed <= available else "does NOT fit"
 
 
-def _human_size(size: int) -> str:
+def human_size(size: int) -> str:
     """Bytes in the largest binary unit that keeps at least 1, e.g. "16 GiB", "1.5 GiB"."""
     for unit, name in (
         (2**50, "PiB"),

@@ -477,21 +477,43 @@ def validate_counts(
     return _resource_error(counts, profiles, settings) is None
 
 
+@dataclass(frozen=True)
+class ResourceNeeds:
+    """What some runners need together: 1G hugepages (a count) and normal memory (bytes)."""
+
+    hugepages_1g: int
+    normal_memory: int
+
+
+def resource_needs(
+    counts: Mapping[str, int], profiles: Mapping[str, ProfileLike]
+) -> ResourceNeeds:
+    """What `counts` runners per profile need together (a missing key counts 0)."""
+    return ResourceNeeds(
+        hugepages_1g=sum(counts.get(k, 0) * p.requires_1g_hugepages for k, p in profiles.items()),
+        normal_memory=sum(counts.get(k, 0) * p.requires_normal_memory for k, p in profiles.items()),
+    )
+
+
+def static_counts(profiles: Mapping[str, ProfileLike]) -> dict[str, int]:
+    """Each profile's static `target_count`: the counts the budgets are checked for."""
+    return {k: p.target_count for k, p in profiles.items()}
+
+
 def _resource_error(
     counts: Mapping[str, int], profiles: Mapping[str, ProfileLike], settings: SettingsLike
 ) -> str | None:
-    hugepages = sum(counts.get(k, 0) * p.requires_1g_hugepages for k, p in profiles.items())
-    if hugepages > settings.available_1g_hugepages:
+    needs = resource_needs(counts, profiles)
+    if needs.hugepages_1g > settings.available_1g_hugepages:
         return "Profile configuration requires too many 1G hugepages"
-    memory = sum(counts.get(k, 0) * p.requires_normal_memory for k, p in profiles.items())
-    if memory > settings.available_normal_memory:
+    if needs.normal_memory > settings.available_normal_memory:
         return "Profile configuration requires too much normal memory"
     return None
 
 
 def validate_static(profiles: Mapping[str, ProfileLike], settings: SettingsLike) -> None:
     """Check that the static targets fit the budgets; raise `MonitorError` if not (§1.6)."""
-    error = _resource_error({k: p.target_count for k, p in profiles.items()}, profiles, settings)
+    error = _resource_error(static_counts(profiles), profiles, settings)
     if error is not None:
         raise MonitorError(error)
 

@@ -217,6 +217,16 @@ def test_static_validation(profs: dict[str, Profile], error: str | None) -> None
         assert str(raised.value) == error
 
 
+def test_resource_needs_add_up_the_runners_of_each_profile() -> None:
+    profs = profiles(("linux", 2, 1, 4 * GIB), ("windows", 1, 3, 8 * GIB))
+
+    assert policy.static_counts(profs) == {"linux": 2, "windows": 1}
+    assert policy.resource_needs(policy.static_counts(profs), profs) == policy.ResourceNeeds(
+        hugepages_1g=5, normal_memory=16 * GIB
+    )
+    assert policy.resource_needs({"windows": 2}, profs) == policy.ResourceNeeds(6, 16 * GIB)
+
+
 # --- T2, T3 and the compute half of T4: compute_runner_changes (S6-S20, S28-S30) ---------------
 
 T2 = profiles(("linux", 5, 0, 0), ("windows", 3, 0, 0), ("macos", 3, 0, 0), ("wpt", 0, 0, 0))
