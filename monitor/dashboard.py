@@ -17,6 +17,7 @@ from typing import Any
 from monitor.policy import Observation
 from monitor.policy import Runner
 from monitor.policy import RunnerCounts
+from monitor.preflight import Check
 
 STATUS_CSS = {
     "Invalid": "invalid",
@@ -200,6 +201,7 @@ def health(
     now: datetime,
     poll_interval: timedelta,
     cache_timeout: timedelta,
+    blocked: Mapping[str, Check] | None = None,
 ) -> Health:
     """What the status line says, and the notices for data that is stale or a fault that is
     ongoing. Times are shown as clock times, not ages, so the text stays the same while
@@ -220,6 +222,14 @@ def health(
             notices.append(Notice("error", f"libvirt: {observation.error}"))
     if github_error:
         notices.append(Notice("error", f"GitHub: {github_error}"))
+    for profile, blocker in sorted((blocked or {}).items()):
+        notices.append(
+            Notice(
+                "error",
+                f"Profile {profile} cannot create runners: {blocker.subject}: "
+                f"{blocker.detail}. Fix: {blocker.fix}",
+            )
+        )
     if registrations_at is not None and now - registrations_at > 2 * cache_timeout + timedelta(
         seconds=30
     ):

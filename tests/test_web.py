@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
 import webtest
 
 from monitor import loop
+from monitor import models
 from monitor import web
+from monitor.preflight import Check
 from tests.fakes import FakeGitHub
 from tests.fakes import FakeHypervisor
 from tests.support.clock import Clock
@@ -146,3 +149,41 @@ def test_wheel_ships_views_static_and_demo(tmp_path):
     # The API's description, as /openapi.json serves it.
     shipped = json.loads(zipfile.ZipFile(wheel).read("monitor/openapi.json"))
     assert shipped == json.loads((web.ROOT / "monitor" / "openapi.json").read_text())
+
+
+def test_a_profile_that_cannot_create_runners_is_a_notice_until_it_can(app):
+    """The check before the first create says linux is impossible: no runner id is spent on
+    it, the page says why and how to fix it, windows is not held up; linux is looked at
+    again only after profile_check_interval, and then comes up."""
+    client, monitor, github, clock = app
+    template = monitor.config.profiles["linux"].guest_xml.read_text()
+    monitor.hypervisor.blockers[template] = Check.fail(
+        "storage pool default", "libvirt has no pool 'default'", "virsh pool-define-as …"
+    )
+    observe(monitor, clock)
+    names = sorted(guest for guest in monitor.hypervisor.guests)
+    assert names == ["ci-runner-windows.0"]  # the only id spent
+    page = client.get("/")
+    assert (
+        "Profile linux cannot create runners: storage pool default: libvirt has no pool "
+        "'default'. Fix: virsh pool-define-as …"
+    ) in html.unescape(page.text)
+    events = [e for e in models.recent_events(50) if e.kind == "profile-failed"]
+    assert [e.profile for e in events] == ["linux"]
+
+    checks = lambda: monitor.hypervisor.calls.count(("creation_blocker", template))  # noqa: E731
+    before = checks()
+    clock.advance(monitor.config.profile_check_interval.total_seconds() - 1)
+    observe(monitor, clock)
+    assert checks() == before  # not yet due
+    del monitor.hypervisor.blockers[template]
+    clock.advance(1)
+    observe(monitor, clock)
+    assert checks() == before + 1
+    assert sorted(monitor.hypervisor.guests) == [
+        "ci-runner-linux.1",
+        "ci-runner-linux.2",
+        "ci-runner-windows.0",
+    ]
+    assert "Profile linux cannot create runners" not in client.get("/").text  # events keep it
+    assert [e.kind for e in models.recent_events(50)].count("profile-failed") == 1

@@ -85,6 +85,7 @@ class LiveFragment:
             now=now,
             poll_interval=config.monitor_poll_interval,
             cache_timeout=config.api_cache_timeout,
+            blocked=monitor.workers.blocked,
         )
         rebuilds = {key: monitor.rebuilds.state(key, now) for key in config.profiles}
         # The monitor replaces the observation and the address map whole when they change,
