@@ -1,7 +1,9 @@
 """Command line and composition root: the only module that builds the real clients.
 
     monitor run [--config PATH]           run the daemon (default ./monitor.toml)
-    monitor check-config [--config PATH]  validate, print profiles and budgets; exit 0 or 2
+    monitor check-config [--config PATH] [--host] [--json]
+                                          validate, print profiles and budgets; with --host
+                                          check this host live too; exit 0 or 2
     monitor queue [--config PATH]         serve only the global queue ([queue]), no libvirt
     monitor demo [--port N]               libvirt's test driver + the GitHub stand-in
 
@@ -39,6 +41,7 @@ from monitor.hypervisor import Hypervisor
 if TYPE_CHECKING:
     from monitor.auth import Credentials
     from monitor.github import GitHub
+    from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
     from monitor.queue.service import QueueService
     from monitor.queue.service import RunningEngine
 
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--config", type=Path, default=Path("monitor.toml"), help="default: %(default)s"
     )
+    check.add_argument(
+        "--host",
+        action="store_true",
+        help="also check this host live: libvirt, storage pool, qemu-img, profiles, GitHub, "
+        "memory, ports, queue members (one ok/warn/FAIL line each)",
+    )
+    check.add_argument("--json", action="store_true", help="print the checks as JSON")
 
     demo = commands.add_parser(
         "demo", help="run against libvirt's test driver and a built-in GitHub stand-in"
@@ -97,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logs.setup_logging(os.environ)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, host=args.host, as_json=args.json)
     if args.command in ("run", "queue"):
         try:
             config = load_config(args.config)
@@ -125,16 +135,36 @@ def load_config(path: Path, environ: dict[str, str] | None = None) -> Config:
     return config
 
 
-def check_config(path: Path) -> int:
+def check_config(path: Path, *, host: bool = False, as_json: bool = False) -> int:
+    """`monitor check-config`: exit 0, or 2 for a config (or, with `host`, a host) that
+    cannot run runners. Text: the config's summary, then one line per check."""
+    from monitor import doctor
+    from monitor import preflight
+
     try:
         config = load_config(path)
     except ConfigError as error:
-        print(f"monitor: {error}", file=sys.stderr)
+        if as_json:
+            failure = preflight.Check.fail("config", str(error), "correct the key it names")
+            print(preflight.render_json([failure]))
+        else:
+            print(f"monitor: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    checks = doctor.host_report(config) if host else doctor.config_checks(config)
+    if as_json:
+        print(preflight.render_json(checks))
+        return preflight.exit_status(checks)
     print(config_module.summary(config))
-    for warning in config_module.file_warnings(config):
-        print(f"warning: {warning}")
-    return 0
+    if not host:
+        for warning in config_module.file_warnings(config):
+            print(f"warning: {warning}")
+        return 0
+    print()
+    print(preflight.render_text(checks))
+    failures = sum(check.status is preflight.Status.FAIL for check in checks)
+    warnings = sum(check.status is preflight.Status.WARN for check in checks)
+    print(f"\n{failures} failure(s), {warnings} warning(s)")
+    return preflight.exit_status(checks)
 
 
 def tune_interpreter() -> None:
@@ -175,7 +205,16 @@ def run(
     if github is None:
         github = RestGitHub(config.github_api_url, config.github_api_scope, config.github_token)
     if hypervisor is None:
-        hypervisor = LibvirtHypervisor(config.libvirt_uri, config.libvirt_storage_pool)
+        libvirt_hypervisor = LibvirtHypervisor(
+            config.libvirt_uri,
+            config.libvirt_storage_pool,
+            create_default_pool=not config.libvirt_storage_pool_set,
+        )
+        if not _storage_pool_ready(config, libvirt_hypervisor):
+            libvirt_hypervisor.close()
+            models.close_store()
+            return EXIT_CONFIG
+        hypervisor = libvirt_hypervisor
     monitor = Monitor(config, github, hypervisor)
     # One set for both apps: a revocation on the monitor closes the queue to it too.
     credentials = credentials_for(config, models.revoked_credentials())
@@ -244,6 +283,33 @@ def run(
         models.close_store()
         log.info("stopped")
     return 0
+
+
+def _storage_pool_ready(config: Config, hypervisor: LibvirtHypervisor) -> bool:
+    """At start: without `libvirt_storage_pool`, make the `default` pool a fresh libvirtd
+    lacks; with it, refuse to start (False, logged) when libvirt has no such pool. libvirt
+    out of reach is not the config's fault: the monitor starts, and checks the pool again
+    before its first runner."""
+    try:
+        if not config.libvirt_storage_pool_set:
+            hypervisor.preflight.ensure_pool()
+            return True
+        missing = hypervisor.preflight.missing_pool()
+    except MonitorError as error:
+        log.warning("cannot check the storage pool at start (checked again later): %s", error)
+        return True
+    if missing is not None:
+        log.critical(
+            "%s: libvirt_storage_pool: %s; create it (virsh pool-define-as %s dir --target "
+            "/var/lib/libvirt/images/%s, pool-build, pool-start, pool-autostart), name an "
+            "existing one, or leave the key out to use 'default'",
+            config.path,
+            missing,
+            config.libvirt_storage_pool,
+            config.libvirt_storage_pool,
+        )
+        return False
+    return True
 
 
 def run_queue(

@@ -140,6 +140,19 @@ class HostPreflight:
         log.warning("started libvirt storage pool %r", name)
         return True
 
+    def missing_pool(self) -> str | None:
+        """None when the storage pool exists (running or not); else what libvirt has instead,
+        for the start-up error that names the config key."""
+        conn = self._connect()
+        try:
+            with self.connection.calling(conn, f"look up storage pool {self.storage.name}"):
+                conn.storagePoolLookupByName(self.storage.name)
+            return None
+        except MonitorError as e:
+            if not has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                raise
+        return f"libvirt has no storage pool {self.storage.name!r} (pools: {self._pools(conn)})"
+
     # What `monitor check-config --host` prints ---------------------------------------------
 
     def libvirt_check(self) -> Check:
@@ -239,16 +252,19 @@ class HostPreflight:
                 f"{name!r} at {DEFAULT_POOL_DIR}",
                 "nothing, or set libvirt_storage_pool to the pool to use",
             )
-        with self.connection.calling(conn, "list storage pools"):
-            others = sorted(pool.name() for pool in conn.listAllStoragePools(0))
-        known = ", ".join(others) if others else "none"
         return Check.fail(
             subject,
-            f"libvirt has no pool {name!r} (named by libvirt_storage_pool; pools: {known})",
+            f"libvirt has no pool {name!r} (named by libvirt_storage_pool; pools: "
+            f"{self._pools(conn)})",
             f"virsh pool-define-as {name} dir --target {DEFAULT_POOL_DIR}/{name} && "
             f"virsh pool-build {name} && virsh pool-start {name} && "
             f"virsh pool-autostart {name}, or set libvirt_storage_pool to an existing pool",
         )
+
+    def _pools(self, conn: libvirt.virConnect) -> str:
+        with self.connection.calling(conn, "list storage pools"):
+            names = sorted(pool.name() for pool in conn.listAllStoragePools(0))
+        return ", ".join(names) if names else "none"
 
     def _definable(self, subject: str, template_xml: str, base_image: Path | None) -> Check:
         conn = self._connect()
