@@ -2,7 +2,8 @@
 
 It owns the handful of self-hosted-runner and artifact endpoints the monitor uses (spec §9),
 turns their JSON into small frozen dataclasses, and turns every failure into `MonitorError`
-(`TransientError` for what is worth retrying: timeouts, 5xx, 429, rate-limit 403). It never
+(`TransientError` for what is worth retrying: timeouts, 5xx, 429, rate-limit 403;
+`GitHubRefused` for any other 4xx, with GitHub's status and message). It never
 retries by itself; the monitor loop tries again on a later tick. It imports only `errors`,
 `policy` (for `Registration`) and urllib3, and never logs or raises the token or a JIT config.
 
@@ -58,6 +59,22 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 _LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?([^",;]+)"?')
 _REPO_PART_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class GitHubRefused(MonitorError):
+    """GitHub answered a 4xx that asking again will not change: a bad token (401), a missing
+    permission (403), a scope or runner it does not show (404), a request it rejects (409,
+    422). Rate limits are `TransientError` instead.
+
+    A subclass because `monitor check-config --host` must tell these apart to name the fix
+    (`github_status`, and `github_message` as GitHub wrote it); to every other caller it is
+    the `MonitorError` it always was, with `status` 502 for the web edge.
+    """
+
+    def __init__(self, message: str, github_status: int, github_message: str) -> None:
+        super().__init__(message, status=502)
+        self.github_status = github_status
+        self.github_message = github_message
 
 
 @dataclass(frozen=True)
@@ -481,7 +498,8 @@ class RestGitHub:
     def _error(self, method: str, path: str, response: urllib3.BaseHTTPResponse) -> MonitorError:
         """Map a failed response to the error the caller should see (see module docstring)."""
         status = response.status
-        message = self._redact(f"GitHub {method} {path}: {status} {_message(response)}")
+        github_message = self._redact(_message(response))
+        message = self._redact(f"GitHub {method} {path}: {status} {github_message}")
         retry_after = _retry_after(response.headers.get("Retry-After"))
         remaining = response.headers.get("x-ratelimit-remaining")
         if status >= 500:
@@ -495,6 +513,8 @@ class RestGitHub:
                 retry_after = 60.0
             log.warning("GitHub rate limit: %s (retry after %.0f s)", message, retry_after)
             return TransientError(message, retry_after=retry_after)
+        if 400 <= status < 500:
+            return GitHubRefused(message, status, github_message)
         return MonitorError(message, status=502)
 
     def _seconds_until_reset(self, response: urllib3.BaseHTTPResponse) -> float | None:

@@ -30,6 +30,7 @@ from monitor.errors import TransientError
 from monitor.github import MAX_DOWNLOAD_BYTES
 from monitor.github import Artifact
 from monitor.github import GitHub
+from monitor.github import GitHubRefused
 from monitor.github import JitConfig
 from monitor.github import RestGitHub
 from monitor.policy import Registration
@@ -199,9 +200,10 @@ def test_remove_label_undoes_a_reservation_label(standin: GitHubStandIn, github:
 
 
 def test_add_labels_unknown_runner_is_502(github: RestGitHub):
-    with pytest.raises(MonitorError) as raised:
+    with pytest.raises(GitHubRefused) as raised:
         github.add_labels(1, ["reserved-for:x"])
     assert raised.value.status == 502 and ": 404 Not Found" in str(raised.value)
+    assert (raised.value.github_status, raised.value.github_message) == (404, "Not Found")
 
 
 def test_delete_runner(standin: GitHubStandIn, github: RestGitHub):
@@ -424,6 +426,9 @@ def test_auth_failure_is_502(standin: GitHubStandIn, token: str, message: str):
     assert not isinstance(raised.value, TransientError)
     assert raised.value.status == 502
     assert str(raised.value) == f"GitHub GET {SCOPE}/actions/runners: 401 {message}"
+    # GitHub's own status and words, for the preflight check that names the fix.
+    assert isinstance(raised.value, GitHubRefused)
+    assert (raised.value.github_status, raised.value.github_message) == (401, message)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -448,6 +450,25 @@ def test_authentication(api: Client, headers: dict[str, str], status: int, messa
         assert response.json()["documentation_url"].startswith("https://docs.github.com/")
 
 
+@pytest.mark.parametrize("scope", [REPO, ORG])
+def test_without_jit_permission_a_token_lists_but_cannot_register(
+    standin: GitHubStandIn, api: Client, scope: str
+):
+    standin.jit_permission = False
+    body = {"name": "ci-runner-a.1@ci0", "runner_group_id": 1, "labels": ["self-hosted"]}
+
+    refused = api("POST", f"{scope}/actions/runners/generate-jitconfig", body)
+
+    assert refused.status == 403
+    # GitHub's words for a fine-grained token without write access, in its error shape; not
+    # a rate limit (a client must not wait and try again).
+    assert refused.json()["message"] == "Resource not accessible by personal access token"
+    OAS30Validator(SPEC["components"]["schemas"]["basic-error"]).validate(refused.json())
+    assert refused.headers["x-ratelimit-remaining"] != "0" and "Retry-After" not in refused.headers
+    assert api.json("GET", f"{scope}/actions/runners")["runners"] == []
+    assert standin.jit_names == []
+
+
 def test_without_configured_token_any_credentials_work():
     with GitHubStandIn() as standin:
         api = Client(standin.base_url)
@@ -788,11 +809,30 @@ def test_stop_frees_port_and_threads():
 
 
 def test_runs_as_a_script():
+    with standin_script("--token", "t") as (api, line):
+        assert line.strip() == f"GitHub stand-in listening on {api.base_url}"
+        response = api("GET", "/rate_limit", headers={"Authorization": "token t"}, auth=False)
+        assert response.status == 200
+        assert api("GET", "/rate_limit", headers={"Authorization": "token x"}).status == 401
+
+
+def test_the_script_can_refuse_jit_configs():
+    with standin_script("--no-jit-permission") as (api, line):
+        assert "listening" in line
+        body = {"name": "ci-runner-a.1@ci0", "runner_group_id": 1, "labels": ["self-hosted"]}
+        assert api("POST", f"{REPO}/actions/runners/generate-jitconfig", body).status == 403
+        assert api("GET", f"{REPO}/actions/runners").status == 200
+
+
+@contextlib.contextmanager
+def standin_script(*args: str) -> Iterator[tuple[Client, str]]:
+    """`python -m monitor.standin` with `args` on a free port: a client for it and the first
+    line it printed. Stopped with Ctrl-C afterwards, which must end it cleanly."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.standin", "--port", str(port), "--token", "t"],
+        [sys.executable, "-m", "monitor.standin", "--port", str(port), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -802,11 +842,7 @@ def test_runs_as_a_script():
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
-        assert line.strip() == f"GitHub stand-in listening on http://127.0.0.1:{port}"
-        api = Client(f"http://127.0.0.1:{port}")
-        response = api("GET", "/rate_limit", headers={"Authorization": "token t"}, auth=False)
-        assert response.status == 200
-        assert api("GET", "/rate_limit", headers={"Authorization": "token x"}).status == 401
+        yield Client(f"http://127.0.0.1:{port}"), line
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
     finally:
@@ -899,21 +935,8 @@ def test_agent_settings_change_only_what_the_body_names(standin: GitHubStandIn, 
 
 
 def test_the_script_takes_a_busy_lag():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.standin", "--port", str(port), "--busy-lag", "45"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).parent.parent,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stdout is not None
-        assert "listening" in process.stdout.readline()
-        api = Client(f"http://127.0.0.1:{port}")
+    with standin_script("--busy-lag", "45") as (api, line):
+        assert "listening" in line
         created = jit(api)
         config, runner_id = created["encoded_jit_config"], created["runner"]["id"]
         assert agent(api, "online", config).status == 200
@@ -922,9 +945,3 @@ def test_the_script_takes_a_busy_lag():
         )
         assert agent(api, "job", config).status == 200
         assert api.json("GET", f"{REPO}/actions/runners/{runner_id}")["busy"] is False
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()

@@ -18,7 +18,8 @@ code never imports it, and it imports no other monitor module but `serving`.
     control.py   the `/_standin/...` endpoints
     server.py    `GitHubStandIn`: all of it served from a background thread
 
-Run it alone with `python -m monitor.standin --port 9000 [--token T] [--demo]`.
+Run it alone with `python -m monitor.standin --port 9000 [--token T] [--demo]
+[--no-jit-permission]`.
 """
 
 from monitor.standin.server import GitHubStandIn

@@ -1,5 +1,5 @@
-"""`python -m monitor.standin --port 9000 [--token T] [--demo]`: serve the stand-in alone
-until Ctrl-C or SIGTERM."""
+"""`python -m monitor.standin --port 9000 [--token T] [--demo] [--no-jit-permission]`: serve
+the stand-in alone until Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--token", help="accept only this token (default: any)")
     parser.add_argument("--demo", action="store_true", help="play the runner agent and jobs")
+    parser.add_argument(
+        "--no-jit-permission",
+        dest="jit_permission",
+        action="store_false",
+        help="refuse generate-jitconfig with 403, as GitHub does for a token that may list "
+        "runners but not register them",
+    )
     parser.add_argument("--agent-online-after", type=float, default=3.0, metavar="SECONDS")
     parser.add_argument("--job-every", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--job-duration", type=float, default=30.0, metavar="SECONDS")
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     standin = GitHubStandIn(token=args.token)
     standin.busy_lag = args.busy_lag
+    standin.jit_permission = args.jit_permission
     if args.demo:
         standin.agent_online_after = args.agent_online_after
     base_url = standin.start(args.host, args.port)

@@ -248,6 +248,10 @@ class RestApi:
 
     # https://docs.github.com/rest/actions/self-hosted-runners#create-configuration-for-a-just-in-time-runner-for-a-repository
     def _generate_jitconfig(self, scope: str) -> _Reply:
+        if not self.state.jit_permission:
+            # GitHub's words for a fine-grained token without "Administration" (repository)
+            # or "Self-hosted runners" (organisation) write access; checked before the body.
+            raise _ApiError(403, "Resource not accessible by personal access token")
         body = self._json_body()
         for key in ("name", "runner_group_id", "labels"):
             if key not in body:

@@ -217,7 +217,9 @@ class StandInState:
     the API report a runner whose job started (an agent's or a simulated one) as not busy for
     that long, as GitHub does for 25-60 s; meanwhile it also lets the runner be deleted, job
     and all. It is measured on `clock` (`time.monotonic`; a test may give the stand-in its own
-    fake clock).
+    fake clock). With `jit_permission` false the token may read runners but not register
+    them: generate-jitconfig answers 403 as GitHub does for a fine-grained token without
+    write access to the runners.
     """
 
     def __init__(self, token: str | None = None, *, rate_limit: int = 5000) -> None:
@@ -226,6 +228,7 @@ class StandInState:
         self.agent_job_seconds = 5.0
         self.hold_jobs = False
         self.busy_lag = 0.0
+        self.jit_permission = True
         self.clock: Callable[[], float] = time.monotonic
         self.rate_limit_limit = rate_limit
         self.lock = threading.RLock()

@@ -35,6 +35,7 @@ def standin_fixtures(token: str):
     def standin(server: GitHubStandIn):
         server.reset()
         server.agent_online_after = None
+        server.jit_permission = True
         server.busy_lag, server.clock = 0.0, time.monotonic
         yield server
         server.stop_job_simulation()
