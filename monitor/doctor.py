@@ -10,6 +10,7 @@ hiding the rest. Nothing is left changed on the host: what the checks make they 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,7 +98,7 @@ def libvirt_checks(
         checks += _guarded("qemu-img", lambda: [preflight.qemu_img_check()])
         for profile in config.profiles.values():
             checks += _guarded(
-                f"profile {profile.profile_name}", lambda p=profile: _profile(preflight, p)
+                f"profile {profile.profile_name}", functools.partial(_profile, preflight, profile)
             )
         return checks
     finally:
