@@ -223,6 +223,9 @@ def _status(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) 
     print(f"observed at  {health['observed_at'] or 'not yet'}", file=out)
     print(f"GitHub       {health['github_error'] or 'ok'}", file=out)
     print(f"libvirt      {health['libvirt_error'] or 'ok'}", file=out)
+    for key, blocker in sorted(health.get("blocked_profiles", {}).items()):
+        print(f"blocked      {key}: {blocker['subject']}: {blocker['detail']}", file=out)
+        print(f"             fix: {blocker['fix']}", file=out)
     on_hold = [name for name in ("paused", "maintenance") if holds.get(name)]
     print(f"host         {', '.join(on_hold) or 'running'}", file=out)
     rows = [

@@ -127,6 +127,16 @@ class _StateCollector(Collector):
         yield target
         yield image_age
 
+        blocked = GaugeMetricFamily(
+            "monitor_profile_blocked",
+            "1 for a profile that cannot create runners now (the dashboard says why), else 0.",
+            labels=["profile"],
+        )
+        stuck = monitor.workers.blocked
+        for profile in sorted(monitor.config.profiles):
+            blocked.add_metric([profile], 1 if profile in stuck else 0)
+        yield blocked
+
         at = GaugeMetricFamily(
             "monitor_last_reconcile_timestamp_seconds",
             "When the last reconcile pass observed GitHub and libvirt (Unix time).",

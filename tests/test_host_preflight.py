@@ -29,6 +29,7 @@ from tests.support.daemons import Daemon
 from tests.support.daemons import clean_env
 from tests.support.daemons import free_port
 from tests.support.daemons import get_json
+from tests.support.daemons import monitor as monitor_cli
 from tests.support.libvirtd import POOL
 from tests.support.libvirtd import QEMU_GUEST_XML
 from tests.support.libvirtd import URI
@@ -164,6 +165,10 @@ def test_an_impossible_profile_spends_no_runner_id_and_comes_up_once_mended(
                 lambda: notice in html.unescape(_get_text(page)), "the dashboard's notice", 60
             )
             assert f"virsh pool-start {late}" in html.unescape(_get_text(page))
+            status = monitor_cli("status", "--config", str(path), cwd=tmp_path)
+            assert status.returncode == 0, status.stderr
+            assert f"blocked      linux: storage pool {late}: defined" in status.stdout
+            assert f"fix: virsh pool-start {late}" in status.stdout
             time.sleep(12)  # two more looks at the profile
             dashboard = get_json(f"{page}dashboard.json")
             assert dashboard["runners"] == []

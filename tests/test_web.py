@@ -170,6 +170,17 @@ def test_a_profile_that_cannot_create_runners_is_a_notice_until_it_can(app):
     ) in html.unescape(page.text)
     events = [e for e in models.recent_events(50) if e.kind == "profile-failed"]
     assert [e.profile for e in events] == ["linux"]
+    assert client.get("/healthz").json["blocked_profiles"] == {
+        "linux": {
+            "subject": "storage pool default",
+            "status": "FAIL",
+            "detail": "libvirt has no pool 'default'",
+            "fix": "virsh pool-define-as …",
+        }
+    }
+    scraped = client.get("/metrics").text
+    assert 'monitor_profile_blocked{profile="linux"} 1.0' in scraped
+    assert 'monitor_profile_blocked{profile="windows"} 0.0' in scraped
 
     checks = lambda: monitor.hypervisor.calls.count(("creation_blocker", template))  # noqa: E731
     before = checks()
@@ -186,4 +197,5 @@ def test_a_profile_that_cannot_create_runners_is_a_notice_until_it_can(app):
         "ci-runner-windows.0",
     ]
     assert "Profile linux cannot create runners" not in client.get("/").text  # events keep it
+    assert client.get("/healthz").json["blocked_profiles"] == {}
     assert [e.kind for e in models.recent_events(50)].count("profile-failed") == 1

@@ -149,6 +149,9 @@ def _add_status_routes(app: bottle.Bottle, context: WebContext) -> None:
                 "observed_at": observation.at.isoformat() if observation else None,
                 "github_error": monitor.registrations.error,
                 "libvirt_error": observation.error if observation else None,
+                "blocked_profiles": {
+                    key: blocker.as_json() for key, blocker in monitor.workers.blocked.items()
+                },
             }
         )
 
