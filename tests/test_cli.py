@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -204,6 +205,15 @@ def test_demo_shows_the_pool_cycling(tmp_path):
         with urllib.request.urlopen(f"{base}/", timeout=5) as response:
             page = response.read().decode()
         assert "runners for linux" in page and "runners for windows" in page
+        # Its config and tokens are on disk, as on a real host: the check and the CLI work.
+        assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
+        config = str(tmp_path / "monitor.toml")
+        checked = monitor("check-config", "--host", "--json", "--config", config, cwd=tmp_path)
+        report = json.loads(checked.stdout)
+        assert checked.returncode == 0 and report["failures"] == 0, checked.stdout
+        assert any(c["detail"].startswith("token accepted") for c in report["checks"])
+        status = monitor("status", "--config", config, cwd=tmp_path)
+        assert status.returncode == 0 and "GitHub       ok" in status.stdout, status.stderr
         code, output = daemon.terminate()
     assert code == 0, output
 

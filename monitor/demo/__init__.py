@@ -54,6 +54,11 @@ def demo(
     try:
         config_path = write_demo_config(root, github_url, host, port)
         environ = {"SERVO_CI_MONITOR_API_TOKEN": api_token, "GITHUB_TOKEN": github_token}
+        # Beside the config, as on a real host: `monitor status --config <dir>/monitor.toml`
+        # and `monitor check-config --host` work against the running demo.
+        dotenv = root / ".env"
+        dotenv.touch(mode=0o600)
+        dotenv.write_text("".join(f"{key}={value}\n" for key, value in environ.items()))
         config = load_config(config_path, environ=environ)
         log.info("demo: GitHub stand-in at %s, state in %s", github_url, root)
         log.info("demo: dashboard on http://%s:%d/", host, port)
