@@ -23,6 +23,7 @@ from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.github_checks import github_checks
 from monitor.preflight import Check
+from monitor.preflight import Status
 
 if TYPE_CHECKING:
     from monitor.github import GitHub
@@ -106,22 +107,32 @@ def libvirt_checks(
 
 
 def _profile(preflight: HostPreflight, profile: Profile) -> list[Check]:
+    """A profile's checks; for one with target 0 (kept for an override or later), what would
+    fail is a warning: nothing is created for it until its target is raised."""
     subject = f"profile {profile.profile_name}"
     try:
         template = profile.guest_xml.read_text()
     except OSError as error:
-        return [
+        checks = [
             Check.fail(
                 subject,
                 f"cannot read {profile.guest_xml}: {error.strerror or error}",
                 f"put the profile's libvirt domain XML at {profile.guest_xml}",
             )
         ]
-    checks = preflight.profile_checks(subject, template, profile.base_image)
-    if profile.base_image is None:
-        checks.append(
-            Check.ok(subject, "its image is built by the monitor (rebuild_*), not checked here")
-        )
+    else:
+        checks = preflight.profile_checks(subject, template, profile.base_image)
+        if profile.base_image is None:
+            checks.append(
+                Check.ok(subject, "its image is built by the monitor (rebuild_*), not checked")
+            )
+    if profile.target_count == 0:
+        checks = [
+            Check.warn(c.subject, f"{c.detail} (target 0: matters once it is raised)", c.fix)
+            if c.status is Status.FAIL
+            else c
+            for c in checks
+        ]
     return checks
 
 

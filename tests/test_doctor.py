@@ -189,3 +189,20 @@ def test_qemu_img_is_looked_for_only_where_libvirt_runs_qemu_here():
     checks.which = lambda name: None
     check = checks.qemu_img_check()
     assert check.status is Status.OK and check.detail.startswith("not needed here (TEST")
+
+
+def test_a_profile_with_target_0_warns_where_one_in_use_fails(config_path: Path):
+    config_path.write_text(config_path.read_text().replace("target_count = 1", "target_count = 0"))
+    (config_path.parent / "profiles/windows/guest.xml").unlink()
+    checks = [
+        c for c in doctor.libvirt_checks(load(config_path, environ={})) if "windows" in c.subject
+    ]
+    assert [c.status for c in checks] == [Status.WARN]
+    assert checks[0].detail.endswith(
+        "No such file or directory (target 0: matters once it is raised)"
+    )
+    (config_path.parent / "profiles/linux/guest.xml").unlink()
+    checks = [
+        c for c in doctor.libvirt_checks(load(config_path, environ={})) if "linux" in c.subject
+    ]
+    assert [c.status for c in checks] == [Status.FAIL]
