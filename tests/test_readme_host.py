@@ -79,59 +79,61 @@ def test_running_it_for_real_works_as_the_readme_says(tmp_path: Path, standin, v
     env = {**clean_env(), "LIBVIRT_DEFAULT_URI": URI}
     created_user = False
     done: list[str] = []
-    for step in steps:
-        if step.startswith("git clone "):
-            assert step.endswith("cd /opt/monitor")  # this tree is that clone
-        elif step == "bash .ci/setup --host":
-            run(step, ROOT, env)
-            for program in ("qemu-img", "virsh", "libvirtd", "dnsmasq"):
-                assert shutil.which(program) or Path(f"/usr/sbin/{program}").exists(), program
-        elif step.startswith("virsh net-define data/cinet.xml"):
-            run(step, ROOT, env)
-            info = run(f"virsh net-info {NETWORK}", ROOT, env)
-            assert re.search(r"Active:\s+yes", info) and re.search(r"Autostart:\s+yes", info)
-        elif step == "mkdir -p /etc/monitor":
-            run(step.replace("/etc/monitor", str(etc)), ROOT, env)
-            write_host_config(etc, standin.base_url)
-        elif step.startswith(".venv/bin/monitor check-config --host --config /etc/monitor/"):
-            command = step.replace("/etc/monitor", str(etc))
-            command = command.replace(".venv/bin/monitor", f"{sys.executable} -m monitor", 1)
-            out = run(command, ROOT, env)
-            assert "ok    profile linux: network cinet is running" in out, out
-            assert "ok    profile linux: libvirt accepts its guest.xml" in out, out
-            assert "ok    qemu-img: /usr/bin/qemu-img" in out, out
-            assert "0 failure(s)" in out, out
-        elif step == "useradd -r -G libvirt -d /var/lib/monitor monitor":
-            if subprocess.run(["id", "monitor"], capture_output=True).returncode != 0:
+    try:
+        for step in steps:
+            if step.startswith("git clone "):
+                assert step.endswith("cd /opt/monitor")  # this tree is that clone
+            elif step == "bash .ci/setup --host":
                 run(step, ROOT, env)
-                created_user = True
-            assert "libvirt" in run("id -nG monitor", ROOT, env).split()
-        elif step == (
-            "cp systemd/monitor.service /etc/systemd/system/ && systemctl daemon-reload"
-        ):
-            units = tmp_path / "units"
-            units.mkdir()
-            run(f"cp systemd/monitor.service {units}/", ROOT, env)
-            # /opt/monitor is where the README clones to; here it is this tree.
-            copy = units / "monitor.service"
-            here = ROOT / ".venv/bin/monitor"
-            copy.write_text(
-                copy.read_text().replace(
-                    "/opt/monitor/.venv/bin/monitor", str(here if here.exists() else "/bin/true")
+                for program in ("qemu-img", "virsh", "libvirtd", "dnsmasq"):
+                    assert shutil.which(program) or Path(f"/usr/sbin/{program}").exists(), program
+            elif step.startswith("virsh net-define data/cinet.xml"):
+                run(step, ROOT, env)
+                info = run(f"virsh net-info {NETWORK}", ROOT, env)
+                assert re.search(r"Active:\s+yes", info) and re.search(r"Autostart:\s+yes", info)
+            elif step == "mkdir -p /etc/monitor":
+                run(step.replace("/etc/monitor", str(etc)), ROOT, env)
+                write_host_config(etc, standin.base_url)
+            elif step.startswith(".venv/bin/monitor check-config --host --config /etc/monitor/"):
+                command = step.replace("/etc/monitor", str(etc))
+                command = command.replace(".venv/bin/monitor", f"{sys.executable} -m monitor", 1)
+                out = run(command, ROOT, env)
+                assert "ok    profile linux: network cinet is running" in out, out
+                assert "ok    profile linux: libvirt accepts its guest.xml" in out, out
+                assert "ok    qemu-img: /usr/bin/qemu-img" in out, out
+                assert "0 failure(s)" in out, out
+            elif step == "useradd -r -G libvirt -d /var/lib/monitor monitor":
+                if subprocess.run(["id", "monitor"], capture_output=True).returncode != 0:
+                    run(step, ROOT, env)
+                    created_user = True
+                assert "libvirt" in run("id -nG monitor", ROOT, env).split()
+            elif step == (
+                "cp systemd/monitor.service /etc/systemd/system/ && systemctl daemon-reload"
+            ):
+                units = tmp_path / "units"
+                units.mkdir()
+                run(f"cp systemd/monitor.service {units}/", ROOT, env)
+                # /opt/monitor is where the README clones to; here it is this tree.
+                copy = units / "monitor.service"
+                here = ROOT / ".venv/bin/monitor"
+                copy.write_text(
+                    copy.read_text().replace(
+                        "/opt/monitor/.venv/bin/monitor", str(here if here.exists() else "/bin/true")
+                    )
                 )
-            )
-            verify = subprocess.run(
-                ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True
-            )
-            problems = [line for line in verify.stderr.splitlines() if copy.name in line]
-            assert verify.returncode == 0 and problems == [], verify.stderr
-        elif step == "systemctl enable --now monitor":
-            pass  # no systemd runs here
-        else:
-            pytest.fail(f"the README has a step this test does not know: {step!r}")
-        done.append(step)
-    if created_user:
-        subprocess.run(["userdel", "monitor"], capture_output=True)
+                verify = subprocess.run(
+                    ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True
+                )
+                problems = [line for line in verify.stderr.splitlines() if copy.name in line]
+                assert verify.returncode == 0 and problems == [], verify.stderr
+            elif step == "systemctl enable --now monitor":
+                pass  # no systemd runs here
+            else:
+                pytest.fail(f"the README has a step this test does not know: {step!r}")
+            done.append(step)
+    finally:
+        if created_user:
+            subprocess.run(["userdel", "monitor"], capture_output=True)
     assert len(done) == 8, done
 
 
