@@ -116,10 +116,9 @@ def test_running_it_for_real_works_as_the_readme_says(tmp_path: Path, standin, v
                 # /opt/monitor is where the README clones to; here it is this tree.
                 copy = units / "monitor.service"
                 here = ROOT / ".venv/bin/monitor"
+                executable = str(here if here.exists() else "/bin/true")
                 copy.write_text(
-                    copy.read_text().replace(
-                        "/opt/monitor/.venv/bin/monitor", str(here if here.exists() else "/bin/true")
-                    )
+                    copy.read_text().replace("/opt/monitor/.venv/bin/monitor", executable)
                 )
                 verify = subprocess.run(
                     ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True
