@@ -390,26 +390,32 @@ class Workers:
             log.warning(
                 "cannot check whether %s can create runners (retry in %s): %s", key, delay, error
             )
-            return
+        else:
+            self._note_check(key, blocker, now)
+            if blocker is None:
+                self._creates_after_checks[key] = count
+        self._start_creates_after_checks(now)
+
+    def _note_check(self, key: str, blocker: Check | None, now: datetime) -> None:
+        """Keep the answer; say so when it changed (once per new reason, not every look)."""
         previous = self.checked.get(key)
         self.checked[key] = ProfileCheck(blocker, now)
         was = previous.blocker if previous is not None else None
-        if blocker is not None:
-            if was != blocker:
-                message = f"{blocker.subject}: {blocker.detail}. Fix: {blocker.fix}"
-                log.error("profile %s cannot create runners: %s", key, message)
-                models.record_event(
-                    "profile-failed", f"cannot create runners: {message}", profile=key, at=now
-                )
-                self.blocked = {**self.blocked, key: blocker}
-            return
-        if was is not None:
+        if blocker is not None and was != blocker:
+            message = f"{blocker.subject}: {blocker.detail}. Fix: {blocker.fix}"
+            log.error("profile %s cannot create runners: %s", key, message)
+            models.record_event(
+                "profile-failed", f"cannot create runners: {message}", profile=key, at=now
+            )
+            self.blocked = {**self.blocked, key: blocker}
+        elif blocker is None and was is not None:
             log.info("profile %s can create runners again", key)
             models.record_event("profile-ok", "can create runners again", profile=key, at=now)
             self.blocked = {k: v for k, v in self.blocked.items() if k != key}
-        # Creates wait for every check under way, then go in profile order, so that runner
-        # ids follow the profiles as they do without checks.
-        self._creates_after_checks[key] = count
+
+    def _start_creates_after_checks(self, now: datetime) -> None:
+        """Once no check is under way, the creates of the profiles that passed, in profile
+        order, so that runner ids follow the profiles as they do without checks."""
         if self.checking:
             return
         ready, self._creates_after_checks = self._creates_after_checks, {}

@@ -176,6 +176,8 @@ class FakeHypervisor(Armable):
         # What `creation_blocker` answers, by the domain XML asked about (absent: nothing
         # blocks); a test sets an entry to make a profile impossible and removes it to mend it.
         self.blockers: dict[str, Check] = {}
+        # A check of a domain XML in here waits for its event first (to order checks).
+        self.check_gates: dict[str, threading.Event] = {}
 
     def list_guests(self, prefix: str) -> list[Guest]:
         self._call("list_guests", prefix)
@@ -303,6 +305,9 @@ class FakeHypervisor(Armable):
 
     def creation_blocker(self, template_xml: str, base_image: Path | None) -> Check | None:
         self._call("creation_blocker", template_xml)
+        gate = self.check_gates.get(template_xml)
+        if gate is not None:
+            gate.wait(10)
         with self._lock:
             return self.blockers.get(template_xml)
 

@@ -18,7 +18,7 @@ from monitor import preflight
 from monitor.config import load
 from monitor.hypervisor.libvirt_hypervisor import LibvirtHypervisor
 from monitor.hypervisor.preflight import HostPreflight
-from monitor.main import main
+from monitor.main import check_config
 from monitor.preflight import Check
 from monitor.preflight import Status
 from tests.support.configs import set_settings
@@ -66,7 +66,7 @@ def test_the_report_prints_one_line_a_check_with_the_fix_under_a_failure():
 
 
 def test_a_sound_host_passes_and_says_what_it_found(config_path: Path, standin, capsys):
-    assert main(["check-config", "--host", "--config", str(config_path)]) == 0
+    assert check_config(config_path, host=True) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if re.match(r"^(ok  |warn|FAIL)", line)]
     assert lines[1] == "ok    libvirt: 9.0.0 at test:///default (TEST 0.0.2)"
@@ -79,13 +79,13 @@ def test_a_sound_host_passes_and_says_what_it_found(config_path: Path, standin, 
 
 
 def test_json_output_and_a_bad_config_as_a_check(config_path: Path, capsys):
-    assert main(["check-config", "--host", "--json", "--config", str(config_path)]) == 0
+    assert check_config(config_path, host=True, as_json=True) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is True and report["failures"] == 0
     assert {"subject", "status", "detail", "fix"} <= set(report["checks"][0])
 
     config_path.write_text(config_path.read_text().replace("github_api_suffix", "nope"))
-    assert main(["check-config", "--host", "--json", "--config", str(config_path)]) == 2
+    assert check_config(config_path, host=True, as_json=True) == 2
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] is False
     assert report["checks"][0]["subject"] == "config"

@@ -278,6 +278,12 @@ def test_image_built_by_a_rebuild_guest_then_rolled_without_losing_runners(
             f"its image {first.snapshot} is outdated (the profile's is {second.snapshot})"
         ]
         (replacement,) = rig.runners("Idle")
+        # rolled() read the monitor's own view; the status log samples it every 50 ms.
+        wait_until(
+            lambda: "Idle" in rig.statuses.history.get(replacement.id, []),
+            "the status log to see the replacement Idle",
+            timeout=5,
+        )
         assert vms.booted(rig.statuses.history[replacement.id])
         assert models.get_runner(replacement.id).image == second.snapshot
         assert runner_backing_file(conn, replacement.guest_name) == str(new_path)

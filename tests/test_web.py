@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 
 import pytest
 import webtest
@@ -199,3 +200,20 @@ def test_a_profile_that_cannot_create_runners_is_a_notice_until_it_can(app):
     assert "Profile linux cannot create runners" not in client.get("/").text  # events keep it
     assert client.get("/healthz").json["blocked_profiles"] == {}
     assert [e.kind for e in models.recent_events(50)].count("profile-failed") == 1
+
+
+def test_a_profile_found_impossible_last_holds_up_no_other(app):
+    """windows' check passes first, linux's answers "impossible" after it: windows' creates,
+    held back until no check is under way, still start."""
+    client, monitor, github, clock = app
+    linux = monitor.config.profiles["linux"].guest_xml.read_text()
+    monitor.hypervisor.blockers[linux] = Check.fail("profile", "refused", "fix it")
+    gate = monitor.hypervisor.check_gates[linux] = threading.Event()
+    monitor.registrations.refresh(force=True)
+    monitor.tick(clock())
+    monitor.run_pending(until=lambda: "windows" in monitor.workers.checked)
+    assert monitor.hypervisor.guests == {}  # waiting for linux's check
+    gate.set()
+    settle(monitor)
+    assert sorted(monitor.hypervisor.guests) == ["ci-runner-windows.0"]
+    assert set(monitor.workers.blocked) == {"linux"}
