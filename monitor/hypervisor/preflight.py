@@ -114,13 +114,7 @@ class HostPreflight:
         changed anything."""
         conn = self._connect()
         name = self.storage.name
-        try:
-            with self.connection.calling(conn, f"look up storage pool {name}"):
-                pool = conn.storagePoolLookupByName(name)
-        except MonitorError as e:
-            if not has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_POOL):
-                raise
-            pool = None
+        pool = self._find_pool(conn)
         if pool is None:
             with self.connection.calling(conn, f"define storage pool {name}"):
                 pool = conn.storagePoolDefineXML(dir_pool_xml(name, DEFAULT_POOL_DIR), 0)
@@ -144,13 +138,8 @@ class HostPreflight:
         """None when the storage pool exists (running or not); else what libvirt has instead,
         for the start-up error that names the config key."""
         conn = self._connect()
-        try:
-            with self.connection.calling(conn, f"look up storage pool {self.storage.name}"):
-                conn.storagePoolLookupByName(self.storage.name)
+        if self._find_pool(conn) is not None:
             return None
-        except MonitorError as e:
-            if not has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_POOL):
-                raise
         return f"libvirt has no storage pool {self.storage.name!r} (pools: {self._pools(conn)})"
 
     # What `monitor check-config --host` prints ---------------------------------------------
@@ -168,15 +157,12 @@ class HostPreflight:
         """The pool exists and runs; libvirt can create (and delete) a qcow2 volume in it."""
         subject = f"storage pool {self.storage.name}"
         conn = self._connect()
-        try:
-            with self.connection.calling(conn, f"look up storage pool {self.storage.name}"):
-                pool = conn.storagePoolLookupByName(self.storage.name)
-                active = pool.isActive()
-                target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or "?"
-        except MonitorError as e:
-            if not has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_POOL):
-                raise
+        pool = self._find_pool(conn)
+        if pool is None:
             return [self._missing_pool(subject, conn)]
+        with self.connection.calling(conn, f"read storage pool {self.storage.name}"):
+            active = pool.isActive()
+            target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path") or "?"
         if not active:
             name = self.storage.name
             return [
@@ -260,6 +246,16 @@ class HostPreflight:
             f"virsh pool-build {name} && virsh pool-start {name} && "
             f"virsh pool-autostart {name}, or set libvirt_storage_pool to an existing pool",
         )
+
+    def _find_pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool | None:
+        """The storage pool, running or not; None when libvirt has none of that name."""
+        try:
+            with self.connection.calling(conn, f"look up storage pool {self.storage.name}"):
+                return conn.storagePoolLookupByName(self.storage.name)
+        except MonitorError as e:
+            if has_code(e.__cause__, libvirt.VIR_ERR_NO_STORAGE_POOL):
+                return None
+            raise
 
     def _pools(self, conn: libvirt.virConnect) -> str:
         with self.connection.calling(conn, "list storage pools"):
