@@ -12,6 +12,7 @@ import pytest
 
 from monitor import config
 from monitor.errors import ConfigError
+from tests.support.configs import MINIMAL_CONFIG
 
 UPSTREAM = Path(__file__).parent / "fixtures" / "upstream"
 API_TOKEN = "api-s3cret-7f2a"
@@ -20,19 +21,7 @@ TOKENS = {"SERVO_CI_MONITOR_API_TOKEN": API_TOKEN, "GITHUB_TOKEN": GITHUB_TOKEN}
 TOKENS_DOTENV = f"GITHUB_TOKEN={GITHUB_TOKEN}\nSERVO_CI_MONITOR_API_TOKEN={API_TOKEN}\n"
 
 # Top-level keys must come before the first table, so cases prepend them.
-MINIMAL = """\
-github_api_scope = "/orgs/servo"
-github_api_suffix = "ci9"
-available_1g_hugepages = 96
-available_normal_memory = "16G"
-
-[profiles.linux]
-profile_name = "linux"
-github_runner_label = "self-hosted-image:linux"
-target_count = 2
-requires_1g_hugepages = 24
-requires_normal_memory = "1G"
-"""
+MINIMAL = MINIMAL_CONFIG
 
 
 @pytest.fixture

@@ -10,26 +10,14 @@ import pytest
 
 from monitor import config
 from monitor.errors import ConfigError
+from tests.support.configs import MINIMAL_CONFIG
 from tests.support.daemons import monitor as run_monitor
 
 UPSTREAM = Path(__file__).parent / "fixtures" / "upstream"
 TOKENS = {"SERVO_CI_MONITOR_API_TOKEN": "api-s3cret-7f2a", "GITHUB_TOKEN": "ghp_s3cretGitHub91"}
 
 # Top-level keys, then the tables (a case appends its [queue] table).
-MINIMAL = """\
-github_api_scope = "/orgs/servo"
-github_api_suffix = "ci9"
-available_1g_hugepages = 96
-available_normal_memory = "16G"
-data_path = "state"
-
-[profiles.linux]
-profile_name = "linux"
-github_runner_label = "self-hosted-image:linux"
-target_count = 2
-requires_1g_hugepages = 24
-requires_normal_memory = "1G"
-"""
+MINIMAL = 'data_path = "state"\n' + MINIMAL_CONFIG
 SERVERS = 'servers = ["https://ci0.servo.org", "http://127.0.0.1:8000/"]\n'
 
 

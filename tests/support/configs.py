@@ -13,6 +13,22 @@ from tests.support.constants import GITHUB_TOKEN
 from tests.support.constants import NODE_XML
 from tests.support.constants import TEST_GUEST_XML
 
+# The least a monitor.toml needs: its required top-level keys and one profile (top-level keys
+# a test adds go before it, tables after).
+MINIMAL_CONFIG = """\
+github_api_scope = "/orgs/servo"
+github_api_suffix = "ci9"
+available_1g_hugepages = 96
+available_normal_memory = "16G"
+
+[profiles.linux]
+profile_name = "linux"
+github_runner_label = "self-hosted-image:linux"
+target_count = 2
+requires_1g_hugepages = 24
+requires_normal_memory = "1G"
+"""
+
 
 def write_config(
     root: Path,
