@@ -87,7 +87,7 @@ def test_running_it_for_real_works_as_the_readme_says(tmp_path: Path, standin, v
                 run(step, ROOT, env)
                 for program in ("qemu-img", "virsh", "libvirtd", "dnsmasq"):
                     assert shutil.which(program) or Path(f"/usr/sbin/{program}").exists(), program
-            elif step.startswith("virsh net-define data/cinet.xml"):
+            elif step.startswith("virsh net-define docs/cinet.xml"):
                 run(step, ROOT, env)
                 info = run(f"virsh net-info {NETWORK}", ROOT, env)
                 assert re.search(r"Active:\s+yes", info) and re.search(r"Autostart:\s+yes", info)
