@@ -17,4 +17,5 @@
 <p id="screenshot-status" role="status"></p>
 </dialog>
 <noscript><p class="notice stale">Without JavaScript this page does not update; reload it to see changes.</p></noscript>
+<script src="/static/live.js" defer></script>
 <script src="/static/dashboard.js" defer></script>

@@ -20,6 +20,7 @@
 {{!fragment}}
 </main>
 <noscript><p class="notice stale">Without JavaScript this page does not update; reload it to see changes.</p></noscript>
+<script src="static/live.js" defer></script>
 <script src="static/queue.js" defer></script>
 </body>
 </html>

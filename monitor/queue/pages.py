@@ -5,7 +5,7 @@ engine)` adds
   GET /queue.html      its live fragment, with an ETag (304 when unchanged)
   GET /queue.json      the snapshot as JSON (`views.snapshot_json`; `monitor queue-status`)
   GET /metrics         Prometheus text (`views.metrics_text`)
-  GET /static/queue.js, /static/queue.css, /static/style.css   the page's files
+  GET /static/live.js, /static/queue.js, /static/queue.css, /static/style.css   its files
 
 Every URL the page uses is relative, so it works behind nginx's `location /queue/` as
 upstream's page does. Routes run on waitress' web threads; each takes one snapshot, and an
@@ -15,9 +15,6 @@ engine's `MonitorError` (e.g. 503, store unreachable) is answered by the app's e
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import time
 from collections.abc import Callable
 from datetime import UTC
 from datetime import datetime
@@ -33,18 +30,16 @@ from monitor.web import STATIC
 from monitor.web import VIEWS
 from monitor.web.context import HTML
 from monitor.web.context import json_response
+from monitor.web.memo import RenderMemo
 from monitor.web.params import etags
 
-STATIC_FILES = ("queue.js", "queue.css", "style.css")
+STATIC_FILES = ("live.js", "queue.js", "queue.css", "style.css")
 
 
 class QueueFragment:
-    """The page's live fragment and its ETag (a hash of its bytes), rendered again only when
-    what it shows (`views.page_model`) has changed: browsers poll every second and the queue
-    usually has not changed. Renders are made one at a time; a poll that waited for another's
-    render takes it if that began after the poll arrived (as the dashboard's LiveFragment).
-
-    Also feeds every snapshot taken to `tally`, the wait histogram of `/metrics`.
+    """The page's live fragment and its ETag, rendered again only when what it shows
+    (`views.page_model`) has changed (`RenderMemo`, as the dashboard's). Also feeds every
+    snapshot taken to `tally`, the wait histogram of `/metrics`.
     """
 
     def __init__(
@@ -56,9 +51,7 @@ class QueueFragment:
         self.engine = engine
         self._render = render
         self.tally = views.WaitTally(since=clock())
-        # The last render: (its page model, body, ETag, when it began).
-        self._last: tuple[views.QueuePage, str, str, float] | None = None
-        self._lock = threading.Lock()
+        self._memo: RenderMemo[views.QueuePage] = RenderMemo()
 
     def snapshot(self) -> Snapshot:
         snapshot = self.engine.snapshot()
@@ -67,23 +60,10 @@ class QueueFragment:
 
     def render(self) -> tuple[str, str]:
         """The fragment's body and ETag."""
-        asked = time.monotonic()
-        page = views.page_model(self.snapshot())
-        memo = self._last
-        if memo is not None and memo[0] == page:
-            return memo[1], memo[2]
-        with self._lock:
-            memo = self._last
-            if memo is not None and memo[3] >= asked:
-                return memo[1], memo[2]
-            started = time.monotonic()
-            page = views.page_model(self.snapshot())
-            if memo is not None and memo[0] == page:
-                return memo[1], memo[2]
-            body = self._render("queue_fragment", page=page)
-            etag = '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
-            self._last = (page, body, etag, started)
-            return body, etag
+        return self._memo.get(
+            lambda: views.page_model(self.snapshot()),
+            lambda page: self._render("queue_fragment", page=page),
+        )
 
 
 def install_view_routes(app: bottle.Bottle, engine: QueueEngine) -> QueueFragment:
