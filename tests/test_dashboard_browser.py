@@ -197,10 +197,11 @@ def test_runner_goes_idle_reserved_busy_without_a_reload(rig, open_page):
 
 
 def _shot_button(page: Page, runner_id: int) -> Any:
-    """The runner's thumbnail button, once its image has loaded."""
+    """The runner's thumbnail button, once it has a screenshot (a version: without one the
+    dialog offers only a fresh capture) and its image has loaded."""
     selector = f'button.shot[data-runner-id="{runner_id}"]'
     expect(page.locator(f"{selector} img.thumb")).to_have_attribute(
-        "src", re.compile(rf"/runner/{runner_id}/thumbnail\.png\?v=")
+        "src", re.compile(rf"/runner/{runner_id}/thumbnail\.png\?v=\S+")
     )
     _wait_loaded(page, f"{selector} img.thumb")
     return page.locator(selector)
@@ -264,6 +265,7 @@ def test_screenshot_view_works_from_the_keyboard(rig, open_page):
     else:
         pytest.fail("no screenshot button is reachable with Tab")
     focused = int(page.evaluate("() => document.activeElement.dataset.runnerId"))
+    _shot_button(page, focused)  # the first button may be another runner's
 
     page.keyboard.press("Enter")
     _expect_screenshot_open(page, focused)
