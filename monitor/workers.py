@@ -241,10 +241,7 @@ class Workers:
         snapshot = self.snapshots.get(profile.profile_name)
         if snapshot is None:
             return None
-        volume = image_volume(
-            self.config.libvirt_template_guest_prefix, profile.profile_name, snapshot
-        )
-        return self.hypervisor.volume_path(volume)
+        return self.hypervisor.volume_path(self._image_volume(profile, snapshot))
 
     def _base_image(self, profile: Profile, image: str | None) -> Path:
         """The disk a runner's overlay goes on: the prebuilt `base_image`, or the rebuilt
@@ -252,13 +249,16 @@ class Workers:
         if image is None:
             assert profile.base_image is not None
             return profile.base_image
-        volume = image_volume(
-            self.config.libvirt_template_guest_prefix, profile.profile_name, image
-        )
+        volume = self._image_volume(profile, image)
         path = self.hypervisor.volume_path(volume)
         if path is None:
             raise MonitorError(f"the image {volume} of {profile.profile_name} is missing", 503)
         return path
+
+    def _image_volume(self, profile: Profile, snapshot: str) -> str:
+        """The storage volume of the profile's rebuilt image `snapshot`."""
+        prefix = self.config.libvirt_template_guest_prefix
+        return image_volume(prefix, profile.profile_name, snapshot)
 
     def _create_worker(
         self, runner_id: int, profile: Profile, name: str, image: str | None = None
