@@ -10,8 +10,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import subprocess
-import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -26,7 +24,6 @@ from tests.support.configs import write_config
 from tests.support.constants import GITHUB_TOKEN
 from tests.support.constants import ROOT
 from tests.support.daemons import Daemon
-from tests.support.daemons import clean_env
 from tests.support.daemons import free_port
 from tests.support.daemons import get_json
 from tests.support.daemons import monitor as monitor_cli
@@ -128,14 +125,7 @@ def test_a_pool_the_key_names_but_libvirt_lacks_stops_the_start_naming_the_key(
 ):
     missing = f"monitor-no-such-pool-{uuid.uuid4().hex[:6]}"
     path, _, _ = host_config(tmp_path, standin.base_url, pool=missing)
-    result = subprocess.run(
-        [sys.executable, "-m", "monitor", "run", "--config", str(path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-    )
+    result = monitor_cli("run", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     said = result.stdout + result.stderr
     assert f"{path}: libvirt_storage_pool: libvirt has no storage pool '{missing}'" in said
@@ -267,17 +257,15 @@ def host_check(
     path: Path, cwd: Path, *, as_json: bool = True, path_env: str | None = None
 ) -> dict | str:
     """`monitor check-config --host` as a sysadmin runs it; exit 2 (something failed)."""
-    env = clean_env()
-    if path_env is not None:
-        env["PATH"] = path_env
-    result = subprocess.run(
-        [sys.executable, "-m", "monitor", "check-config", "--host", "--config", str(path)]
-        + (["--json"] if as_json else []),
+    result = monitor_cli(
+        "check-config",
+        "--host",
+        "--config",
+        str(path),
+        *(["--json"] if as_json else []),
         cwd=cwd,
-        capture_output=True,
-        text=True,
         timeout=120,
-        env=env,
+        env=None if path_env is None else {"PATH": path_env},
     )
     assert result.returncode == 2, result.stdout + result.stderr
     return json.loads(result.stdout) if as_json else result.stdout

@@ -20,16 +20,20 @@ from tests.support.waiting import wait_until
 
 
 def monitor(
-    *args: str, cwd: Path | None = None, timeout: float = 60
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python -m monitor ARGS` to its end, output captured, in a clean environment."""
+    """`python -m monitor ARGS` to its end, output captured, in a clean environment (with
+    `env` over it)."""
     return subprocess.run(
         [sys.executable, "-m", "monitor", *args],
         cwd=cwd or ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=clean_env(),
+        env={**clean_env(), **(env or {})},
     )
 
 
