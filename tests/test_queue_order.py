@@ -142,16 +142,18 @@ def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
 
 
 def start_in_order(
-    fleet: Fleet, tmp: Path, n: int, repo: str = REPO, **hooks: str
+    fleet: Fleet, tmp: Path, counts: list[int], repo: str = REPO, **hooks: str
 ) -> list[tuple[str, subprocess.Popen[str]]]:
-    """`n` clients of linux, each started once the one before it is enqueued (the script's
-    ENQUEUED_FILE hook): their enqueue order is the order of the list."""
+    """A client of linux for each of `counts` (the runners it asks for), each started once
+    the one before it is enqueued (the script's ENQUEUED_FILE hook): their enqueue order is
+    the order of the list. Returns each one's unique_id and process."""
     clients = []
-    for _ in range(n):
+    for count in counts:
         marker = tmp / f"enqueued-{uuid.uuid4()}"
         process = start_client(
             fleet,
             "linux",
+            count,
             max_retry_time=CLIENT_RETRY,
             QUALIFIED_REPO=repo,
             ENQUEUED_FILE=str(marker),
@@ -222,7 +224,7 @@ def test_runners_freed_one_at_a_time_go_to_the_clients_in_enqueue_order(
     fleet: Fleet, busy: Busy, tmp_path: Path
 ):
     started = time.monotonic()
-    clients = start_in_order(fleet, tmp_path, FIFO_CLIENTS)
+    clients = start_in_order(fleet, tmp_path, [1] * FIFO_CLIENTS)
     enqueued = [unique_id for unique_id, _ in clients]
     waiting = [e["unique_id"] for e in fleet.queue_state()["entries"]]
     assert waiting == enqueued  # the queue's own view: all waiting, in that order
@@ -245,7 +247,7 @@ def test_a_higher_priority_entry_enqueued_last_is_served_first(
 ):
     started = time.monotonic()
     busy.latencies.clear()
-    plain = start_in_order(fleet, tmp_path, 2)
+    plain = start_in_order(fleet, tmp_path, [1, 1])
     # The authenticated enqueue's own priority (5), between the plain ones (0) and the
     # repository the config ranks 10; its client polls the take as runner-select.sh does.
     chosen = str(uuid.uuid4())
@@ -260,7 +262,7 @@ def test_a_higher_priority_entry_enqueued_last_is_served_first(
         stderr=subprocess.PIPE,
         text=True,
     )
-    urgent = start_in_order(fleet, tmp_path, 1, repo=URGENT_REPO)
+    urgent = start_in_order(fleet, tmp_path, [1], repo=URGENT_REPO)
     entries = fleet.queue_state()["entries"]
     assert [(e["unique_id"], e["priority"]) for e in entries] == [
         (urgent[0][0], 10),
@@ -307,19 +309,8 @@ def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once
         assert queue is not None
         busy = busy_everything(fleet)
         go = tmp_path / "go"
-        clients = []
-        for count in RESTART_COUNTS:  # one at a time: the enqueue order is this list's
-            marker = tmp_path / f"enqueued-{len(clients)}"
-            process = start_client(
-                fleet,
-                "linux",
-                count,
-                max_retry_time=CLIENT_RETRY,
-                ENQUEUED_FILE=str(marker),
-                TAKE_WHEN_FILE=str(go),
-            )
-            unique_id = wait_until(lambda m=marker: m.exists() and m.read_text().strip(), "enqueue")
-            clients.append((unique_id, count, process))
+        in_order = start_in_order(fleet, tmp_path, RESTART_COUNTS, TAKE_WHEN_FILE=str(go))
+        clients = [(u, n, p) for (u, p), n in zip(in_order, RESTART_COUNTS, strict=True)]
         enqueued_at = time.monotonic()
         ids = [unique_id for unique_id, _, _ in clients]
         assert [e["unique_id"] for e in fleet.queue_state()["entries"]] == ids
@@ -396,16 +387,7 @@ def test_a_queue_killed_while_its_take_is_in_flight_finishes_it_after_the_restar
         assert queue is not None
         busy = busy_everything(fleet)
         go = tmp_path / "go"
-        marker = tmp_path / "enqueued"
-        process = start_client(
-            fleet,
-            "linux",
-            2,
-            max_retry_time=CLIENT_RETRY,
-            ENQUEUED_FILE=str(marker),
-            TAKE_WHEN_FILE=str(go),
-        )
-        unique_id = wait_until(lambda: marker.exists() and marker.read_text().strip(), "enqueue")
+        [(unique_id, process)] = start_in_order(fleet, tmp_path, [2], TAKE_WHEN_FILE=str(go))
         # GitHub is slow to label the runners: the members' takes stay under way for 4 s.
         fleet.standin.inject_fault(None, count=2, method="POST", path_contains="/labels", delay=4)
         for _ in range(2):
@@ -524,19 +506,8 @@ def test_behind_nginx_clients_polling_through_a_queue_restart_are_all_served(tmp
         assert queue is not None and fleet.queue_port is not None
         nginx, url = start_nginx(tmp_path / "nginx", fleet.queue_port)
         busy = busy_everything(fleet)
-        clients = []
-        for count in RESTART_COUNTS:
-            marker = tmp_path / f"enqueued-{len(clients)}"
-            process = start_client(
-                fleet,
-                "linux",
-                count,
-                max_retry_time=CLIENT_RETRY,
-                QUEUE_URL=url,
-                ENQUEUED_FILE=str(marker),
-            )
-            unique_id = wait_until(lambda m=marker: m.exists() and m.read_text().strip(), "enqueue")
-            clients.append((unique_id, count, process))
+        in_order = start_in_order(fleet, tmp_path, RESTART_COUNTS, QUEUE_URL=url)
+        clients = [(u, n, p) for (u, p), n in zip(in_order, RESTART_COUNTS, strict=True)]
 
         def reserved(n: int) -> bool:
             busy.watch.new()
