@@ -33,6 +33,7 @@ from tests.support.constants import REPO
 from tests.support.daemons import free_port
 from tests.support.fleet import RESERVED_FOR
 from tests.support.fleet import Fleet
+from tests.support.fleet import Member
 from tests.support.fleet import client_outputs
 from tests.support.fleet import http_request as fleet_http
 from tests.support.waiting import wait_until
@@ -202,6 +203,16 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
         assert "Traceback" not in member.log()
 
 
+def queue_alone_all_busy(fleet: Fleet) -> tuple[Member, Busy]:
+    """A fleet with `queue="alone"` up (members Idle, the queue answering), then every
+    linux runner busy: its queue process and the busy runners."""
+    fleet.wait_idle()
+    fleet.wait_queue_ready()
+    queue = fleet.queue_process
+    assert queue is not None
+    return queue, busy_everything(fleet)
+
+
 def busy_everything(fleet: Fleet) -> Busy:
     """Every linux runner of the fleet runs a job; once every member shows none Idle, no
     linux client can be served until a job ends."""
@@ -303,11 +314,7 @@ def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once
         targets={"linux": 3},  # 9 busy runners: enough for every entry's without reuse
         settings={"api_cache_timeout": "1"},
     ) as fleet:
-        fleet.wait_idle()
-        fleet.wait_queue_ready()
-        queue = fleet.queue_process
-        assert queue is not None
-        busy = busy_everything(fleet)
+        queue, busy = queue_alone_all_busy(fleet)
         go = tmp_path / "go"
         in_order = start_in_order(fleet, tmp_path, RESTART_COUNTS, TAKE_WHEN_FILE=str(go))
         clients = [(u, n, p) for (u, p), n in zip(in_order, RESTART_COUNTS, strict=True)]
@@ -381,11 +388,7 @@ def test_a_queue_killed_while_its_take_is_in_flight_finishes_it_after_the_restar
     answers with the runners it reserved (or is reserving) for it, never more."""
     started = time.monotonic()
     with Fleet(tmp_path / "fleet", queue="alone", settings={"api_cache_timeout": "1"}) as fleet:
-        fleet.wait_idle()
-        fleet.wait_queue_ready()
-        queue = fleet.queue_process
-        assert queue is not None
-        busy = busy_everything(fleet)
+        queue, busy = queue_alone_all_busy(fleet)
         go = tmp_path / "go"
         [(unique_id, process)] = start_in_order(fleet, tmp_path, [2], TAKE_WHEN_FILE=str(go))
         # GitHub is slow to label the runners: the members' takes stay under way for 4 s.
@@ -500,12 +503,9 @@ def test_behind_nginx_clients_polling_through_a_queue_restart_are_all_served(tmp
         targets={"linux": 3},
         settings={"api_cache_timeout": "1"},
     ) as fleet:
-        fleet.wait_idle()
-        fleet.wait_queue_ready()
-        queue = fleet.queue_process
-        assert queue is not None and fleet.queue_port is not None
+        queue, busy = queue_alone_all_busy(fleet)
+        assert fleet.queue_port is not None
         nginx, url = start_nginx(tmp_path / "nginx", fleet.queue_port)
-        busy = busy_everything(fleet)
         in_order = start_in_order(fleet, tmp_path, RESTART_COUNTS, QUEUE_URL=url)
         clients = [(u, n, p) for (u, p), n in zip(in_order, RESTART_COUNTS, strict=True)]
 
