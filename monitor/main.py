@@ -300,13 +300,10 @@ def _storage_pool_ready(config: Config, hypervisor: LibvirtHypervisor) -> bool:
         return True
     if missing is not None:
         log.critical(
-            "%s: libvirt_storage_pool: %s; create it (virsh pool-define-as %s dir --target "
-            "/var/lib/libvirt/images/%s, pool-build, pool-start, pool-autostart), name an "
-            "existing one, or leave the key out to use 'default'",
+            "%s: libvirt_storage_pool: %s; fix: %s",
             config.path,
             missing,
-            config.libvirt_storage_pool,
-            config.libvirt_storage_pool,
+            hypervisor.preflight.missing_pool_fix(),
         )
         return False
     return True

@@ -242,9 +242,17 @@ class HostPreflight:
             subject,
             f"libvirt has no pool {name!r} (named by libvirt_storage_pool; pools: "
             f"{self._pools(conn)})",
+            self.missing_pool_fix(),
+        )
+
+    def missing_pool_fix(self) -> str:
+        """What to do about a pool that `libvirt_storage_pool` names and libvirt lacks."""
+        name = self.storage.name
+        return (
             f"virsh pool-define-as {name} dir --target {DEFAULT_POOL_DIR}/{name} && "
             f"virsh pool-build {name} && virsh pool-start {name} && "
-            f"virsh pool-autostart {name}, or set libvirt_storage_pool to an existing pool",
+            f"virsh pool-autostart {name}, or set libvirt_storage_pool to an existing pool, "
+            f"or leave it out to use {DEFAULT_POOL_NAME!r}"
         )
 
     def _find_pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool | None:
