@@ -142,3 +142,8 @@ def test_tokenless_benchmark_runs():
     output = run("tokenless.py", "--repos", "20", "--budget", "10", "--junk", "200")
     assert "GitHub calls at the stand-in: 9 (budget 10)" in output
     assert "PASS" in output
+
+
+def test_preflight_benchmark_runs():
+    output = run("preflight.py", "--runs", "3")
+    assert "test:///default: creation_blocker median" in output
