@@ -244,12 +244,23 @@ def finish_a_job(rig: Rig) -> int:
     """An idle runner's job ends (its ephemeral registration goes): work for the monitor.
     Returns the registration's id."""
     reserved = set(rig.reservations.values())
-    observation = rig.monitor.observation
-    runner = next(
-        r
-        for r in observation.runners
-        if r.profile == "linux" and r.status.value == "Idle" and r.id not in reserved
-    )
+
+    def an_idle_runner() -> Any:
+        return next(
+            (
+                r
+                for r in rig.monitor.observation.runners
+                if r.profile == "linux" and r.status.value == "Idle" and r.id not in reserved
+            ),
+            None,
+        )
+
+    # Seldom, a pass right after the steady state sees none (CI saw it once, on the real
+    # libvirtd): the monitor brings one back, and the message says what it saw meanwhile.
+    try:
+        runner = wait_until(an_idle_runner, "an idle runner", timeout=30)
+    except AssertionError as error:
+        raise AssertionError(f"{error}: {describe(rig)}") from None
     rig.standin.finish_job(runner.registration.id)
     return runner.registration.id
 
