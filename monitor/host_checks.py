@@ -380,7 +380,7 @@ def _url_problems(url: str) -> list[str]:
 
 def queue_member_checks(config: Config) -> list[Check]:
     """With a `[queue]` table, each of its `servers` asked for /dashboard.json as the queue
-    asks it (`HttpMembers.counts`, with its timeout): ok with the profiles it reports, a
+    asks it (`HttpMembers.poll`, with its timeout): ok with the profiles it reports, a
     failure with the error. None without a `[queue]` table."""
     if config.queue is None:
         return []
@@ -390,7 +390,7 @@ def queue_member_checks(config: Config) -> list[Check]:
         subject = f"queue member {url}"
         curl = f"from this host, curl -sS {url}/dashboard.json should show profile_runner_counts"
         try:
-            counts = members.counts(url)
+            counts = members.poll(url).counts
         except TransientError as error:  # no answer, or a 5xx
             fix = "start the monitor there (or let this host reach it), or correct [queue] servers"
             checks.append(Check.fail(subject, _member_error(url, error), f"{fix}; {curl}"))

@@ -357,6 +357,91 @@ def test_counts_lagging_takes_are_no_failure(store_url, fleet, make_engine):
     assert engine.snapshot().outcomes["failed"] == 0
 
 
+def served_first(engine: SqlQueueEngine, tokens: dict[str, str]) -> list[str]:
+    """The entries of `tokens` served so far (waits for at least one)."""
+    return wait_until(
+        lambda: [uid for uid, token in tokens.items() if served(engine, uid, token)],
+        f"one of {sorted(tokens)} served",
+    )
+
+
+def test_a_take_not_yet_in_a_members_counts_is_not_planned_on(store_url, fleet, make_engine):
+    """A member answers a take before it renders again: for a moment its counts still show
+    the runners it gave away. Planned on, that phantom runner would send the next entry to
+    a take that comes back short while a later entry takes the real runner elsewhere."""
+    fleet.add(M1, "p", idle=1)
+    fleet.add(M2, "p", busy=1)
+    fleet.rendering_late.add(M1)
+    engine = make_engine(store_url)
+    engine.dispatcher.take_backoff = 0.0  # a short take is no reason to skip M1 either
+    ready(engine, M1, M2)
+    first = enqueue(engine, "e1")
+    wait_until(lambda: served(engine, "e1", first), "e1 served from M1")
+    tokens = {uid: enqueue(engine, uid) for uid in ("e2", "e3")}
+    time.sleep(0.3)  # cycles that see M1's render from before the take
+    fleet.free(M2, "p")
+    assert served_first(engine, tokens) == ["e2"]
+    fleet.render(M1)
+    time.sleep(0.3)
+    assert not served(engine, "e3", tokens["e3"])
+    fleet.free(M1, "p")
+    wait_until(lambda: served(engine, "e3", tokens["e3"]), "e3 served")
+    assert [(url, uid) for url, uid, _ in fleet.takes] == [(M1, "e1"), (M2, "e2"), (M1, "e3")]
+    assert len(fleet.take_calls) == 3, fleet.take_calls
+
+
+def test_a_restarted_dispatcher_knows_the_takes_a_member_has_not_shown(
+    store_url, fleet, make_engine
+):
+    """What one dispatcher reserved just before it died is not idle to the next one while
+    the member's counts are from before: the same order as without the restart."""
+    fleet.add(M1, "p", idle=1)
+    fleet.add(M2, "p", busy=1)
+    fleet.rendering_late.add(M1)
+    first = make_engine(store_url)
+    ready(first, M1, M2)
+    token = enqueue(first, "e1")
+    wait_until(lambda: served(first, "e1", token), "e1 served from M1")
+    tokens = {uid: enqueue(first, uid) for uid in ("e2", "e3")}
+    first.stop()
+    fleet.free(M2, "p")
+    second = make_engine(store_url)
+    second.dispatcher.take_backoff = 0.0
+    assert served_first(second, tokens) == ["e2"]
+    assert [(url, uid) for url, uid, _ in fleet.takes] == [(M1, "e1"), (M2, "e2")]
+
+
+def test_released_runners_count_as_idle_again(store_url, fleet, make_engine):
+    fleet.add(M1, "p", idle=1)
+    fleet.rendering_late.add(M1)
+    engine = make_engine(store_url)
+    ready(engine, M1)
+    token = enqueue(engine, "e1")
+    wait_until(lambda: served(engine, "e1", token), "e1 served")
+    engine.cancel("e1")  # its runner is released: idle again, whatever M1 rendered
+    second = enqueue(engine, "e2")
+    wait_until(lambda: served(engine, "e2", second), "e2 served from the released runner")
+    assert [(url, uid) for url, uid, _ in fleet.takes] == [(M1, "e1"), (M1, "e2")]
+
+
+def test_a_member_listing_no_runners_is_taken_at_its_word(store_url, fleet, make_engine):
+    """Without a runners list there is no telling which render a poll shows: a poll begun
+    after the take counts (a short take then only makes the entry wait again)."""
+    fleet.add(M1, "p", idle=1)
+    fleet.rendering_late.add(M1)
+    fleet.unlisted.add(M1)
+    engine = make_engine(store_url)
+    engine.dispatcher.take_backoff = 0.0
+    ready(engine, M1)
+    token = enqueue(engine, "e1")
+    wait_until(lambda: served(engine, "e1", token), "e1 served")
+    second = enqueue(engine, "e2")
+    wait_until(lambda: len(fleet.take_calls) >= 3, "takes of M1's runner it no longer has")
+    assert not served(engine, "e2", second)
+    record = engine.store.get("e2")
+    assert record is not None and record.failures == 0
+
+
 def test_store_unreachable_answers_503_and_recovers(postgres_url, fleet, make_engine):
     proxy = postgres.Proxy(postgres_url)
     fleet.add(M1, "p", busy=1)

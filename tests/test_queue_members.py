@@ -23,6 +23,7 @@ from tests.support.constants import GITHUB_TOKEN
 from tests.support.constants import REPO
 from tests.support.daemons import free_port
 from tests.support.under_pytest import standin_fixtures
+from tests.support.waiting import wait_until
 
 server, standin = standin_fixtures(GITHUB_TOKEN)
 RUN = "41"
@@ -40,11 +41,22 @@ def reserved_for(rig, unique_id: str) -> int:
 def test_counts_take_and_release_on_our_monitor(make_served_rig, members) -> None:
     rig = make_served_rig(3)
     url = rig.http.url + "/"  # a trailing slash as in some configs
-    assert members.counts(url) == {"linux": Counts(idle=3, healthy=3, target=3)}
+    first = members.poll(url)
+    assert first.counts == {"linux": Counts(idle=3, healthy=3, target=3)}
+    assert first.untaken is not None and len(first.untaken) == 3
 
     unique_id = str(uuid.uuid4())
     ids = members.take(url, "linux", 2, unique_id, REPO, RUN)
     assert len(ids) == 2 and reserved_for(rig, unique_id) == 2
+    assert set(ids) <= first.untaken
+    # Once the member renders again, the taken runners are no longer untaken, and its
+    # counts no longer count them idle (the two change together: one render).
+    after = wait_until(
+        lambda: (poll := members.poll(url)).untaken == first.untaken - set(ids) and poll,
+        "the take in the member's answer",
+        timeout=10,
+    )
+    assert after.counts["linux"].idle == 1
     # The same unique_id again (a retry after a timeout): the same runners, never more.
     assert members.take(url, "linux", 2, unique_id, REPO, RUN) == ids
     assert reserved_for(rig, unique_id) == 2
@@ -81,7 +93,7 @@ def test_a_starting_monitor_is_transient_with_its_retry_after(make_served_rig, m
     rig = make_served_rig(0, online=False)  # no reconcile pass yet: dashboard.json is 503
 
     with pytest.raises(TransientError) as caught:
-        members.counts(rig.http.url)
+        members.poll(rig.http.url)
     assert caught.value.status == 503 and caught.value.retry_after == 5.0
     assert "HTTP 503" in str(caught.value)
 
@@ -132,7 +144,46 @@ def test_upstream_counts_are_read(upstream, members) -> None:
         "runners": [],
     }
 
-    assert members.counts(url) == {"servo-ubuntu2204": Counts(idle=1, healthy=3, target=3)}
+    assert members.poll(url).counts == {"servo-ubuntu2204": Counts(idle=1, healthy=3, target=3)}
+
+
+def upstream_runner(runner_id: int, registration: dict | None) -> dict:
+    """A `/dashboard.json` runner in upstream's shape (§11.1)."""
+    return {
+        "id": runner_id,
+        "runner": {
+            "id": runner_id,
+            "guest_name": f"ci-runner-linux.{runner_id}",
+            "registration": registration,
+        },
+        "screenshot_url": f"http://ci0/runner/{runner_id}/screenshot",
+    }
+
+
+def registration(busy: bool = False, *labels: str) -> dict:
+    names = ["self-hosted", "self-hosted-image:linux", *labels]
+    return {"busy": busy, "id": 900, "labels": [{"name": n} for n in names], "status": "online"}
+
+
+def test_untaken_runners_are_the_listed_ones_nobody_has(upstream, members) -> None:
+    url, answers = upstream
+    counts = {"linux": {"idle": 1, "healthy": 4, "target": 4}}
+    answers["dashboard"] = {
+        "profile_runner_counts": counts,
+        "runners": [
+            upstream_runner(1, registration()),
+            upstream_runner(2, registration(True)),
+            upstream_runner(3, registration(False, "reserved-for:abc", "reserved-by:x/y/1")),
+            upstream_runner(4, None),
+            {"id": 5, "runner": "not an object"},
+            upstream_runner(6, registration() | {"labels": "not a list"}),
+            upstream_runner(7, registration()),
+        ],
+    }
+    assert members.poll(url).untaken == {1, 7}
+
+    answers["dashboard"] = {"profile_runner_counts": counts}  # no runners listed
+    assert members.poll(url).untaken is None
 
 
 @pytest.mark.parametrize(
@@ -153,7 +204,7 @@ def test_malformed_counts(upstream, members, body: bytes, reason: str) -> None:
     answers["dashboard"] = body
 
     with pytest.raises(MonitorError) as caught:
-        members.counts(url)
+        members.poll(url)
     assert type(caught.value) is MonitorError and caught.value.status == 502
     assert reason in str(caught.value)
 
@@ -186,7 +237,7 @@ def test_a_member_that_is_down_is_transient(members) -> None:
     url = f"http://127.0.0.1:{free_port()}"
 
     for call in (
-        lambda: members.counts(url),
+        lambda: members.poll(url),
         lambda: members.take(url, "linux", 1, str(uuid.uuid4()), REPO, RUN),
         lambda: members.release(url, str(uuid.uuid4())),
     ):
@@ -216,7 +267,7 @@ def test_a_silent_member_times_out_as_transient() -> None:
     try:
         started = time.monotonic()
         with pytest.raises(TransientError, match="Timeout"):
-            HttpMembers(API_TOKEN).counts(url)
+            HttpMembers(API_TOKEN).poll(url)
         assert time.monotonic() - started < 10  # generous: it gives up at all
         with pytest.raises(TransientError, match="Timeout"):
             HttpMembers(API_TOKEN, take_timeout=0.5).take(url, "l", 1, str(uuid.uuid4()), REPO, RUN)

@@ -29,6 +29,18 @@ class Counts:
 
 
 @dataclass(frozen=True)
+class MemberPoll:
+    """A member's `/dashboard.json` as the queue reads it: its counts, and the ids of the
+    runners it lists as untaken (registered, not busy, no `reserved-for:` label). Both are
+    of the member's last render, which may predate a take it has already answered: a take
+    whose runners are still listed untaken is not in these counts yet. `untaken` is None
+    when the answer lists no runners."""
+
+    counts: Mapping[str, Counts]
+    untaken: frozenset[int] | None = None
+
+
+@dataclass(frozen=True)
 class MemberView:
     """A member as the queue last saw it. `fresh` is False when its last poll failed (its
     counts are then the last good ones, shown but never planned on)."""
@@ -130,8 +142,9 @@ class Members(Protocol):
     """The monitors the queue serves. Every call raises `MonitorError` (a `TransientError`
     for timeouts and 5xx) on failure; none retries."""
 
-    def counts(self, url: str) -> Mapping[str, Counts]:
-        """`GET <url>/dashboard.json` -> `profile_runner_counts` (1.5 s timeout)."""
+    def poll(self, url: str) -> MemberPoll:
+        """`GET <url>/dashboard.json` -> its `profile_runner_counts` and untaken runners
+        (1.5 s timeout)."""
         ...
 
     def take(

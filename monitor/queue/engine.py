@@ -46,6 +46,7 @@ from monitor.errors import TransientError
 from monitor.queue import policy
 from monitor.queue.contracts import ENTRY_EXPIRY_SECONDS
 from monitor.queue.contracts import Counts
+from monitor.queue.contracts import MemberPoll
 from monitor.queue.contracts import Members
 from monitor.queue.contracts import MemberView
 from monitor.queue.contracts import PollAnswer
@@ -84,6 +85,10 @@ TAKE_BACKOFF_SECONDS = 5.0
 # the runners wait for the member's own reserve timeout.
 RELEASE_ATTEMPTS = 8
 RELEASE_RETRY_CAP_SECONDS = 60.0
+# A take's runners are not counted idle at their member until its answer shows them taken
+# (our monitor re-renders within a second; upstream's within its loop and GitHub cache), or
+# for at most this long (a reservation the member dropped by itself lists them untaken again).
+UNSEEN_LIMIT_SECONDS = 60.0
 RECENT = 50
 RETAIN = timedelta(days=1)
 PRUNE_EVERY_SECONDS = 600.0
@@ -108,6 +113,25 @@ class Outcomes:
     def add(self, outcome: str, n: int = 1) -> None:
         with self.lock:
             self.counts[outcome] += n
+
+
+@dataclass(frozen=True)
+class Unseen:
+    """Runners a take reserved that the member's counts may not show yet."""
+
+    url: str
+    profile: str
+    runner_ids: frozenset[int]
+    unique_id: str
+    done_at: float  # time.monotonic()
+
+    def shown_by(self, poll: MemberPoll, started: float) -> bool:
+        """Whether `poll` (of this member, begun at `started`) counts these runners as taken.
+        A member that lists no runners: a poll begun after the take (upstream's monitor
+        shows no counts between a take and its next render)."""
+        if poll.untaken is None:
+            return started > self.done_at
+        return not self.runner_ids & poll.untaken
 
 
 @dataclass
@@ -149,14 +173,14 @@ class Dispatcher:
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()  # guards inflight, unseen, unrecorded
         self.inflight: dict[str, InFlight] = {}
-        # Takes done but maybe not yet in the member's counts: (url, profile, runners, done
-        # at); dropped once a poll of that member started after the take was done.
-        self.unseen: list[tuple[str, str, int, float]] = []
+        # Takes done but maybe not yet in the member's counts (a member answers a take
+        # before it renders again): not idle there until a poll shows them taken.
+        self.unseen: list[Unseen] = []
         self.unrecorded: list[InFlight] = []  # outcomes the store could not take yet
         self.views: dict[str, MemberView] = {
             url: MemberView(url, fresh=False, counts={}) for url in self.servers
         }
-        self.polling: dict[str, Future[Mapping[str, Counts]]] = {}
+        self.polling: dict[str, Future[MemberPoll]] = {}
         self.poll_started: dict[str, float] = {}
         self.take_backoff = TAKE_BACKOFF_SECONDS
         self.take_failed_at: dict[str, float] = {}  # member url -> time.monotonic()
@@ -221,6 +245,7 @@ class Dispatcher:
             log.info("queue: %s dispatches now", self.holder)
             self.leading = True
             self.expire_from = now + timedelta(seconds=ENTRY_EXPIRY_SECONDS)
+            self.remember_recent_takes(now)
             self.resume_reserving()
         elif not leading and self.leading:
             log.warning("queue: %s lost the dispatcher lease", self.holder)
@@ -249,7 +274,7 @@ class Dispatcher:
         for url in self.servers:
             if url not in self.polling:
                 self.poll_started[url] = time.monotonic()
-                self.polling[url] = self.poll_pool.submit(self.members.counts, url)
+                self.polling[url] = self.poll_pool.submit(self.members.poll, url)
                 submitted.append(self.polling[url])
         wait(submitted, timeout=POLL_WAIT_SECONDS)
         for url in self.servers:
@@ -262,16 +287,21 @@ class Dispatcher:
                 continue
             del self.polling[url]
             try:
-                counts = future.result()
+                answer = future.result()
             except Exception as error:  # MonitorError from the adapter, or a bug in it
                 if last.fresh:
                     log.warning("queue: member %s is stale: %s", url, error)
                 self.views[url] = MemberView(url, False, last.counts, last.polled_at, str(error))
                 continue
-            self.views[url] = MemberView(url, True, dict(counts), now, None)
+            self.views[url] = MemberView(url, True, dict(answer.counts), now, None)
+            started = self.poll_started[url]
+            oldest = time.monotonic() - UNSEEN_LIMIT_SECONDS
             with self.lock:
-                started = self.poll_started[url]
-                self.unseen = [u for u in self.unseen if u[0] != url or u[3] >= started]
+                self.unseen = [
+                    u
+                    for u in self.unseen
+                    if u.url != url or not (u.shown_by(answer, started) or u.done_at < oldest)
+                ]
         return [self.views[url] for url in self.servers]
 
     def plannable(self, views: list[MemberView]) -> list[MemberView]:
@@ -309,8 +339,8 @@ class Dispatcher:
             for flight in self.inflight.values():
                 for url, n in flight.claim.plan.items():
                     add(url, flight.claim.profile, n)
-            for url, profile, n, _ in self.unseen:
-                add(url, profile, n)
+            for unseen in self.unseen:
+                add(unseen.url, unseen.profile, len(unseen.runner_ids))
         return totals
 
     # -- expiry --------------------------------------------------------------------------
@@ -367,6 +397,8 @@ class Dispatcher:
         else:
             with self.lock:
                 self.failed_releases.pop((url, unique_id), None)
+                # Its runners are idle again: counted as the member says.
+                self.unseen = [u for u in self.unseen if (u.url, u.unique_id) != (url, unique_id)]
 
     def retry_releases(self, now: datetime) -> None:
         with self.lock:
@@ -378,6 +410,23 @@ class Dispatcher:
             self.take_pool.submit(self.release_now, url, unique_id)
 
     # -- takes ---------------------------------------------------------------------------
+
+    def remember_recent_takes(self, now: datetime) -> None:
+        """The runners of entries served lately, by whichever process led then, are not idle
+        at their members until a poll shows them taken (a queue restarted right after a take
+        would otherwise plan on the member's render from before it)."""
+        since = now - timedelta(seconds=UNSEEN_LIMIT_SECONDS)
+        moment = time.monotonic()
+        with self.lock:
+            known = {(u.url, u.unique_id) for u in self.unseen}
+            for entry in self.store.served_since(since):
+                done_at = moment - (now - (entry.served_at or now)).total_seconds()
+                for url, ids in entry.reserved.items():
+                    if ids and (url, entry.unique_id) not in known:
+                        unseen = Unseen(
+                            url, entry.profile, frozenset(ids), entry.unique_id, done_at
+                        )
+                        self.unseen.append(unseen)
 
     def resume_reserving(self) -> None:
         """Finish the takes a previous dispatcher left in flight (it died, or lost the lease):
@@ -422,7 +471,10 @@ class Dispatcher:
             flight.pending -= 1
             last = flight.pending == 0
             if isinstance(result, list):
-                self.unseen.append((url, claim.profile, len(result), time.monotonic()))
+                taken = Unseen(
+                    url, claim.profile, frozenset(result), claim.unique_id, time.monotonic()
+                )
+                self.unseen.append(taken)
         if last:
             self.finish(flight)
 

@@ -1,8 +1,9 @@
 """`HttpMembers`: the queue's `contracts.Members` over HTTP, the only code of the queue that
 talks to monitors.
 
-- `counts`: `GET <member>/dashboard.json` (1.5 s in all, as upstream), its
-  `profile_runner_counts.<key>.{idle, healthy, target}` checked;
+- `poll`: `GET <member>/dashboard.json` (1.5 s in all, as upstream), its
+  `profile_runner_counts.<key>.{idle, healthy, target}` checked, and the ids of the runners
+  it lists untaken (to tell whether its counts show the queue's latest takes yet);
 - `take`: `POST <member>/profile/<key>/take/<n>?unique_id&qualified_repo&run_id` with
   `Authorization: Bearer <SERVO_CI_MONITOR_API_TOKEN>`, as upstream's queue sends it, but
   waiting 15 s, not 3 (a member's take may wait on GitHub for seconds; upstream's 3 s gave up
@@ -23,14 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-from collections.abc import Mapping
 from typing import Any
 
 import urllib3
 
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
+from monitor.policy import RESERVED_FOR
 from monitor.queue.contracts import Counts
+from monitor.queue.contracts import MemberPoll
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ RELEASE_TIMEOUT = 15.0
 POOL_SIZE = 8
 # Statuses worth trying again later (curl --retry's list, and every 5xx).
 _TRANSIENT = frozenset({408, 429})
+# A runner's label while it is reserved for a job (upstream's and ours).
+RESERVED_LABEL = f"{RESERVED_FOR}:"
 # How much of a member's error body a message repeats.
 _SHOWN = 200
 
@@ -65,11 +69,12 @@ class HttpMembers:
     def __repr__(self) -> str:
         return "HttpMembers()"  # never the token
 
-    def counts(self, url: str) -> Mapping[str, Counts]:
+    def poll(self, url: str) -> MemberPoll:
         response = self._request("GET", url, "/dashboard.json", self.counts_timeout)
         if response.status != 200:
             raise _refused(url, "GET /dashboard.json", response)
-        return _parse_counts(url, _json(url, "GET /dashboard.json", response))
+        document = _json(url, "GET /dashboard.json", response)
+        return MemberPoll(_parse_counts(url, document), _parse_untaken(document))
 
     def take(
         self, url: str, profile: str, count: int, unique_id: str, qualified_repo: str, run_id: str
@@ -190,6 +195,33 @@ def _parse_counts(url: str, document: Any) -> dict[str, Counts]:
             numbers[name] = number
         counts[str(key)] = Counts(**numbers)
     return counts
+
+
+def _parse_untaken(document: dict[str, Any]) -> frozenset[int] | None:
+    """The ids of the runners listed as registered, not busy and not reserved. Lenient: a
+    runner whose entry is not as expected is not untaken (the counts were checked)."""
+    runners = document.get("runners")
+    if not isinstance(runners, list):
+        return None
+    untaken = set()
+    for entry in runners:
+        runner = entry.get("runner") if isinstance(entry, dict) else None
+        registration = runner.get("registration") if isinstance(runner, dict) else None
+        if not isinstance(registration, dict) or registration.get("busy") is not False:
+            continue
+        labels = registration.get("labels")
+        names = (
+            [x.get("name") for x in labels if isinstance(x, dict)]
+            if isinstance(labels, list)
+            else None
+        )
+        if names is None or any(
+            isinstance(name, str) and name.startswith(RESERVED_LABEL) for name in names
+        ):
+            continue
+        if type(entry.get("id")) is int:
+            untaken.add(entry["id"])
+    return frozenset(untaken)
 
 
 def _runner_ids(url: str, what: str, answer: Any) -> list[int]:

@@ -594,6 +594,14 @@ class QueueStore:
         return [self._record(row).entry for row in query]
 
     @_guarded
+    def served_since(self, since: datetime) -> list[Entry]:
+        """Entries served at or after `since` (still served: not cancelled or expired since),
+        oldest first."""
+        E = self.E
+        query = E.select().where(E.state == "served", E.served_at >= since).order_by(E.seq)
+        return [self._record(row).entry for row in query]
+
+    @_guarded
     def prune(self, before: datetime) -> int:
         """Forget entries that ended (or were served) before `before`."""
         E = self.E

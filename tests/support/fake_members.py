@@ -1,18 +1,19 @@
 """A hand-written fake of `monitor.queue.contracts.Members`: monitors that keep real state
 (runner ids, idle or reserved for a unique_id), idempotent takes, releases, and faults a test
-switches on (a member down, slow, failing its takes, or with counts lagging its takes)."""
+switches on (a member down, slow, failing its takes, with counts lagging its takes, or
+answering from a render made before its latest takes)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 
 from monitor.errors import MonitorError
 from monitor.errors import TransientError
 from monitor.queue.contracts import Counts
+from monitor.queue.contracts import MemberPoll
 
 
 @dataclass
@@ -21,6 +22,9 @@ class FakeHost:
     busy: dict[str, int] = field(default_factory=dict)
     target: dict[str, int] = field(default_factory=dict)
     reserved: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # uid -> ids
+    # Runners taken since the member last rendered (see FakeMembers.rendering_late): its
+    # answers still show them idle and untaken. profile -> ids
+    unrendered: dict[str, list[int]] = field(default_factory=dict)
 
 
 class FakeMembers:
@@ -37,6 +41,11 @@ class FakeMembers:
         # (url, profile) -> idle runners its counts report that a take cannot get (a
         # monitor's counts are of its last look: runners taken since still show idle).
         self.lagging: dict[tuple[str, str], int] = {}
+        # Members that answer polls from their render before their latest takes (until
+        # `render`), as a monitor does for a moment after a take; `unlisted` members answer
+        # with counts only, no runners.
+        self.rendering_late: set[str] = set()
+        self.unlisted: set[str] = set()
         self.counts_calls = 0
 
     def add(self, url: str, profile: str, *, idle: int = 0, busy: int = 0, target: int = 0) -> None:
@@ -73,7 +82,12 @@ class FakeMembers:
 
     # -- Members -------------------------------------------------------------------------
 
-    def counts(self, url: str) -> Mapping[str, Counts]:
+    def render(self, url: str) -> None:
+        """A member rendering late renders: its answers show its takes."""
+        with self.lock:
+            self.hosts[url].unrendered.clear()
+
+    def poll(self, url: str) -> MemberPoll:
         delay = self.slow.get(url, 0.0)
         if delay:
             time.sleep(delay)
@@ -83,12 +97,15 @@ class FakeMembers:
                 raise TransientError(f"{url}: connection refused")
             host = self.hosts[url]
             counts = {}
+            untaken: set[int] = set()
             for profile, idle in host.idle.items():
+                shown = idle + host.unrendered.get(profile, [])
+                untaken.update(shown)
                 reserved = sum(len(ids) for p, ids in host.reserved.values() if p == profile)
                 healthy = len(idle) + reserved + host.busy[profile]
                 lag = self.lagging.get((url, profile), 0)
-                counts[profile] = Counts(len(idle) + lag, healthy + lag, host.target[profile])
-            return counts
+                counts[profile] = Counts(len(shown) + lag, healthy + lag, host.target[profile])
+            return MemberPoll(counts, None if url in self.unlisted else frozenset(untaken))
 
     def take(
         self, url: str, profile: str, count: int, unique_id: str, qualified_repo: str, run_id: str
@@ -105,6 +122,8 @@ class FakeMembers:
                 return []
             ids, host.idle[profile] = idle[:count], idle[count:]
             host.reserved[unique_id] = (profile, ids)
+            if url in self.rendering_late:
+                host.unrendered.setdefault(profile, []).extend(ids)
             self.takes.append((url, unique_id, ids))
             return list(ids)
 
@@ -117,6 +136,8 @@ class FakeMembers:
             if unique_id in host.reserved:
                 profile, ids = host.reserved.pop(unique_id)
                 host.idle[profile] = sorted(host.idle[profile] + ids)
+                late = host.unrendered.get(profile, [])
+                host.unrendered[profile] = [i for i in late if i not in ids]
             return True
 
 
@@ -127,9 +148,9 @@ class Recording:
         self.fleet = fleet
         self.calls: list[str] = []
 
-    def counts(self, url: str) -> Mapping[str, Counts]:
-        self.calls.append("counts")
-        return self.fleet.counts(url)
+    def poll(self, url: str) -> MemberPoll:
+        self.calls.append("poll")
+        return self.fleet.poll(url)
 
     def take(
         self, url: str, profile: str, count: int, unique_id: str, qualified_repo: str, run_id: str
