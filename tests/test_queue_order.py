@@ -334,8 +334,15 @@ def test_a_queue_killed_and_restarted_loses_no_entry_and_serves_each_client_once
 
         wait_until(lambda: reserved(3), "the first two entries' runners to be reserved")
         assert sorted(busy.watch.seen.values()) == sorted([ids[0], ids[1], ids[1]])
-        states = {e["unique_id"]: e["state"] for e in fleet.queue_state()["recent"]}
-        assert states == {ids[0]: "served", ids[1]: "served"}
+        # The labels are on GitHub before the members' takes answer the queue, which records
+        # the entries served then.
+        wait_until(
+            lambda: (
+                {e["unique_id"]: e["state"] for e in fleet.queue_state()["recent"]}
+                == {ids[0]: "served", ids[1]: "served"}
+            ),
+            "the queue to record both served",
+        )
         assert [e["unique_id"] for e in fleet.queue_state()["entries"]] == ids[2:]
         killed_at = time.monotonic()
         assert queue.kill() == -9
