@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import resource
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 # ones, never a request that is being answered. 1000: 200 clients of bench/load.py with
 # kept-alive connections each fit several times over.
 CONNECTION_LIMIT = 1000
+# How long `BackgroundServer.close` waits for the requests under way, and then for their
+# answers to be sent (a take waiting on GitHub can take longer: it is cut off).
+CLOSE_GRACE_SECONDS = 2.0
 # Waitress' own limit sits above ours (room for the listeners and the trigger), so it never
 # stops the listener while we evict.
 WAITRESS_CONNECTION_LIMIT = CONNECTION_LIMIT + 64
@@ -217,14 +221,20 @@ class BackgroundServer:
         host = "::1" if host == "::" else host
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
-    def close(self) -> None:
-        """Close every socket (listener, keep-alive channels, the trigger's pipe) from inside
-        the server's own loop, which then returns; the port is free afterwards.
+    def close(self, grace: float = CLOSE_GRACE_SECONDS) -> None:
+        """Stop accepting, let the requests under way finish and their answers go out (for
+        up to `grace` seconds each: waitress' own shutdown order), then close every socket
+        (listener, keep-alive channels, the trigger's pipe) from inside the server's own
+        loop, which then returns; the port is free afterwards.
 
-        Not `trigger.pull_trigger(thunk)`: it queues the thunk before writing to the pipe,
-        so a loop woken by a worker in between runs the thunk, closes the pipe, and the write
-        then fails (EBADF) or lands in whatever reused that descriptor. The loop runs thunks
-        under `trigger.lock`, so holding it across both steps closes that gap."""
+        Not `trigger.pull_trigger(thunk)` for the last step: it queues the thunk before
+        writing to the pipe, so a loop woken by a worker in between runs the thunk, closes
+        the pipe, and the write then fails (EBADF) or lands in whatever reused that
+        descriptor. The loop runs thunks under `trigger.lock`, so holding it across both
+        steps closes that gap."""
+        self._server.accepting = False  # the loop no longer polls the listener
+        self._server.task_dispatcher.shutdown(timeout=grace)
+        self._flush(grace)
         trigger = self._server.trigger
         with trigger.lock:
             trigger.thunks.append(lambda: wasyncore.close_all(self._map, ignore_all=True))
@@ -232,4 +242,13 @@ class BackgroundServer:
         self._thread.join(timeout=5)
         if self._thread.is_alive():  # pragma: no cover - only if the loop is wedged
             self._server.close()
-        self._server.task_dispatcher.shutdown(timeout=2)
+
+    def _flush(self, within: float) -> None:
+        """Wait (at most `within` s) until the loop has sent what finished requests wrote."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and self._thread.is_alive():
+            channels = [c for c in list(self._map.values()) if isinstance(c, HTTPChannel)]
+            if not any(c.total_outbufs_len and c.connected for c in channels):
+                return
+            self._server.pull_trigger()  # the loop then looks at what is writable
+            time.sleep(0.01)

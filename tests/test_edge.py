@@ -314,3 +314,40 @@ def test_the_open_files_limit_is_raised_never_lowered():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert serving.raise_open_files_limit(16) == soft
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+
+
+@pytest.mark.parametrize("size", [100, 300_000])  # within one write; many, past send_bytes
+def test_a_request_under_way_at_close_gets_its_whole_answer(caplog, size):
+    """`close` (SIGTERM, a restart) lets a request being answered finish and go out, as
+    waitress' own shutdown does, instead of closing its connection under it."""
+    started = threading.Event()
+
+    def slow(environ, start_response):
+        started.set()
+        time.sleep(0.5)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"x" * size]
+
+    http_server = BackgroundServer(slow, threads=2, name="closing")
+    connection = http.client.HTTPConnection(http_server.host, http_server.port, timeout=10)
+    answer: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            connection.request("GET", "/")
+            reply = connection.getresponse()
+            answer["reply"] = (reply.status, len(reply.read()))
+        except (OSError, http.client.HTTPException) as error:
+            answer["reply"] = error
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    assert started.wait(10)
+    http_server.close()
+    asker.join(10)
+    connection.close()
+    assert answer["reply"] == (200, size)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    with socket.socket() as probe:  # and the port is free afterwards (as waitress binds)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((http_server.host, int(http_server.port)))
