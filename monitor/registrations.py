@@ -128,6 +128,11 @@ class RegistrationCache:
     def upsert(self, registration: policy.Registration) -> None:
         self._write("upsert", registration)
 
+    def add(self, registration: policy.Registration) -> None:
+        """A registration the monitor just made, as GitHub answered its creation: kept
+        unless the list already has it, which is then newer (its agent may be online)."""
+        self._write("add", registration)
+
     def remove(self, registration_id: int) -> None:
         self._write("remove", registration_id)
 
@@ -159,6 +164,8 @@ class RegistrationCache:
 def _apply(registrations: dict[int, policy.Registration], op: str, payload: Any) -> None:
     if op == "upsert":
         registrations[payload.id] = payload
+    elif op == "add":
+        registrations.setdefault(payload.id, payload)
     else:
         registrations.pop(payload, None)
 

@@ -438,7 +438,7 @@ class Workers:
         if error is None:
             self.create_backoff.succeeded(key)
             if registration is not None:
-                self.registrations.upsert(registration)
+                self.registrations.add(registration)
             log.info("created runner %d (%s)", runner_id, name, extra={"runner_id": runner_id})
             models.record_event("created", f"created and started {name}", runner_id=runner_id)
             # Look at GitHub again soon, as upstream does after every create (spec §9.2);

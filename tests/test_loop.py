@@ -476,6 +476,21 @@ class TestRegistrationCache:
         cache.store([old], self.at(2), cache.begin_fetch())
         assert [r.id for r in cache.snapshot()] == [1]
 
+    def test_a_created_registration_never_hides_a_newer_one(self):
+        # GitHub's answer to the create says offline; a list fetched since may already show
+        # the agent online, with or without the fetch having begun before the create ended.
+        cache = self.fresh()
+        created = Registration(2, "ci-runner-linux.1@host", "offline", False)
+        online = Registration(2, "ci-runner-linux.1@host", "online", False)
+        began = cache.begin_fetch()
+        cache.store([online], self.at(1), cache.begin_fetch())
+        cache.add(created)  # the create worker reports back after that fetch
+        assert cache.get(2) == online
+        cache.store([online], self.at(2), began)  # a fetch older than the add, but has it
+        assert cache.get(2) == online
+        cache.store([], self.at(3), began)  # one that predates the registration: added
+        assert cache.get(2) == created
+
     def test_an_invalidation_during_a_fetch_outlives_it(self):
         # A create finished (its offline registration written through, the list invalidated
         # so its agent is seen online) while a fetch was in flight: that fetch's list predates
