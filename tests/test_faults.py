@@ -173,9 +173,14 @@ def driver_hypervisor(config: Any) -> LibvirtHypervisor:
 
 
 def all_idle(rig: Rig) -> bool:
+    """Every runner Idle, and every create reported back: the stand-in's agents connect at
+    once, so a runner shows Idle while its create worker is still finishing, and a take
+    passes over it until then."""
     observation = rig.monitor.observation
-    return observation is not None and all(
-        counts.idle == counts.target for counts in observation.counts.values()
+    return (
+        rig.monitor.workers.idle()
+        and observation is not None
+        and all(counts.idle == counts.target for counts in observation.counts.values())
     )
 
 
@@ -255,8 +260,8 @@ def finish_a_job(rig: Rig) -> int:
             None,
         )
 
-    # Seldom, a pass right after the steady state sees none (CI saw it once, on the real
-    # libvirtd): the monitor brings one back, and the message says what it saw meanwhile.
+    # The idle runner may still be in the pass before its create reported back; the message
+    # says what the monitor saw if none comes.
     try:
         runner = wait_until(an_idle_runner, "an idle runner", timeout=30)
     except AssertionError as error:
