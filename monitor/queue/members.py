@@ -210,18 +210,16 @@ def _parse_untaken(document: dict[str, Any]) -> frozenset[int] | None:
         if not isinstance(registration, dict) or registration.get("busy") is not False:
             continue
         labels = registration.get("labels")
-        names = (
-            [x.get("name") for x in labels if isinstance(x, dict)]
-            if isinstance(labels, list)
-            else None
-        )
-        if names is None or any(
-            isinstance(name, str) and name.startswith(RESERVED_LABEL) for name in names
-        ):
+        if not isinstance(labels, list) or any(_is_reservation(label) for label in labels):
             continue
         if type(entry.get("id")) is int:
             untaken.add(entry["id"])
     return frozenset(untaken)
+
+
+def _is_reservation(label: Any) -> bool:
+    name = label.get("name") if isinstance(label, dict) else None
+    return isinstance(name, str) and name.startswith(RESERVED_LABEL)
 
 
 def _runner_ids(url: str, what: str, answer: Any) -> list[int]:
